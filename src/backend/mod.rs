@@ -1,0 +1,152 @@
+//! Backends: the runtimes that generate tokens, behind one trait.
+//!
+//! Everything above this module talks to [`Backend`] only; the concrete
+//! runtimes (`ollama`, `openai`) and the choice among them (`registry`) live
+//! here.
+
+mod clock;
+mod error;
+mod http;
+mod models;
+pub mod ollama;
+pub mod openai;
+mod registry;
+
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use futures_util::Stream;
+
+pub use clock::StreamClock;
+pub use error::BackendError;
+pub use registry::{BackendHealth, BackendRegistry, BackendSnapshot, SelectionError};
+
+/// Author of a chat message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    /// The role's name on every chat wire format we speak.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// Sampling settings, already validated: every value is in range.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sampling {
+    pub max_tokens: u32,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+/// One generation, already validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationRequest {
+    /// Model asked for; `None` means the backend's default.
+    pub model: Option<String>,
+    pub messages: Vec<Message>,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
+    /// JSON Schema the output must satisfy.
+    pub json_schema: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+/// How a generation ended, as the backend reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub model: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// The runtime's own timings, where it reports them.
+    pub engine_timings: Option<EngineTimings>,
+}
+
+/// Time the runtime itself says it spent, excluding transport and queueing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineTimings {
+    pub prompt: std::time::Duration,
+    pub generation: std::time::Duration,
+}
+
+/// One item of a generation stream: text in order, then exactly one
+/// [`Chunk::Done`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Chunk {
+    Text(String),
+    Done(Completion),
+}
+
+/// A generation in progress. Dropping it abandons the generation: the
+/// backend's HTTP request is dropped with it, which is how runtimes learn to
+/// stop.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, BackendError>> + Send>>;
+
+/// What a backend guarantees about JSON Schema output. The service validates
+/// every schema-carrying output whatever the backend says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchemaSupport {
+    /// The runtime is asked to follow the schema and may ignore it.
+    Requested,
+    /// The runtime constrains decoding to the schema.
+    Enforced,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    pub streaming: bool,
+    pub json_schema: SchemaSupport,
+    pub seed: bool,
+}
+
+/// What a successful health probe learned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProbeReport {
+    pub models: Vec<String>,
+    pub default_model: Option<String>,
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Name accepted by `INFERENCE_BACKEND` and used in health entries.
+    fn name(&self) -> &'static str;
+    /// Where the backend is reached, for status reports.
+    fn endpoint(&self) -> String;
+    fn capabilities(&self) -> Capabilities;
+    /// Proves the backend answers and learns which models it serves.
+    async fn probe(&self) -> Result<ProbeReport, BackendError>;
+    /// Starts a generation. Fails fast (before any text) when the backend is
+    /// down or does not serve the model.
+    async fn generate(&self, request: GenerationRequest) -> Result<ChunkStream, BackendError>;
+}

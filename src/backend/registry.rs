@@ -1,0 +1,207 @@
+//! The configured backends, which one is active, and what the last health
+//! probe of each said. `auto` selection follows the Rigger research's order:
+//! explicit choice, then (once it exists) MLX on Apple Silicon, then Ollama
+//! when reachable, then a configured OpenAI-compatible server.
+
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use futures_util::future::join_all;
+
+use super::{
+    Backend, BackendError, Capabilities, ProbeReport,
+    ollama::{OllamaBackend, OllamaSettings},
+    openai::{OpenAiBackend, OpenAiSettings},
+};
+use crate::config::{BackendChoice, Config};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SelectionError {
+    #[error("INFERENCE_BACKEND=openai needs OPENAI_BASE_URL (e.g. http://127.0.0.1:8080/v1)")]
+    OpenAiWithoutUrl,
+    #[error("cannot build the HTTP client for backends: {0}")]
+    HttpClient(#[from] reqwest::Error),
+}
+
+/// Result of the last probe of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendHealth {
+    Unknown,
+    Serving,
+    NotServing,
+}
+
+/// A backend's configuration and state, for status reports.
+#[derive(Clone, Debug)]
+pub struct BackendSnapshot {
+    pub name: &'static str,
+    pub endpoint: String,
+    pub active: bool,
+    pub health: BackendHealth,
+    pub default_model: Option<String>,
+    pub models: Vec<String>,
+    pub capabilities: Capabilities,
+    pub last_error: Option<String>,
+}
+
+struct ProbeState {
+    health: BackendHealth,
+    report: ProbeReport,
+    last_error: Option<String>,
+}
+
+struct Entry {
+    backend: Arc<dyn Backend>,
+    state: RwLock<ProbeState>,
+}
+
+pub struct BackendRegistry {
+    entries: Vec<Entry>,
+    active: usize,
+    probe_timeout: Duration,
+}
+
+impl BackendRegistry {
+    /// Builds the configured backends and picks the active one; `auto` probes
+    /// the candidates, so the chosen backend's first probe is already done.
+    pub async fn from_config(config: &Config) -> Result<Self, SelectionError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.backend_idle_timeout)
+            .tcp_nodelay(true)
+            .build()?;
+        let ollama: Arc<dyn Backend> = Arc::new(OllamaBackend::new(
+            client.clone(),
+            OllamaSettings {
+                host: config.ollama_host.clone(),
+                model: config.model.clone(),
+                keep_alive: config.ollama_keep_alive.clone(),
+                probe_timeout: config.probe_timeout,
+            },
+        ));
+        let openai: Option<Arc<dyn Backend>> = config.openai_base_url.as_ref().map(|url| {
+            Arc::new(OpenAiBackend::new(
+                client.clone(),
+                OpenAiSettings {
+                    base_url: url.clone(),
+                    api_key: config.openai_api_key.clone(),
+                    model: config.model.clone(),
+                    probe_timeout: config.probe_timeout,
+                },
+            )) as Arc<dyn Backend>
+        });
+        let explicit = |backend: Arc<dyn Backend>| vec![backend];
+        let registry = match config.backend {
+            BackendChoice::Ollama => Self::new(explicit(ollama), 0, config.probe_timeout),
+            BackendChoice::Openai => Self::new(
+                explicit(openai.ok_or(SelectionError::OpenAiWithoutUrl)?),
+                0,
+                config.probe_timeout,
+            ),
+            BackendChoice::Auto => {
+                let candidates: Vec<Arc<dyn Backend>> =
+                    std::iter::once(ollama).chain(openai).collect();
+                let mut registry = Self::new(candidates, 0, config.probe_timeout);
+                registry.probe_all().await;
+                registry.active = registry
+                    .first_serving()
+                    .unwrap_or(registry.entries.len() - 1);
+                registry
+            }
+        };
+        tracing::info!(
+            backend = registry.active().name(),
+            endpoint = %registry.active().endpoint(),
+            "active backend selected"
+        );
+        Ok(registry)
+    }
+
+    /// A registry over given backends; `active` indexes `backends`.
+    pub fn new(backends: Vec<Arc<dyn Backend>>, active: usize, probe_timeout: Duration) -> Self {
+        assert!(active < backends.len(), "active backend index out of range");
+        let entries = backends
+            .into_iter()
+            .map(|backend| Entry {
+                backend,
+                state: RwLock::new(ProbeState {
+                    health: BackendHealth::Unknown,
+                    report: ProbeReport::default(),
+                    last_error: None,
+                }),
+            })
+            .collect();
+        Self {
+            entries,
+            active,
+            probe_timeout,
+        }
+    }
+
+    pub fn active(&self) -> Arc<dyn Backend> {
+        self.entries[self.active].backend.clone()
+    }
+
+    fn first_serving(&self) -> Option<usize> {
+        self.snapshots()
+            .iter()
+            .position(|snapshot| snapshot.health == BackendHealth::Serving)
+    }
+
+    /// Probes every backend at once and records the results.
+    pub async fn probe_all(&self) -> Vec<BackendSnapshot> {
+        join_all(self.entries.iter().map(|entry| async move {
+            let outcome = tokio::time::timeout(self.probe_timeout, entry.backend.probe())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BackendError::Unavailable {
+                        backend: entry.backend.name(),
+                        endpoint: entry.backend.endpoint(),
+                        reason: format!("no answer within {:?}", self.probe_timeout),
+                    })
+                });
+            let mut state = entry
+                .state
+                .write()
+                .unwrap_or_else(|poison| poison.into_inner());
+            match outcome {
+                Ok(report) => {
+                    state.health = BackendHealth::Serving;
+                    state.report = report;
+                    state.last_error = None;
+                }
+                Err(error) => {
+                    state.health = BackendHealth::NotServing;
+                    state.last_error = Some(error.to_string());
+                }
+            }
+        }))
+        .await;
+        self.snapshots()
+    }
+
+    pub fn snapshots(&self) -> Vec<BackendSnapshot> {
+        self.entries
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                let state = entry
+                    .state
+                    .read()
+                    .unwrap_or_else(|poison| poison.into_inner());
+                BackendSnapshot {
+                    name: entry.backend.name(),
+                    endpoint: entry.backend.endpoint(),
+                    active: index == self.active,
+                    health: state.health,
+                    default_model: state.report.default_model.clone(),
+                    models: state.report.models.clone(),
+                    capabilities: entry.backend.capabilities(),
+                    last_error: state.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,141 @@
+//! Command-line and environment configuration: every setting is one flag with
+//! an environment variable and its default stated here, nowhere else.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// Which backend serves requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// First available, in order: Ollama when reachable, then an
+    /// OpenAI-compatible server when `OPENAI_BASE_URL` is set.
+    Auto,
+    /// Ollama's HTTP API (`OLLAMA_HOST`).
+    Ollama,
+    /// An OpenAI-compatible server: llama.cpp server, vLLM, mlx_lm.server (`OPENAI_BASE_URL`).
+    Openai,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Parser)]
+#[command(name = "rigger-inference", version, about)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "RIGGER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Backend to serve with.
+    #[arg(long, env = "INFERENCE_BACKEND", value_enum, default_value_t = BackendChoice::Auto, ignore_case = true)]
+    pub backend: BackendChoice,
+
+    /// Default model, used when a request names none. Empty: the backend's
+    /// first listed model.
+    #[arg(long, env = "RIGGER_MODEL")]
+    pub model: Option<String>,
+
+    /// Ollama server, in Ollama's own `OLLAMA_HOST` form (scheme and port optional).
+    #[arg(long, env = "OLLAMA_HOST", default_value = "http://127.0.0.1:11434")]
+    pub ollama_host: String,
+
+    /// How long Ollama keeps the model loaded after a request (`5m`, `-1`, `0`).
+    /// Unset: Ollama's own default.
+    #[arg(long, env = "RIGGER_OLLAMA_KEEP_ALIVE")]
+    pub ollama_keep_alive: Option<String>,
+
+    /// Base URL of an OpenAI-compatible server, including `/v1`. Setting it
+    /// configures the `openai` backend.
+    #[arg(long, env = "OPENAI_BASE_URL")]
+    pub openai_base_url: Option<String>,
+
+    /// Bearer token for the OpenAI-compatible server, if it wants one.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+
+    /// How often every configured backend is probed for health.
+    #[arg(long, env = "RIGGER_PROBE_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub probe_interval: Duration,
+
+    /// How long one health probe may take before the backend counts as down.
+    #[arg(long, env = "RIGGER_PROBE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub probe_timeout: Duration,
+
+    /// How long connecting to a backend may take.
+    #[arg(long, env = "RIGGER_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub connect_timeout: Duration,
+
+    /// How long a backend may stay silent in the middle of an answer before
+    /// the call fails as UNAVAILABLE.
+    #[arg(long, env = "RIGGER_BACKEND_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "120s")]
+    pub backend_idle_timeout: Duration,
+
+    /// After SIGTERM/SIGINT, how long open calls may run before they are cut.
+    #[arg(long, env = "RIGGER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
+
+    /// Generated tokens when a Generate request sets no `max_tokens`.
+    #[arg(long, env = "RIGGER_DEFAULT_MAX_TOKENS", default_value_t = 512)]
+    pub default_max_tokens: u32,
+
+    /// Generated tokens per attempt when an EnhanceTask or DecomposeTask
+    /// request sets no `max_tokens`.
+    #[arg(long, env = "RIGGER_TASK_MAX_TOKENS", default_value_t = 1024)]
+    pub task_max_tokens: u32,
+
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, env = "RIGGER_MAX_TOKENS_LIMIT", default_value_t = 8192)]
+    pub max_tokens_limit: u32,
+
+    /// Largest prompt a Generate request may carry, in bytes over all messages.
+    #[arg(long, env = "RIGGER_MAX_PROMPT_BYTES", default_value_t = 256 * 1024)]
+    pub max_prompt_bytes: usize,
+
+    /// Largest gRPC request message accepted, in bytes.
+    #[arg(long, env = "RIGGER_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Model answers tried per EnhanceTask/DecomposeTask before an invalid
+    /// answer becomes an error; retries tell the model what was wrong.
+    #[arg(long, env = "RIGGER_TASK_ATTEMPTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=5))]
+    pub task_attempts: u32,
+
+    /// Log format.
+    #[arg(long, env = "RIGGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, ignore_case = true)]
+    pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let config = Config::parse_from(["rigger-inference"]);
+        assert_eq!(config.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(config.backend, BackendChoice::Auto);
+        assert_eq!(config.ollama_host, "http://127.0.0.1:11434");
+        assert_eq!(config.openai_base_url, None);
+        assert_eq!(config.probe_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_backend_is_rejected_with_the_valid_names() {
+        let error = Config::try_parse_from(["rigger-inference", "--backend", "tensorflow"])
+            .expect_err("unknown backend must not parse");
+        let message = error.to_string();
+        for name in ["auto", "ollama", "openai"] {
+            assert!(message.contains(name), "{message}");
+        }
+    }
+
+    #[test]
+    fn durations_read_human_forms() {
+        let config = Config::parse_from(["x", "--probe-interval", "250ms"]);
+        assert_eq!(config.probe_interval, Duration::from_millis(250));
+    }
+}

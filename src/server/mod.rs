@@ -1,0 +1,174 @@
+//! The gRPC edge: the inference service, health, reflection, logging and
+//! graceful shutdown.
+//!
+//! [`serve`] takes a bound listener and a shutdown future, so `main` and the
+//! tests start the server the same way.
+
+pub mod health;
+mod service;
+mod status;
+mod validate;
+
+use std::{future::Future, sync::Arc};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+pub use service::InferenceApi;
+pub use validate::{Limits, ValidationError};
+
+use crate::{
+    backend::{BackendRegistry, SelectionError},
+    config::{Config, LogFormat},
+    proto::{self, inference_service_server::InferenceServiceServer},
+    task::TaskRunner,
+};
+
+/// How long open streams get to send their cancellation summary after the
+/// grace period before the connections are dropped.
+const CUT_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Selection(#[from] SelectionError),
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC transport failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Binds the configured address and serves until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            address: config.listen,
+            source,
+        })?;
+    tracing::info!(address = %config.listen, "listening");
+    serve(listener, config, termination()).await
+}
+
+async fn termination() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGTERM; stopping on SIGINT only");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutdown requested");
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains: health goes
+/// NOT_SERVING, new calls are refused, open calls get the grace period.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let registry = Arc::new(BackendRegistry::from_config(&config).await?);
+    serve_registry(listener, config, registry, shutdown).await
+}
+
+/// [`serve`] over an already built set of backends.
+pub async fn serve_registry(
+    listener: TcpListener,
+    config: Config,
+    registry: Arc<BackendRegistry>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let board = Arc::new(health::HealthBoard::new(reporter, &registry).await);
+    let stop_probing = CancellationToken::new();
+    let prober = tokio::spawn(health::probe_until(
+        registry.clone(),
+        board.clone(),
+        config.probe_interval,
+        stop_probing.clone(),
+    ));
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let cut = CancellationToken::new();
+    let api = InferenceApi::new(
+        registry,
+        TaskRunner::new(config.task_attempts),
+        Limits {
+            default_max_tokens: config.default_max_tokens,
+            task_max_tokens: config.task_max_tokens,
+            max_tokens_limit: config.max_tokens_limit,
+            max_prompt_bytes: config.max_prompt_bytes,
+        },
+        cut.clone(),
+    );
+    let drain = CancellationToken::new();
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(
+            InferenceServiceServer::new(api).max_decoding_message_size(config.max_message_bytes),
+        )
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            drain.clone().cancelled_owned(),
+        );
+    tokio::pin!(server);
+
+    tokio::select! {
+        result = &mut server => {
+            stop_probing.cancel();
+            return result.map_err(ServerError::from);
+        }
+        () = shutdown => {}
+    }
+    stop_probing.cancel();
+    let _ = prober.await;
+    board.shutting_down().await;
+    drain.cancel();
+    tracing::info!(grace = ?config.shutdown_grace, "draining open calls");
+    if let Ok(result) = tokio::time::timeout(config.shutdown_grace, &mut server).await {
+        return result.map_err(ServerError::from);
+    }
+    tracing::warn!("grace period over; cancelling open streams");
+    cut.cancel();
+    match tokio::time::timeout(CUT_FLUSH, &mut server).await {
+        Ok(result) => result.map_err(ServerError::from),
+        Err(_) => Ok(()),
+    }
+}

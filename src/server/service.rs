@@ -1,0 +1,308 @@
+//! The `InferenceService` handlers: validate, hand to the task layer or the
+//! backend, and relay the answer.
+
+use std::{sync::Arc, time::Instant};
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::{
+    status::schema_violation,
+    validate::{self, Limits},
+};
+use crate::{
+    backend::{BackendHealth, BackendRegistry, Chunk, ChunkStream, FinishReason, StreamClock},
+    json_schema::OutputSchema,
+    proto::{self, inference_service_server::InferenceService},
+    task::{AnswerStats, EnhancementKind, TaskRunner},
+};
+
+/// Generated text waiting for a slow client; beyond it the backend is paused
+/// by backpressure instead of buffering without bound.
+const RELAY_BUFFER: usize = 32;
+
+pub struct InferenceApi {
+    registry: Arc<BackendRegistry>,
+    runner: TaskRunner,
+    limits: Limits,
+    /// Cancelled when the shutdown grace period is over: open streams end
+    /// with FINISH_REASON_CANCELLED.
+    cut: CancellationToken,
+}
+
+impl InferenceApi {
+    pub(super) fn new(
+        registry: Arc<BackendRegistry>,
+        runner: TaskRunner,
+        limits: Limits,
+        cut: CancellationToken,
+    ) -> Self {
+        Self {
+            registry,
+            runner,
+            limits,
+            cut,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl InferenceService for InferenceApi {
+    async fn enhance_task(
+        &self,
+        request: Request<proto::EnhanceTaskRequest>,
+    ) -> Result<Response<proto::EnhanceTaskResponse>, Status> {
+        let started = Instant::now();
+        let request = validate::enhance(request.into_inner(), &self.limits)?;
+        let backend = self.registry.active();
+        let answer = self
+            .runner
+            .enhance(backend.as_ref(), request, started)
+            .await?;
+        let enhancement = answer.value;
+        Ok(Response::new(proto::EnhanceTaskResponse {
+            enhancement: Some(proto::Enhancement {
+                kind: enhancement_kind(enhancement.kind) as i32,
+                title: enhancement.title,
+                description: enhancement.description,
+                acceptance_criteria: enhancement.acceptance_criteria,
+            }),
+            meta: Some(answer_meta(&answer.stats)),
+        }))
+    }
+
+    async fn decompose_task(
+        &self,
+        request: Request<proto::DecomposeTaskRequest>,
+    ) -> Result<Response<proto::DecomposeTaskResponse>, Status> {
+        let started = Instant::now();
+        let request = validate::decompose(request.into_inner(), &self.limits)?;
+        let backend = self.registry.active();
+        let answer = self
+            .runner
+            .decompose(backend.as_ref(), request, started)
+            .await?;
+        Ok(Response::new(proto::DecomposeTaskResponse {
+            subtasks: answer
+                .value
+                .into_iter()
+                .map(|subtask| proto::Subtask {
+                    title: subtask.title,
+                    description: subtask.description,
+                    complexity: subtask.complexity.into(),
+                    depends_on: subtask.depends_on,
+                    reasoning: subtask.reasoning,
+                })
+                .collect(),
+            meta: Some(answer_meta(&answer.stats)),
+        }))
+    }
+
+    type GenerateStream = ReceiverStream<Result<proto::GenerateResponse, Status>>;
+
+    async fn generate(
+        &self,
+        request: Request<proto::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let started = Instant::now();
+        let (request, schema) = validate::generate(request.into_inner(), &self.limits)?;
+        let backend = self.registry.active();
+        let requested_model = request.model.clone().unwrap_or_default();
+        let stream = backend.generate(request).await?;
+        let (sender, receiver) = mpsc::channel(RELAY_BUFFER);
+        let relay = Relay {
+            sender,
+            schema,
+            clock: StreamClock::start(started),
+            backend: backend.name(),
+            requested_model,
+        };
+        tokio::spawn(relay.run(stream, self.cut.clone()));
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::GetStatusResponse>, Status> {
+        let snapshots = self.registry.snapshots();
+        let active = snapshots.iter().find(|snapshot| snapshot.active);
+        Ok(Response::new(proto::GetStatusResponse {
+            active_backend: active
+                .map(|snapshot| snapshot.name.to_owned())
+                .unwrap_or_default(),
+            model: active
+                .and_then(|snapshot| snapshot.default_model.clone())
+                .unwrap_or_default(),
+            platform: Some(proto::Platform {
+                os: std::env::consts::OS.to_owned(),
+                arch: std::env::consts::ARCH.to_owned(),
+            }),
+            backends: snapshots
+                .into_iter()
+                .map(|snapshot| proto::BackendStatus {
+                    name: snapshot.name.to_owned(),
+                    endpoint: snapshot.endpoint,
+                    active: snapshot.active,
+                    health: match snapshot.health {
+                        BackendHealth::Unknown => proto::BackendHealth::Unknown,
+                        BackendHealth::Serving => proto::BackendHealth::Serving,
+                        BackendHealth::NotServing => proto::BackendHealth::NotServing,
+                    } as i32,
+                    default_model: snapshot.default_model.unwrap_or_default(),
+                    models: snapshot.models,
+                    capabilities: Some(proto::BackendCapabilities {
+                        streaming: snapshot.capabilities.streaming,
+                        json_schema: match snapshot.capabilities.json_schema {
+                            crate::backend::SchemaSupport::Requested => {
+                                proto::SchemaSupport::Requested
+                            }
+                            crate::backend::SchemaSupport::Enforced => {
+                                proto::SchemaSupport::Enforced
+                            }
+                        } as i32,
+                        seed: snapshot.capabilities.seed,
+                    }),
+                    last_error: snapshot.last_error.unwrap_or_default(),
+                    health_service: super::health::backend_service(snapshot.name),
+                })
+                .collect(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+}
+
+/// Moves one generation from the backend to the client.
+struct Relay {
+    sender: mpsc::Sender<Result<proto::GenerateResponse, Status>>,
+    schema: Option<OutputSchema>,
+    clock: StreamClock,
+    backend: &'static str,
+    requested_model: String,
+}
+
+impl Relay {
+    /// Runs until the generation ends, the client goes away (the backend
+    /// stream is dropped with this task, which drops the HTTP request) or the
+    /// shutdown grace period ends.
+    async fn run(mut self, mut stream: ChunkStream, cut: CancellationToken) {
+        let mut output = String::new();
+        loop {
+            let next = tokio::select! {
+                _ = self.sender.closed() => return,
+                _ = cut.cancelled() => {
+                    let summary = self.summary(proto::FinishReason::Cancelled, None);
+                    let _ = self.sender.send(Ok(summary)).await;
+                    return;
+                }
+                next = stream.next() => next,
+            };
+            let message = match next {
+                Some(Ok(chunk)) => {
+                    self.clock.observe(&chunk);
+                    match chunk {
+                        Chunk::Text(text) => {
+                            if self.schema.is_some() {
+                                output.push_str(&text);
+                            }
+                            Ok(proto::GenerateResponse {
+                                event: Some(proto::generate_response::Event::Text(text)),
+                            })
+                        }
+                        Chunk::Done(completion) => {
+                            let verdict = match &self.schema {
+                                Some(schema) => schema.check(&output).map(|_| ()),
+                                None => Ok(()),
+                            };
+                            let finish_reason = match completion.finish_reason {
+                                FinishReason::Stop => proto::FinishReason::Stop,
+                                FinishReason::Length => proto::FinishReason::Length,
+                            };
+                            match verdict {
+                                // Output cut by max_tokens is reported as such, not
+                                // as a schema failure: the caller asked for the cut.
+                                Err(problem) if finish_reason == proto::FinishReason::Stop => {
+                                    Err(schema_violation(&problem))
+                                }
+                                _ => Ok(self.summary(finish_reason, Some(&completion))),
+                            }
+                        }
+                    }
+                }
+                Some(Err(error)) => Err(error.into()),
+                None => return,
+            };
+            let last = !matches!(
+                message,
+                Ok(proto::GenerateResponse {
+                    event: Some(proto::generate_response::Event::Text(_))
+                })
+            );
+            if self.sender.send(message).await.is_err() || last {
+                return;
+            }
+        }
+    }
+
+    fn summary(
+        &self,
+        finish_reason: proto::FinishReason,
+        completion: Option<&crate::backend::Completion>,
+    ) -> proto::GenerateResponse {
+        let meta = proto::ResponseMeta {
+            backend: self.backend.to_owned(),
+            model: completion.map_or_else(
+                || self.requested_model.clone(),
+                |completion| completion.model.clone(),
+            ),
+            prompt_tokens: completion.map_or(0, |completion| completion.prompt_tokens),
+            completion_tokens: completion.map_or(0, |completion| completion.completion_tokens),
+            time_to_first_token: duration(self.clock.time_to_first_token()),
+            total_time: duration(self.clock.elapsed()),
+            attempts: 1,
+            backend_prompt_time: completion
+                .and_then(|completion| completion.engine_timings)
+                .and_then(|timings| duration(timings.prompt)),
+            backend_generation_time: completion
+                .and_then(|completion| completion.engine_timings)
+                .and_then(|timings| duration(timings.generation)),
+        };
+        proto::GenerateResponse {
+            event: Some(proto::generate_response::Event::Summary(
+                proto::GenerationSummary {
+                    finish_reason: finish_reason as i32,
+                    meta: Some(meta),
+                },
+            )),
+        }
+    }
+}
+
+fn answer_meta(stats: &AnswerStats) -> proto::ResponseMeta {
+    proto::ResponseMeta {
+        backend: stats.backend.to_owned(),
+        model: stats.model.clone(),
+        prompt_tokens: stats.prompt_tokens,
+        completion_tokens: stats.completion_tokens,
+        time_to_first_token: duration(stats.time_to_first_token),
+        total_time: duration(stats.total_time),
+        attempts: stats.attempts,
+        backend_prompt_time: None,
+        backend_generation_time: None,
+    }
+}
+
+fn duration(value: std::time::Duration) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(value).ok()
+}
+
+fn enhancement_kind(kind: EnhancementKind) -> proto::EnhancementKind {
+    match kind {
+        EnhancementKind::Clarify => proto::EnhancementKind::Clarify,
+        EnhancementKind::Specify => proto::EnhancementKind::Specify,
+        EnhancementKind::Context => proto::EnhancementKind::Context,
+    }
+}

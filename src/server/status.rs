@@ -1,0 +1,41 @@
+//! The one place where errors of every layer become gRPC status codes.
+
+use tonic::{Code, Status};
+
+use super::validate::ValidationError;
+use crate::{backend::BackendError, task::TaskError};
+
+impl From<ValidationError> for Status {
+    fn from(error: ValidationError) -> Self {
+        Status::invalid_argument(error.to_string())
+    }
+}
+
+impl From<BackendError> for Status {
+    fn from(error: BackendError) -> Self {
+        let code = match &error {
+            BackendError::Unavailable { .. } | BackendError::Busy { .. } => Code::Unavailable,
+            BackendError::ModelNotFound { .. } => Code::NotFound,
+            BackendError::NoDefaultModel { .. } => Code::FailedPrecondition,
+            BackendError::Rejected { .. } => Code::InvalidArgument,
+            BackendError::Failed { .. } | BackendError::Protocol { .. } => Code::Internal,
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
+impl From<TaskError> for Status {
+    fn from(error: TaskError) -> Self {
+        match error {
+            TaskError::Backend(error) => error.into(),
+            TaskError::InvalidAnswer { .. } => Status::internal(error.to_string()),
+        }
+    }
+}
+
+/// A streamed output that does not satisfy the caller's JSON Schema.
+pub(super) fn schema_violation(problem: &str) -> Status {
+    Status::internal(format!(
+        "generated output does not satisfy json_schema: {problem}"
+    ))
+}

@@ -1,0 +1,143 @@
+//! Every prompt the service sends, in one place. Kept short and literal:
+//! the default model has 135M parameters, and the schema (not the prompt)
+//! carries the answer's shape.
+
+use std::fmt::Write;
+
+use super::{DecomposeRequest, EnhanceRequest, ProjectContext, TaskSpec};
+use crate::backend::{Message, Role};
+
+const ENHANCE_SYSTEM: &str = "You improve software tasks so a developer can start at once. \
+Answer with JSON only. Fields: kind (clarify = remove ambiguity, specify = add concrete \
+checkable detail, context = tie the task to its project and files), title (imperative, \
+specific), description (two to four sentences: what to do and why), acceptance_criteria \
+(short checkable statements). Use only facts from the task and its context.";
+
+const DECOMPOSE_SYSTEM: &str = "You split a software task into smaller subtasks. \
+Answer with JSON only. Each subtask has: title (imperative, distinct, not the task's own \
+title), description (what to do, concretely), complexity (1 to 10, smaller than the whole \
+task), depends_on (positions, counting from 0, of earlier subtasks that must be done first), \
+reasoning (one sentence on why the subtask is needed).";
+
+/// Messages asking for an enhancement of the request's task.
+pub fn enhance(request: &EnhanceRequest) -> Vec<Message> {
+    let mut user = render_task(&request.task, &request.context);
+    match request.kind {
+        Some(kind) => {
+            let _ = write!(user, "\nEnhancement kind: {}", kind.as_str());
+        }
+        None => user.push_str("\nEnhancement kind: choose the one that helps most"),
+    }
+    vec![
+        Message::new(Role::System, ENHANCE_SYSTEM),
+        Message::new(Role::User, user),
+    ]
+}
+
+/// Messages asking for a decomposition of the request's task.
+pub fn decompose(request: &DecomposeRequest) -> Vec<Message> {
+    let mut user = render_task(&request.task, &request.context);
+    let (min, max) = (request.min_subtasks, request.max_subtasks);
+    if min == max {
+        let _ = write!(user, "\nSplit it into exactly {min} subtasks.");
+    } else {
+        let _ = write!(user, "\nSplit it into {min} to {max} subtasks.");
+    }
+    vec![
+        Message::new(Role::System, DECOMPOSE_SYSTEM),
+        Message::new(Role::User, user),
+    ]
+}
+
+/// The follow-up that tells the model what was wrong with its last answer.
+pub fn correction(problem: &str) -> String {
+    format!("That answer is invalid: {problem}. Answer again with corrected JSON.")
+}
+
+fn render_task(task: &TaskSpec, context: &ProjectContext) -> String {
+    let mut text = format!("Task: {}", task.title);
+    let mut line = |label: &str, value: &str| {
+        if !value.trim().is_empty() {
+            let _ = write!(text, "\n{label}: {}", value.trim());
+        }
+    };
+    line("Description", task.description.as_deref().unwrap_or(""));
+    line(
+        "Complexity",
+        &task
+            .complexity
+            .map(|complexity| format!("{complexity}/10"))
+            .unwrap_or_default(),
+    );
+    line("Reasoning", task.reasoning.as_deref().unwrap_or(""));
+    line("Relevant files", &task.context_files.join(", "));
+    line("Depends on", &task.dependencies.join(", "));
+    line("Project", &context.project);
+    line("Requirements excerpt", &context.prd_excerpt);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{backend::Sampling, task::EnhancementKind};
+
+    fn task() -> TaskSpec {
+        TaskSpec {
+            id: "T-1".into(),
+            title: "Add rate limiting".into(),
+            description: Some("Protect the public API.".into()),
+            complexity: Some(5),
+            context_files: vec!["src/api.rs".into(), "src/limits.rs".into()],
+            dependencies: vec!["T-0 auth".into()],
+            ..TaskSpec::default()
+        }
+    }
+
+    #[test]
+    fn enhance_prompt_renders_every_given_field_and_skips_empty_ones() {
+        let messages = enhance(&EnhanceRequest {
+            task: task(),
+            context: ProjectContext {
+                project: "Billing service".into(),
+                prd_excerpt: String::new(),
+            },
+            kind: Some(EnhancementKind::Specify),
+            model: None,
+            sampling: Sampling::default(),
+        });
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0], Message::new(Role::System, ENHANCE_SYSTEM));
+        assert_eq!(
+            messages[1].content,
+            "Task: Add rate limiting\n\
+             Description: Protect the public API.\n\
+             Complexity: 5/10\n\
+             Relevant files: src/api.rs, src/limits.rs\n\
+             Depends on: T-0 auth\n\
+             Project: Billing service\n\
+             Enhancement kind: specify"
+        );
+    }
+
+    #[test]
+    fn decompose_prompt_states_the_range() {
+        let request = DecomposeRequest {
+            task: TaskSpec {
+                title: "Ship v2".into(),
+                ..TaskSpec::default()
+            },
+            context: ProjectContext::default(),
+            min_subtasks: 3,
+            max_subtasks: 5,
+            model: None,
+            sampling: Sampling::default(),
+        };
+        let messages = decompose(&request);
+        assert_eq!(messages[0], Message::new(Role::System, DECOMPOSE_SYSTEM));
+        assert_eq!(
+            messages[1].content,
+            "Task: Ship v2\nSplit it into 3 to 5 subtasks."
+        );
+    }
+}

@@ -1,0 +1,99 @@
+//! The JSON Schemas answers are generated under. Property order is the order
+//! the model writes fields in, and every string and list is bounded so a
+//! small model cannot ramble past its token budget.
+
+use serde_json::{Value, json};
+
+use super::EnhancementKind;
+
+pub const TITLE_MAX_CHARS: usize = 120;
+pub const ENHANCED_DESCRIPTION_MAX_CHARS: usize = 800;
+pub const SUBTASK_DESCRIPTION_MAX_CHARS: usize = 400;
+pub const REASONING_MAX_CHARS: usize = 240;
+pub const CRITERION_MAX_CHARS: usize = 160;
+pub const MAX_CRITERIA: usize = 6;
+
+/// Schema of an enhancement; a requested kind is the only allowed kind.
+pub fn enhancement(kind: Option<EnhancementKind>) -> Value {
+    let kinds: Vec<&str> = match kind {
+        Some(kind) => vec![kind.as_str()],
+        None => EnhancementKind::ALL
+            .iter()
+            .map(|kind| kind.as_str())
+            .collect(),
+    };
+    json!({
+        "type": "object",
+        "properties": {
+            "kind": { "type": "string", "enum": kinds },
+            "title": { "type": "string", "minLength": 3, "maxLength": TITLE_MAX_CHARS },
+            "description": {
+                "type": "string", "minLength": 10, "maxLength": ENHANCED_DESCRIPTION_MAX_CHARS
+            },
+            "acceptance_criteria": {
+                "type": "array",
+                "items": { "type": "string", "minLength": 3, "maxLength": CRITERION_MAX_CHARS },
+                "minItems": 1,
+                "maxItems": MAX_CRITERIA
+            }
+        },
+        "required": ["kind", "title", "description", "acceptance_criteria"],
+        "additionalProperties": false
+    })
+}
+
+/// Schema of a decomposition into `min..=max` subtasks.
+pub fn decomposition(min: u32, max: u32) -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "subtasks": {
+                "type": "array",
+                "minItems": min,
+                "maxItems": max,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "title": { "type": "string", "minLength": 3, "maxLength": TITLE_MAX_CHARS },
+                        "description": {
+                            "type": "string", "minLength": 10, "maxLength": SUBTASK_DESCRIPTION_MAX_CHARS
+                        },
+                        "complexity": { "type": "integer", "minimum": 1, "maximum": 10 },
+                        "depends_on": {
+                            "type": "array",
+                            "items": { "type": "integer", "minimum": 0, "maximum": max.saturating_sub(1) },
+                            "maxItems": max.saturating_sub(1)
+                        },
+                        "reasoning": { "type": "string", "minLength": 3, "maxLength": REASONING_MAX_CHARS }
+                    },
+                    "required": ["title", "description", "complexity", "depends_on", "reasoning"],
+                    "additionalProperties": false
+                }
+            }
+        },
+        "required": ["subtasks"],
+        "additionalProperties": false
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::json_schema::OutputSchema;
+
+    #[test]
+    fn every_task_schema_is_valid_json_schema() {
+        for kind in [None].into_iter().chain(EnhancementKind::ALL.map(Some)) {
+            OutputSchema::compile(enhancement(kind)).unwrap();
+        }
+        for (min, max) in [(2, 2), (3, 6), (12, 12)] {
+            OutputSchema::compile(decomposition(min, max)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_requested_kind_is_the_only_allowed_kind() {
+        let schema = enhancement(Some(EnhancementKind::Specify));
+        assert_eq!(schema["properties"]["kind"]["enum"], json!(["specify"]));
+    }
+}
