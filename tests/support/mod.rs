@@ -1,0 +1,201 @@
+//! Shared fixtures of the integration tests: the real llama.cpp server, the
+//! Ollama stand-in, and a rigger-inference server on a loopback port.
+//!
+//! Each test binary starts at most one llama.cpp server (`llama()`), shared by
+//! its tests; tests that stop their backend start a private one.
+
+#![allow(dead_code)]
+
+pub mod ollama;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use clap::Parser;
+use rigger_inference::{
+    config::Config,
+    proto::inference_service_client::InferenceServiceClient,
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// Name under which the llama.cpp server serves the default model.
+pub const MODEL_ALIAS: &str = "smollm2-135m-instruct";
+
+/// Where `scripts/setup-python.sh` put the venv and the model.
+pub fn cache_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("RIGGER_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache"));
+    base.join("rigger-inference")
+}
+
+pub fn python() -> PathBuf {
+    let python = cache_dir().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `make test` (or scripts/setup-python.sh) first",
+        python.display()
+    );
+    python
+}
+
+pub fn model_path() -> PathBuf {
+    cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// A real llama.cpp HTTP server (PyPI xllamacpp) serving the default model.
+pub struct LlamaServer {
+    pub port: u16,
+    child: Child,
+    // Held open: the server exits when it closes, including when this
+    // process dies without running destructors.
+    _stdin: ChildStdin,
+}
+
+impl LlamaServer {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let mut child = Command::new(python())
+            .arg(repo_path("scripts/llama_server.py"))
+            .args(["--model".as_ref(), model_path().as_os_str()])
+            .args(["--alias", MODEL_ALIAS, "--port", &port.to_string()])
+            .args(["--threads", "1", "--parallel", "4", "--ctx", "8192"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start scripts/llama_server.py");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the llama server's READY line");
+        assert_eq!(line.trim(), format!("READY {port}"), "llama server did not start");
+        Self {
+            port,
+            child,
+            _stdin: stdin,
+        }
+    }
+
+    /// Base URL of its OpenAI-compatible API.
+    pub fn openai_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The llama.cpp server shared by the tests of one binary.
+pub fn llama() -> &'static LlamaServer {
+    static SERVER: OnceLock<LlamaServer> = OnceLock::new();
+    SERVER.get_or_init(LlamaServer::start)
+}
+
+/// Configuration with the given flags on top of the defaults; probes are
+/// frequent so health tests finish quickly.
+pub fn config(flags: &[&str]) -> Config {
+    let mut args = vec!["rigger-inference", "--probe-interval", "200ms", "--probe-timeout", "1s"];
+    args.extend_from_slice(flags);
+    Config::parse_from(args)
+}
+
+/// A configuration serving through the shared llama.cpp server.
+pub fn openai_config() -> Config {
+    config(&["--backend", "openai", "--openai-base-url", &llama().openai_url()])
+}
+
+/// A rigger-inference server on a loopback port, stopped on drop.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), rigger_inference::server::ServerError>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("bound address");
+        let (shutdown, stop) = oneshot::channel();
+        let handle = tokio::spawn(rigger_inference::server::serve(listener, config, async {
+            let _ = stop.await;
+        }));
+        Self {
+            addr,
+            shutdown: Some(shutdown),
+            handle: Some(handle),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("valid URL")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to the test server")
+    }
+
+    pub async fn client(&self) -> InferenceServiceClient<Channel> {
+        InferenceServiceClient::new(self.channel().await)
+    }
+
+    /// Stops the server and returns how `serve` ended.
+    pub async fn stop(mut self) -> Result<(), rigger_inference::server::ServerError> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        self.handle
+            .take()
+            .expect("stopped once")
+            .await
+            .expect("server task did not panic")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
