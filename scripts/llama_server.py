@@ -30,6 +30,9 @@ def main() -> None:
     params.model_alias = {args.alias}
     params.n_ctx = args.ctx
     params.n_parallel = args.parallel
+    # One KV cache per slot: a request's greedy output then does not depend on
+    # what else the server is decoding at the same time.
+    params.kv_unified = False
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads
     params.hostnames = [args.host]

@@ -101,7 +101,7 @@ pub struct Config {
 
     /// Model answers tried per EnhanceTask/DecomposeTask before an invalid
     /// answer becomes an error; retries tell the model what was wrong.
-    #[arg(long, env = "RIGGER_TASK_ATTEMPTS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=5))]
+    #[arg(long, env = "RIGGER_TASK_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=5))]
     pub task_attempts: u32,
 
     /// Log format.

@@ -25,7 +25,10 @@ async fn collect(
                 pieces += 1;
             }
             Event::Summary(summary) => {
-                assert!(stream.next().await.is_none(), "the summary is the last message");
+                assert!(
+                    stream.next().await.is_none(),
+                    "the summary is the last message"
+                );
                 return Ok((text, summary, pieces));
             }
         }
@@ -76,7 +79,10 @@ async fn streams_text_then_one_summary_with_usage_and_timings() {
     let ttft = meta.time_to_first_token.expect("ttft");
     let total = meta.total_time.expect("total");
     assert!((ttft.seconds, ttft.nanos) <= (total.seconds, total.nanos));
-    assert!(meta.backend_generation_time.is_some(), "llama.cpp reports its timings");
+    assert!(
+        meta.backend_generation_time.is_some(),
+        "llama.cpp reports its timings"
+    );
 }
 
 #[tokio::test]
@@ -139,7 +145,10 @@ async fn json_schema_output_is_valid_json_of_that_schema() {
     let (text, summary, _) = collect(stream).await.expect("schema-valid output");
     assert_eq!(summary.finish_reason, FinishReason::Stop as i32);
     let value: serde_json::Value = serde_json::from_str(&text).expect("JSON output");
-    assert!(value["city"].is_string() && value["population"].is_u64(), "{value}");
+    assert!(
+        value["city"].is_string() && value["population"].is_u64(),
+        "{value}"
+    );
     assert_eq!(value.as_object().unwrap().len(), 2);
 }
 
@@ -156,7 +165,11 @@ async fn an_unserved_model_is_not_found_and_names_it() {
         .await
         .expect_err("unknown model");
     assert_eq!(status.code(), Code::NotFound);
-    assert!(status.message().contains("llama3.1"), "{}", status.message());
+    assert!(
+        status.message().contains("llama3.1"),
+        "{}",
+        status.message()
+    );
 
     let stream = client
         .generate(GenerateRequest {

@@ -62,6 +62,9 @@ pub struct Sampling {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub seed: Option<u64>,
+    /// Penalty on tokens in proportion to how often they already appeared
+    /// (OpenAI's `frequency_penalty`, which Ollama accepts too).
+    pub frequency_penalty: Option<f32>,
 }
 
 /// One generation, already validated.

@@ -126,6 +126,8 @@ struct ChatOptions<'a> {
     top_p: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
 }
@@ -287,6 +289,7 @@ impl Backend for OllamaBackend {
                 temperature: request.sampling.temperature,
                 top_p: request.sampling.top_p,
                 seed: request.sampling.seed,
+                frequency_penalty: request.sampling.frequency_penalty,
                 stop: &request.stop,
             },
             keep_alive: self.keep_alive.as_ref(),

@@ -124,6 +124,8 @@ struct ChatRequest<'a> {
     top_p: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f32>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -305,6 +307,7 @@ impl Backend for OpenAiBackend {
             temperature: request.sampling.temperature,
             top_p: request.sampling.top_p,
             seed: request.sampling.seed,
+            frequency_penalty: request.sampling.frequency_penalty,
             stop: &request.stop,
             response_format: request.json_schema.map(|schema| {
                 json!({

@@ -21,6 +21,7 @@ const MAX_MESSAGES: usize = 256;
 const MAX_STOP_SEQUENCES: usize = 8;
 const MAX_STOP_BYTES: usize = 64;
 const MAX_TEMPERATURE: f32 = 2.0;
+const MAX_PENALTY: f32 = 2.0;
 const MAX_SUBTASKS: u32 = 12;
 const MIN_SUBTASKS: u32 = 2;
 const DEFAULT_MIN_SUBTASKS: u32 = 3;
@@ -278,11 +279,20 @@ fn sampling(
             format!("{top_p} is outside (0, 1]"),
         ));
     }
+    if let Some(penalty) = options.frequency_penalty
+        && !(penalty.is_finite() && (-MAX_PENALTY..=MAX_PENALTY).contains(&penalty))
+    {
+        return Err(invalid(
+            "sampling.frequency_penalty",
+            format!("{penalty} is outside -{MAX_PENALTY}..={MAX_PENALTY}"),
+        ));
+    }
     Ok(Sampling {
         max_tokens,
         temperature: options.temperature,
         top_p: options.top_p,
         seed: options.seed,
+        frequency_penalty: options.frequency_penalty,
     })
 }
 

@@ -1,7 +1,7 @@
 //! DecomposeTask: its request, its typed answer and the rules an answer
-//! obeys: count in range, distinct non-blank fields, complexity 1–10 and
-//! below the parent's when known, dependencies on existing siblings without
-//! cycles.
+//! obeys: count of distinct subtasks in range, non-blank fields, complexity
+//! 1–10 and at most the parent's when known, dependencies on existing
+//! siblings without cycles.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -37,72 +37,96 @@ struct Answer {
 }
 
 /// Reads a schema-valid answer and checks what the schema cannot say.
+///
+/// Repeats are removed before the rules are checked: a subtask whose title
+/// restates the parent task or an earlier sibling adds nothing, so dropping
+/// it loses nothing (dependencies on a dropped repeat move to its original).
+/// Only what remains must satisfy the requested count.
 pub(super) fn parse(value: Value, request: &DecomposeRequest) -> Result<Vec<Subtask>, String> {
     let Answer { subtasks } = serde_json::from_value(value)
         .map_err(|error| format!("unexpected answer shape: {error}"))?;
-    let count = subtasks.len();
+    let given = subtasks.len();
+    let parent_title = normalized(&request.task.title);
+    let mut kept: Vec<Subtask> = Vec::with_capacity(given);
+    let mut kept_titles: Vec<String> = Vec::with_capacity(given);
+    // Position in the answer -> position among the kept subtasks, if any.
+    let mut moved_to: Vec<Option<usize>> = Vec::with_capacity(given);
+    for (index, subtask) in subtasks.into_iter().enumerate() {
+        let field = |name: &str| format!("subtasks[{index}].{name}");
+        let title = non_blank(&field("title"), &subtask.title)?;
+        let key = normalized(&title);
+        if key == parent_title {
+            moved_to.push(None);
+            continue;
+        }
+        if let Some(original) = kept_titles.iter().position(|seen| *seen == key) {
+            moved_to.push(Some(original));
+            continue;
+        }
+        if !(1..=10).contains(&subtask.complexity) {
+            return Err(format!("{} must be 1 to 10", field("complexity")));
+        }
+        if let Some(parent) = request.task.complexity
+            && parent > 1
+            && subtask.complexity > parent
+        {
+            return Err(format!(
+                "{} is {}, above the parent's {parent}",
+                field("complexity"),
+                subtask.complexity
+            ));
+        }
+        if let Some(bad) = subtask
+            .depends_on
+            .iter()
+            .find(|&&dependency| dependency as usize >= given || dependency as usize == index)
+        {
+            return Err(format!(
+                "{} names {bad}, which is not another subtask",
+                field("depends_on")
+            ));
+        }
+        moved_to.push(Some(kept.len()));
+        kept_titles.push(key);
+        kept.push(Subtask {
+            title,
+            description: non_blank(&field("description"), &subtask.description)?,
+            complexity: subtask.complexity,
+            depends_on: subtask.depends_on,
+            reasoning: non_blank(&field("reasoning"), &subtask.reasoning)?,
+        });
+    }
+    for (position, subtask) in kept.iter_mut().enumerate() {
+        let mut depends_on: Vec<u32> = subtask
+            .depends_on
+            .iter()
+            .filter_map(|&dependency| moved_to.get(dependency as usize).copied().flatten())
+            .filter(|&dependency| dependency != position)
+            .map(|dependency| dependency as u32)
+            .collect();
+        depends_on.sort_unstable();
+        depends_on.dedup();
+        subtask.depends_on = depends_on;
+    }
     let range = request.min_subtasks as usize..=request.max_subtasks as usize;
-    if !range.contains(&count) {
+    if !range.contains(&kept.len()) {
+        let repeats = given - kept.len();
+        let repeated = if repeats > 0 {
+            format!(" ({repeats} of {given} repeated the task or an earlier subtask)")
+        } else {
+            String::new()
+        };
         return Err(format!(
-            "{count} subtasks given; between {} and {} are wanted",
+            "{} distinct subtasks given{repeated}; between {} and {} are wanted",
+            kept.len(),
             range.start(),
             range.end()
         ));
     }
-    let parent_title = normalized(&request.task.title);
-    let mut titles: Vec<String> = Vec::with_capacity(count);
-    let subtasks = subtasks
-        .into_iter()
-        .enumerate()
-        .map(|(index, subtask)| {
-            let field = |name: &str| format!("subtasks[{index}].{name}");
-            let title = non_blank(&field("title"), &subtask.title)?;
-            let key = normalized(&title);
-            if key == parent_title {
-                return Err(format!("{} restates the parent task", field("title")));
-            }
-            if let Some(first) = titles.iter().position(|seen| *seen == key) {
-                return Err(format!("subtasks {first} and {index} have the same title"));
-            }
-            titles.push(key);
-            if !(1..=10).contains(&subtask.complexity) {
-                return Err(format!("{} must be 1 to 10", field("complexity")));
-            }
-            if let Some(parent) = request.task.complexity
-                && parent > 1
-                && subtask.complexity > parent
-            {
-                return Err(format!(
-                    "{} is {}, above the parent's {parent}",
-                    field("complexity"),
-                    subtask.complexity
-                ));
-            }
-            let mut depends_on = subtask.depends_on.clone();
-            depends_on.sort_unstable();
-            depends_on.dedup();
-            if let Some(bad) = depends_on
-                .iter()
-                .find(|&&dependency| dependency as usize >= count || dependency as usize == index)
-            {
-                return Err(format!(
-                    "{} names {bad}, which is not another subtask",
-                    field("depends_on")
-                ));
-            }
-            Ok(Subtask {
-                title,
-                description: non_blank(&field("description"), &subtask.description)?,
-                complexity: subtask.complexity,
-                depends_on,
-                reasoning: non_blank(&field("reasoning"), &subtask.reasoning)?,
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    if let Some(cycle) = find_cycle(&subtasks) {
+    if let Some(cycle) = find_cycle(&kept) {
         return Err(format!("dependencies form a cycle through subtask {cycle}"));
     }
-    Ok(subtasks)
+    Ok(kept)
 }
 
 fn normalized(title: &str) -> String {
@@ -190,17 +214,20 @@ mod tests {
     #[test]
     fn each_rule_names_its_violation() {
         let cases = [
-            (vec![subtask("Only one", 2, &[])], "1 subtasks given"),
+            (
+                vec![subtask("Only one", 2, &[])],
+                "1 distinct subtasks given; between 2 and 4",
+            ),
             (
                 vec![subtask("Design", 2, &[]), subtask(" design ", 2, &[])],
-                "subtasks 0 and 1 have the same title",
+                "1 distinct subtasks given (1 of 2 repeated the task or an earlier subtask)",
             ),
             (
                 vec![
                     subtask("Build a login page.", 2, &[]),
                     subtask("Other", 2, &[]),
                 ],
-                "subtasks[0].title restates the parent task",
+                "1 distinct subtasks given (1 of 2 repeated",
             ),
             (
                 vec![subtask("A", 2, &[1]), subtask("B", 2, &[0])],

@@ -72,6 +72,10 @@ pub struct Answered<T> {
     pub stats: AnswerStats,
 }
 
+/// Frequency penalty of structured answers when the caller sets none: small
+/// models otherwise repeat one subtask or criterion until the list is full.
+const DEFAULT_TASK_FREQUENCY_PENALTY: f32 = 0.5;
+
 /// Runs structured tasks against a backend with bounded retries.
 #[derive(Clone, Copy, Debug)]
 pub struct TaskRunner {
@@ -136,6 +140,10 @@ impl TaskRunner {
         parse: impl Fn(serde_json::Value) -> Result<T, String>,
         started: Instant,
     ) -> Result<Answered<T>, TaskError> {
+        job.sampling.frequency_penalty = job
+            .sampling
+            .frequency_penalty
+            .or(Some(DEFAULT_TASK_FREQUENCY_PENALTY));
         let schema = OutputSchema::compile(job.schema)
             .expect("the task schemas are fixed and valid JSON Schema");
         let mut prompt_tokens = 0;

@@ -19,6 +19,18 @@ title), description (what to do, concretely), complexity (1 to 10, smaller than 
 task), depends_on (positions, counting from 0, of earlier subtasks that must be done first), \
 reasoning (one sentence on why the subtask is needed).";
 
+/// The worked example shown before every decomposition: one compact
+/// exchange teaches a small model the shape and granularity wanted.
+const DECOMPOSE_EXAMPLE_TASK: &str = "Task: Add CSV export of orders\n\
+Complexity: 5/10\n\
+Split it into 3 to 4 subtasks.";
+const DECOMPOSE_EXAMPLE_ANSWER: &str = r#"{"subtasks":[{"title":"Define the CSV columns","description":"List the order fields to export and fix their column order.","complexity":2,"depends_on":[],"reasoning":"The format must be fixed before code is written."},{"title":"Write the CSV serializer","description":"Turn a list of orders into CSV text with a header row.","complexity":3,"depends_on":[0],"reasoning":"This is the core conversion."},{"title":"Add the export endpoint","description":"Serve the CSV at GET /orders/export as a file download.","complexity":3,"depends_on":[1],"reasoning":"Users need a way to get the file."}]}"#;
+
+const ENHANCE_EXAMPLE_TASK: &str = "Task: fix search\n\
+Project: An online bookshop.\n\
+Enhancement kind: choose the one that helps most";
+const ENHANCE_EXAMPLE_ANSWER: &str = r#"{"kind":"specify","title":"Return matching books for partial title searches","description":"Searching for part of a book title returns no results today. Make the search match partial, case-insensitive titles so customers find books without typing the full title.","acceptance_criteria":["Searching 'potter' lists every Harry Potter book","Search ignores letter case","An empty search returns an error message, not all books"]}"#;
+
 /// Messages asking for an enhancement of the request's task.
 pub fn enhance(request: &EnhanceRequest) -> Vec<Message> {
     let mut user = render_task(&request.task, &request.context);
@@ -30,6 +42,8 @@ pub fn enhance(request: &EnhanceRequest) -> Vec<Message> {
     }
     vec![
         Message::new(Role::System, ENHANCE_SYSTEM),
+        Message::new(Role::User, ENHANCE_EXAMPLE_TASK),
+        Message::new(Role::Assistant, ENHANCE_EXAMPLE_ANSWER),
         Message::new(Role::User, user),
     ]
 }
@@ -45,6 +59,8 @@ pub fn decompose(request: &DecomposeRequest) -> Vec<Message> {
     }
     vec![
         Message::new(Role::System, DECOMPOSE_SYSTEM),
+        Message::new(Role::User, DECOMPOSE_EXAMPLE_TASK),
+        Message::new(Role::Assistant, DECOMPOSE_EXAMPLE_ANSWER),
         Message::new(Role::User, user),
     ]
 }
@@ -106,10 +122,15 @@ mod tests {
             model: None,
             sampling: Sampling::default(),
         });
-        assert_eq!(messages.len(), 2);
+        assert_eq!(messages.len(), 4);
         assert_eq!(messages[0], Message::new(Role::System, ENHANCE_SYSTEM));
+        assert_eq!(messages[1], Message::new(Role::User, ENHANCE_EXAMPLE_TASK));
         assert_eq!(
-            messages[1].content,
+            messages[2],
+            Message::new(Role::Assistant, ENHANCE_EXAMPLE_ANSWER)
+        );
+        assert_eq!(
+            messages[3].content,
             "Task: Add rate limiting\n\
              Description: Protect the public API.\n\
              Complexity: 5/10\n\
@@ -118,6 +139,19 @@ mod tests {
              Project: Billing service\n\
              Enhancement kind: specify"
         );
+    }
+
+    #[test]
+    fn worked_examples_obey_their_own_schemas_and_rules() {
+        use crate::{json_schema::OutputSchema, task::schema};
+        OutputSchema::compile(schema::decomposition(3, 4))
+            .unwrap()
+            .check(DECOMPOSE_EXAMPLE_ANSWER)
+            .unwrap();
+        OutputSchema::compile(schema::enhancement(None))
+            .unwrap()
+            .check(ENHANCE_EXAMPLE_ANSWER)
+            .unwrap();
     }
 
     #[test]
@@ -136,7 +170,11 @@ mod tests {
         let messages = decompose(&request);
         assert_eq!(messages[0], Message::new(Role::System, DECOMPOSE_SYSTEM));
         assert_eq!(
-            messages[1].content,
+            messages[2],
+            Message::new(Role::Assistant, DECOMPOSE_EXAMPLE_ANSWER)
+        );
+        assert_eq!(
+            messages[3].content,
             "Task: Ship v2\nSplit it into 3 to 5 subtasks."
         );
     }

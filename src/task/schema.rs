@@ -42,8 +42,11 @@ pub fn enhancement(kind: Option<EnhancementKind>) -> Value {
     })
 }
 
-/// Schema of a decomposition into `min..=max` subtasks.
+/// Schema of a decomposition into `min..=max` subtasks. Each position has
+/// its own item schema so that `depends_on` can only name earlier positions:
+/// the dependency graph is acyclic by construction.
 pub fn decomposition(min: u32, max: u32) -> Value {
+    let positions: Vec<Value> = (0..max).map(subtask).collect();
     json!({
         "type": "object",
         "properties": {
@@ -51,27 +54,31 @@ pub fn decomposition(min: u32, max: u32) -> Value {
                 "type": "array",
                 "minItems": min,
                 "maxItems": max,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "title": { "type": "string", "minLength": 3, "maxLength": TITLE_MAX_CHARS },
-                        "description": {
-                            "type": "string", "minLength": 10, "maxLength": SUBTASK_DESCRIPTION_MAX_CHARS
-                        },
-                        "complexity": { "type": "integer", "minimum": 1, "maximum": 10 },
-                        "depends_on": {
-                            "type": "array",
-                            "items": { "type": "integer", "minimum": 0, "maximum": max.saturating_sub(1) },
-                            "maxItems": max.saturating_sub(1)
-                        },
-                        "reasoning": { "type": "string", "minLength": 3, "maxLength": REASONING_MAX_CHARS }
-                    },
-                    "required": ["title", "description", "complexity", "depends_on", "reasoning"],
-                    "additionalProperties": false
-                }
+                "prefixItems": positions
             }
         },
         "required": ["subtasks"],
+        "additionalProperties": false
+    })
+}
+
+fn subtask(position: u32) -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "title": { "type": "string", "minLength": 3, "maxLength": TITLE_MAX_CHARS },
+            "description": {
+                "type": "string", "minLength": 10, "maxLength": SUBTASK_DESCRIPTION_MAX_CHARS
+            },
+            "complexity": { "type": "integer", "minimum": 1, "maximum": 10 },
+            "depends_on": {
+                "type": "array",
+                "items": { "type": "integer", "minimum": 0, "maximum": position.saturating_sub(1) },
+                "maxItems": position
+            },
+            "reasoning": { "type": "string", "minLength": 3, "maxLength": REASONING_MAX_CHARS }
+        },
+        "required": ["title", "description", "complexity", "depends_on", "reasoning"],
         "additionalProperties": false
     })
 }
@@ -89,6 +96,35 @@ mod tests {
         for (min, max) in [(2, 2), (3, 6), (12, 12)] {
             OutputSchema::compile(decomposition(min, max)).unwrap();
         }
+    }
+
+    #[test]
+    fn dependencies_can_only_point_backwards() {
+        let schema = OutputSchema::compile(decomposition(2, 3)).unwrap();
+        let subtask = |depends_on: &[u32]| {
+            json!({
+                "title": "Do a thing", "description": "Do the thing well.", "complexity": 2,
+                "depends_on": depends_on, "reasoning": "Needed."
+            })
+        };
+        let answer = |items: Vec<Value>| json!({ "subtasks": items }).to_string();
+        assert!(
+            schema
+                .check(&answer(vec![subtask(&[]), subtask(&[0])]))
+                .is_ok()
+        );
+        assert!(
+            schema
+                .check(&answer(vec![subtask(&[0]), subtask(&[])]))
+                .is_err()
+        );
+        assert!(
+            schema
+                .check(&answer(vec![subtask(&[]), subtask(&[1])]))
+                .is_err()
+        );
+        let four = vec![subtask(&[]), subtask(&[0]), subtask(&[1]), subtask(&[2])];
+        assert!(schema.check(&answer(four)).is_err(), "maxItems holds");
     }
 
     #[test]

@@ -18,10 +18,7 @@ use std::{
 };
 
 use clap::Parser;
-use rigger_inference::{
-    config::Config,
-    proto::inference_service_client::InferenceServiceClient,
-};
+use rigger_inference::{config::Config, proto::inference_service_client::InferenceServiceClient};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
@@ -35,7 +32,9 @@ pub fn cache_dir() -> PathBuf {
     }
     let base = std::env::var("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache")
+        });
     base.join("rigger-inference")
 }
 
@@ -96,7 +95,11 @@ impl LlamaServer {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read the llama server's READY line");
-        assert_eq!(line.trim(), format!("READY {port}"), "llama server did not start");
+        assert_eq!(
+            line.trim(),
+            format!("READY {port}"),
+            "llama server did not start"
+        );
         Self {
             port,
             child,
@@ -130,14 +133,25 @@ pub fn llama() -> &'static LlamaServer {
 /// Configuration with the given flags on top of the defaults; probes are
 /// frequent so health tests finish quickly.
 pub fn config(flags: &[&str]) -> Config {
-    let mut args = vec!["rigger-inference", "--probe-interval", "200ms", "--probe-timeout", "1s"];
+    let mut args = vec![
+        "rigger-inference",
+        "--probe-interval",
+        "200ms",
+        "--probe-timeout",
+        "1s",
+    ];
     args.extend_from_slice(flags);
     Config::parse_from(args)
 }
 
 /// A configuration serving through the shared llama.cpp server.
 pub fn openai_config() -> Config {
-    config(&["--backend", "openai", "--openai-base-url", &llama().openai_url()])
+    config(&[
+        "--backend",
+        "openai",
+        "--openai-base-url",
+        &llama().openai_url(),
+    ])
 }
 
 /// A rigger-inference server on a loopback port, stopped on drop.
@@ -149,7 +163,9 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
         let (shutdown, stop) = oneshot::channel();
         let handle = tokio::spawn(rigger_inference::server::serve(listener, config, async {

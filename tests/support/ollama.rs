@@ -167,6 +167,7 @@ struct ChatOptions {
     temperature: Option<f32>,
     top_p: Option<f32>,
     seed: Option<u64>,
+    frequency_penalty: Option<f32>,
     num_predict: Option<i64>,
     #[serde(default)]
     stop: Vec<String>,
@@ -225,6 +226,7 @@ async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) ->
             temperature: body.options.temperature,
             top_p: body.options.top_p,
             seed: body.options.seed,
+            frequency_penalty: body.options.frequency_penalty,
         },
         stop: body.options.stop,
         json_schema,
@@ -246,10 +248,13 @@ async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) ->
         })
     };
     let final_line = move |mut line: Value, completion: &rigger_inference::backend::Completion| {
-        let timings = completion.engine_timings.unwrap_or(rigger_inference::backend::EngineTimings {
-            prompt: Duration::ZERO,
-            generation: Duration::ZERO,
-        });
+        let timings =
+            completion
+                .engine_timings
+                .unwrap_or(rigger_inference::backend::EngineTimings {
+                    prompt: Duration::ZERO,
+                    generation: Duration::ZERO,
+                });
         let object = line.as_object_mut().expect("a JSON object");
         object.insert("done".into(), json!(true));
         object.insert(
@@ -283,7 +288,10 @@ async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) ->
                 }
             }
         }
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "engine stream ended early");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "engine stream ended early",
+        );
     }
 
     let fail_after = state.controls.fail_after.load(Ordering::SeqCst);
@@ -319,10 +327,7 @@ async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) ->
                 };
                 let mut bytes = serde_json::to_vec(&value).expect("serialize a line");
                 bytes.push(b'\n');
-                Some((
-                    Ok::<_, std::io::Error>(bytes),
-                    (stream, guard, sent + 1),
-                ))
+                Some((Ok::<_, std::io::Error>(bytes), (stream, guard, sent + 1)))
             }
         },
     );
