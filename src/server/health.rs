@@ -1,21 +1,36 @@
-//! The standard gRPC health service, kept current by a background prober.
+//! The standard gRPC health service (`grpc.health.v1.Health`), kept current
+//! by a background prober.
 //!
 //! Entries: `""` (the process is up), the inference service (ready: the
 //! active backend answered its last probe) and `rigger.backend.<name>` per
-//! configured backend. An entry changes only when its status does, so Watch
-//! streams carry changes, not repeats.
+//! configured backend. Implemented here rather than with tonic-health's
+//! reporter to follow the protocol where that one does not: Watch on an
+//! unknown service answers SERVICE_UNKNOWN (not an error) and stays open, an
+//! entry is re-sent only when its status changes, and on shutdown every Watch
+//! stream gets NOT_SERVING and then ends instead of holding the drain open.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
-use tokio::sync::Mutex;
+use futures_util::{Stream, StreamExt, stream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic::{Request, Response, Status, server::NamedService};
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
+    health_server::Health,
+};
 
 use crate::{
     backend::{BackendHealth, BackendRegistry, BackendSnapshot},
     proto::inference_service_server::InferenceServiceServer,
 };
+
+pub use tonic_health::pb::health_server::HealthServer;
 
 /// Health entry of the inference service: SERVING when requests can be served.
 pub const INFERENCE_SERVICE: &str =
@@ -26,66 +41,169 @@ pub fn backend_service(name: &str) -> String {
     format!("rigger.backend.{name}")
 }
 
-pub(super) struct HealthBoard {
-    reporter: HealthReporter,
-    published: Mutex<HashMap<String, ServingStatus>>,
+/// Current status of every health entry, and its watchers.
+pub struct HealthBoard {
+    entries: RwLock<HashMap<String, watch::Sender<ServingStatus>>>,
+    /// Ends Watch streams of unknown services at shutdown.
+    closing: CancellationToken,
 }
 
 impl HealthBoard {
-    pub(super) async fn new(reporter: HealthReporter, registry: &BackendRegistry) -> Self {
-        let board = Self {
-            reporter,
-            published: Mutex::new(HashMap::new()),
+    /// The entries of a server over `registry`: the process SERVING, the
+    /// inference service NOT_SERVING until its backend answers a probe.
+    pub(super) fn new(registry: &BackendRegistry) -> Arc<Self> {
+        let mut entries = HashMap::new();
+        let mut add = |service: String, status| {
+            entries.insert(service, watch::Sender::new(status));
         };
-        board
-            .set(INFERENCE_SERVICE, ServingStatus::NotServing)
-            .await;
+        add(String::new(), ServingStatus::Serving);
+        add(INFERENCE_SERVICE.to_owned(), ServingStatus::NotServing);
         for snapshot in registry.snapshots() {
-            board
-                .set(
-                    &backend_service(snapshot.name),
-                    serving_status(snapshot.health),
-                )
-                .await;
+            add(
+                backend_service(snapshot.name),
+                serving_status(snapshot.health),
+            );
         }
+        let board = Arc::new(Self {
+            entries: RwLock::new(entries),
+            closing: CancellationToken::new(),
+        });
+        // `auto` selection has probed already: start from what it learned.
+        board.publish(&registry.snapshots());
         board
     }
 
-    async fn set(&self, service: &str, status: ServingStatus) {
-        let mut published = self.published.lock().await;
-        if published.get(service) != Some(&status) {
-            tracing::info!(service, ?status, "health changed");
-            self.reporter.set_service_status(service, status).await;
-            published.insert(service.to_owned(), status);
+    fn status(&self, service: &str) -> Option<ServingStatus> {
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner());
+        entries.get(service).map(|sender| *sender.borrow())
+    }
+
+    fn set(&self, service: &str, status: ServingStatus) {
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some(sender) = entries.get(service) {
+            sender.send_if_modified(|current| {
+                let changed = *current != status;
+                if changed {
+                    tracing::info!(service, ?status, "health changed");
+                    *current = status;
+                }
+                changed
+            });
         }
     }
 
-    pub(super) async fn publish(&self, snapshots: &[BackendSnapshot]) {
+    pub(super) fn publish(&self, snapshots: &[BackendSnapshot]) {
         for snapshot in snapshots {
             self.set(
                 &backend_service(snapshot.name),
                 serving_status(snapshot.health),
-            )
-            .await;
+            );
             if snapshot.active {
-                let ready = snapshot.health == BackendHealth::Serving;
-                let status = if ready {
+                let status = if snapshot.health == BackendHealth::Serving {
                     ServingStatus::Serving
                 } else {
                     ServingStatus::NotServing
                 };
-                self.set(INFERENCE_SERVICE, status).await;
+                self.set(INFERENCE_SERVICE, status);
             }
         }
     }
 
-    /// Marks every entry NOT_SERVING: the first step of a graceful shutdown.
-    pub(super) async fn shutting_down(&self) {
-        let services: Vec<String> = self.published.lock().await.keys().cloned().collect();
-        for service in services.iter().map(String::as_str).chain([""]) {
-            self.set(service, ServingStatus::NotServing).await;
+    /// The first step of a graceful shutdown: every entry NOT_SERVING, and
+    /// every Watch stream ends after it has been told so.
+    pub(super) fn shutting_down(&self) {
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner());
+        for sender in entries.values() {
+            sender.send_if_modified(|status| {
+                let changed = *status != ServingStatus::NotServing;
+                *status = ServingStatus::NotServing;
+                changed
+            });
+        }
+        drop(entries);
+        self.closing.cancel();
+    }
+}
+
+type HealthStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+fn response(status: ServingStatus) -> HealthCheckResponse {
+    HealthCheckResponse {
+        status: status as i32,
+    }
+}
+
+#[tonic::async_trait]
+impl Health for HealthBoard {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let service = request.into_inner().service;
+        match self.status(&service) {
+            Some(status) => Ok(Response::new(response(status))),
+            None => Err(Status::not_found(format!("unknown service {service:?}"))),
         }
     }
+
+    type WatchStream = HealthStream;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let service = request.into_inner().service;
+        let receiver = {
+            let entries = self
+                .entries
+                .read()
+                .unwrap_or_else(|poison| poison.into_inner());
+            entries.get(&service).map(watch::Sender::subscribe)
+        };
+        let closing = self.closing.clone();
+        let stream: HealthStream = match receiver {
+            Some(receiver) => Box::pin(watch_changes(receiver, closing)),
+            // The set of entries is fixed for the life of the process, so an
+            // unknown service stays unknown: one message, then quiet.
+            None => Box::pin(
+                stream::once(async { Ok(response(ServingStatus::ServiceUnknown)) })
+                    .chain(stream::pending())
+                    .take_until(closing.cancelled_owned()),
+            ),
+        };
+        Ok(Response::new(stream))
+    }
+}
+
+/// The current status, then each change, until shutdown. A change made just
+/// before shutdown (NOT_SERVING) is still delivered: changes win the race.
+fn watch_changes(
+    receiver: watch::Receiver<ServingStatus>,
+    closing: CancellationToken,
+) -> impl Stream<Item = Result<HealthCheckResponse, Status>> {
+    stream::unfold(
+        (receiver, closing, true),
+        |(mut receiver, closing, first)| async move {
+            if !first {
+                tokio::select! {
+                    biased;
+                    changed = receiver.changed() => changed.ok()?,
+                    () = closing.cancelled() => return None,
+                }
+            }
+            let status = *receiver.borrow_and_update();
+            Some((Ok(response(status)), (receiver, closing, false)))
+        },
+    )
 }
 
 fn serving_status(health: BackendHealth) -> ServingStatus {
@@ -114,6 +232,6 @@ pub(super) async fn probe_until(
             _ = stop.cancelled() => return,
             snapshots = registry.probe_all() => snapshots,
         };
-        board.publish(&snapshots).await;
+        board.publish(&snapshots);
     }
 }

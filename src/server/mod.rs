@@ -109,8 +109,7 @@ pub async fn serve_registry(
     registry: Arc<BackendRegistry>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let (reporter, health_service) = tonic_health::server::health_reporter();
-    let board = Arc::new(health::HealthBoard::new(reporter, &registry).await);
+    let board = health::HealthBoard::new(&registry);
     let stop_probing = CancellationToken::new();
     let prober = tokio::spawn(health::probe_until(
         registry.clone(),
@@ -138,7 +137,7 @@ pub async fn serve_registry(
     );
     let drain = CancellationToken::new();
     let server = Server::builder()
-        .add_service(health_service)
+        .add_service(health::HealthServer::from_arc(board.clone()))
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(
@@ -159,7 +158,7 @@ pub async fn serve_registry(
     }
     stop_probing.cancel();
     let _ = prober.await;
-    board.shutting_down().await;
+    board.shutting_down();
     drain.cancel();
     tracing::info!(grace = ?config.shutdown_grace, "draining open calls");
     if let Ok(result) = tokio::time::timeout(config.shutdown_grace, &mut server).await {

@@ -1,0 +1,188 @@
+//! The gRPC health protocol: Check and Watch per entry, readiness that
+//! follows the active backend as it stops and returns, and `auto` selection.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use rigger_inference::{
+    proto::{GenerateRequest, GetStatusRequest, SamplingOptions},
+    server::health::INFERENCE_SERVICE,
+};
+use support::{LlamaServer, TestServer, config, free_port, llama};
+use tonic::{Code, Streaming};
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
+    health_client::HealthClient,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn next_status(watch: &mut Streaming<HealthCheckResponse>) -> ServingStatus {
+    let message = tokio::time::timeout(WAIT, watch.next())
+        .await
+        .expect("a health change within the wait")
+        .expect("the watch stream stays open")
+        .expect("no error on the watch stream");
+    ServingStatus::try_from(message.status).expect("a known status")
+}
+
+async fn watch_until(watch: &mut Streaming<HealthCheckResponse>, wanted: ServingStatus) {
+    while next_status(watch).await != wanted {}
+}
+
+async fn check(
+    health: &mut HealthClient<tonic::transport::Channel>,
+    service: &str,
+) -> ServingStatus {
+    let response = health
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("known service")
+        .into_inner();
+    ServingStatus::try_from(response.status).unwrap()
+}
+
+#[tokio::test]
+async fn readiness_follows_the_backend_down_and_back_up() {
+    let port = free_port();
+    let mut backend = LlamaServer::start_on(port);
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let server =
+        TestServer::start(config(&["--backend", "openai", "--openai-base-url", &url])).await;
+    let channel = server.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    let mut inference =
+        rigger_inference::proto::inference_service_client::InferenceServiceClient::new(channel);
+
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: INFERENCE_SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch_until(&mut watch, ServingStatus::Serving).await;
+    assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
+    assert_eq!(
+        check(&mut health, "rigger.backend.openai").await,
+        ServingStatus::Serving
+    );
+
+    backend.stop();
+    assert_eq!(
+        next_status(&mut watch).await,
+        ServingStatus::NotServing,
+        "one change, no repeats"
+    );
+    assert_eq!(
+        check(&mut health, "rigger.backend.openai").await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        check(&mut health, "").await,
+        ServingStatus::Serving,
+        "the process is alive"
+    );
+    let status = inference
+        .generate(GenerateRequest {
+            prompt: "Hi".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("backend is down");
+    assert_eq!(status.code(), Code::Unavailable);
+    let report = inference
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        report.backends[0].last_error.contains("unavailable"),
+        "{report:?}"
+    );
+
+    let _backend = LlamaServer::start_on(port);
+    assert_eq!(next_status(&mut watch).await, ServingStatus::Serving);
+    let mut stream = inference
+        .generate(GenerateRequest {
+            prompt: "Hi".into(),
+            sampling: Some(SamplingOptions {
+                max_tokens: Some(3),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("backend is back")
+        .into_inner();
+    while let Some(message) = stream.next().await {
+        message.expect("generation succeeds");
+    }
+}
+
+#[tokio::test]
+async fn unknown_services_follow_the_protocol() {
+    let server = TestServer::start(support::openai_config()).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let status = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .expect_err("Check on an unknown service");
+    assert_eq!(status.code(), Code::NotFound);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .expect("Watch on an unknown service is not an error")
+        .into_inner();
+    assert_eq!(next_status(&mut watch).await, ServingStatus::ServiceUnknown);
+    let quiet = tokio::time::timeout(Duration::from_millis(600), watch.next()).await;
+    assert!(
+        quiet.is_err(),
+        "the stream stays open without repeating: {quiet:?}"
+    );
+}
+
+#[tokio::test]
+async fn auto_picks_a_reachable_backend_over_an_absent_ollama() {
+    let no_ollama = format!("127.0.0.1:{}", free_port());
+    let server = TestServer::start(config(&[
+        "--backend",
+        "auto",
+        "--ollama-host",
+        &no_ollama,
+        "--openai-base-url",
+        &llama().openai_url(),
+    ]))
+    .await;
+    let mut inference = server.client().await;
+    let report = inference
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.active_backend, "openai");
+    assert_eq!(report.model, support::MODEL_ALIAS);
+    let names: Vec<&str> = report.backends.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["ollama", "openai"]);
+    assert!(!report.backends[0].active && report.backends[1].active);
+    assert_eq!(report.backends[1].health_service, "rigger.backend.openai");
+    let platform = report.platform.expect("platform");
+    assert_eq!(platform.os, std::env::consts::OS);
+    let mut health = HealthClient::new(server.channel().await);
+    assert_eq!(
+        check(&mut health, "rigger.backend.ollama").await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        check(&mut health, INFERENCE_SERVICE).await,
+        ServingStatus::Serving
+    );
+}
