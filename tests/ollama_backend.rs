@@ -84,7 +84,7 @@ async fn structured_tasks_work_over_ollama() {
                 title: "Add a logout button".into(),
                 ..Default::default()
             }),
-            model: format!("{MODEL}"),
+            model: MODEL.into(),
             sampling: Some(SamplingOptions {
                 temperature: Some(0.0),
                 seed: Some(2),

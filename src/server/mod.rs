@@ -4,6 +4,7 @@
 //! [`serve`] takes a bound listener and a shutdown future, so `main` and the
 //! tests start the server the same way.
 
+mod drain;
 pub mod health;
 mod service;
 mod status;
@@ -27,7 +28,7 @@ use crate::{
 };
 
 /// How long open streams get to send their cancellation summary after the
-/// grace period before the connections are dropped.
+/// grace period, and the transport to close, before connections are dropped.
 const CUT_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +124,7 @@ pub async fn serve_registry(
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let cut = CancellationToken::new();
+    let drain = drain::Drain::default();
     let api = InferenceApi::new(
         registry,
         TaskRunner::new(config.task_attempts),
@@ -133,9 +134,9 @@ pub async fn serve_registry(
             max_tokens_limit: config.max_tokens_limit,
             max_prompt_bytes: config.max_prompt_bytes,
         },
-        cut.clone(),
+        drain.clone(),
     );
-    let drain = CancellationToken::new();
+    let stop_transport = CancellationToken::new();
     let server = Server::builder()
         .add_service(health::HealthServer::from_arc(board.clone()))
         .add_service(reflection().build_v1()?)
@@ -145,7 +146,7 @@ pub async fn serve_registry(
         )
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
-            drain.clone().cancelled_owned(),
+            stop_transport.clone().cancelled_owned(),
         );
     tokio::pin!(server);
 
@@ -159,13 +160,14 @@ pub async fn serve_registry(
     stop_probing.cancel();
     let _ = prober.await;
     board.shutting_down();
-    drain.cancel();
     tracing::info!(grace = ?config.shutdown_grace, "draining open calls");
-    if let Ok(result) = tokio::time::timeout(config.shutdown_grace, &mut server).await {
-        return result.map_err(ServerError::from);
+    // The transport keeps accepting meanwhile, so late callers get a clear
+    // UNAVAILABLE rather than a connection refused.
+    tokio::select! {
+        result = &mut server => return result.map_err(ServerError::from),
+        () = drain.run(config.shutdown_grace, CUT_FLUSH) => {}
     }
-    tracing::warn!("grace period over; cancelling open streams");
-    cut.cancel();
+    stop_transport.cancel();
     match tokio::time::timeout(CUT_FLUSH, &mut server).await {
         Ok(result) => result.map_err(ServerError::from),
         Err(_) => Ok(()),

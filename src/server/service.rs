@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{
+    drain::Drain,
     status::schema_violation,
     validate::{self, Limits},
 };
@@ -28,9 +29,7 @@ pub struct InferenceApi {
     registry: Arc<BackendRegistry>,
     runner: TaskRunner,
     limits: Limits,
-    /// Cancelled when the shutdown grace period is over: open streams end
-    /// with FINISH_REASON_CANCELLED.
-    cut: CancellationToken,
+    drain: Drain,
 }
 
 impl InferenceApi {
@@ -38,13 +37,13 @@ impl InferenceApi {
         registry: Arc<BackendRegistry>,
         runner: TaskRunner,
         limits: Limits,
-        cut: CancellationToken,
+        drain: Drain,
     ) -> Self {
         Self {
             registry,
             runner,
             limits,
-            cut,
+            drain,
         }
     }
 }
@@ -56,6 +55,7 @@ impl InferenceService for InferenceApi {
         request: Request<proto::EnhanceTaskRequest>,
     ) -> Result<Response<proto::EnhanceTaskResponse>, Status> {
         let started = Instant::now();
+        let _open = self.drain.admit()?;
         let request = validate::enhance(request.into_inner(), &self.limits)?;
         let backend = self.registry.active();
         let answer = self
@@ -79,6 +79,7 @@ impl InferenceService for InferenceApi {
         request: Request<proto::DecomposeTaskRequest>,
     ) -> Result<Response<proto::DecomposeTaskResponse>, Status> {
         let started = Instant::now();
+        let _open = self.drain.admit()?;
         let request = validate::decompose(request.into_inner(), &self.limits)?;
         let backend = self.registry.active();
         let answer = self
@@ -108,6 +109,7 @@ impl InferenceService for InferenceApi {
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let started = Instant::now();
+        let open = self.drain.admit()?;
         let (request, schema) = validate::generate(request.into_inner(), &self.limits)?;
         let backend = self.registry.active();
         let requested_model = request.model.clone().unwrap_or_default();
@@ -120,7 +122,11 @@ impl InferenceService for InferenceApi {
             backend: backend.name(),
             requested_model,
         };
-        tokio::spawn(relay.run(stream, self.cut.clone()));
+        let cut = self.drain.cut();
+        tokio::spawn(async move {
+            relay.run(stream, cut).await;
+            drop(open);
+        });
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 

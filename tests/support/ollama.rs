@@ -303,7 +303,6 @@ async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) ->
         (stream, guard, 0usize),
         move |(mut stream, mut guard, sent)| {
             let line = line.clone();
-            let final_line = final_line.clone();
             async move {
                 if guard.finished {
                     return None;
