@@ -232,9 +232,16 @@ async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) ->
         json_schema,
     };
     let started = std::time::Instant::now();
+    // Counts from here: a client that leaves while the engine still reads
+    // the prompt abandons the request too.
+    let mut guard = StreamGuard {
+        controls: state.controls.clone(),
+        finished: false,
+    };
     let stream = match state.engine.generate(request).await {
         Ok(stream) => stream,
         Err(engine_error) => {
+            guard.finish(false);
             return error(StatusCode::INTERNAL_SERVER_ERROR, &engine_error.to_string());
         }
     };
@@ -295,10 +302,6 @@ async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) ->
     }
 
     let fail_after = state.controls.fail_after.load(Ordering::SeqCst);
-    let guard = StreamGuard {
-        controls: state.controls.clone(),
-        finished: false,
-    };
     let lines = futures_util::stream::unfold(
         (stream, guard, 0usize),
         move |(mut stream, mut guard, sent)| {
@@ -336,7 +339,7 @@ async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) ->
         .expect("a valid response")
 }
 
-/// Counts a chat stream as abandoned when its body is dropped before the end.
+/// Counts a chat request as abandoned when it is dropped before its end.
 struct StreamGuard {
     controls: Arc<Controls>,
     finished: bool,
