@@ -7,7 +7,7 @@ use std::{collections::VecDeque, pin::Pin};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream};
 
-use super::{BackendError, Chunk, ChunkStream};
+use super::{BackendError, Chunk, ChunkStream, Message, Sampling};
 
 /// Longest line accepted from a backend; a longer one is a protocol error,
 /// not unbounded buffering.
@@ -28,6 +28,53 @@ pub(crate) trait RecordParser: Send + 'static {
     fn record(&mut self, record: &str) -> Result<Option<Chunk>, BackendError>;
     /// Called when the body ends without a [`Chunk::Done`].
     fn end_of_body(&mut self) -> Result<Chunk, BackendError>;
+}
+
+/// A chat message as both Ollama and OpenAI-compatible APIs take it.
+#[derive(serde::Serialize)]
+pub(crate) struct WireMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+impl<'a> WireMessage<'a> {
+    pub(crate) fn all(messages: &'a [Message]) -> Vec<Self> {
+        messages
+            .iter()
+            .map(|message| Self {
+                role: message.role.as_str(),
+                content: &message.content,
+            })
+            .collect()
+    }
+}
+
+/// The sampling fields both Ollama (`options`) and OpenAI-compatible APIs
+/// take under the same names; the token limit is named differently by each.
+#[derive(serde::Serialize)]
+pub(crate) struct WireSampling<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+}
+
+impl<'a> WireSampling<'a> {
+    pub(crate) fn new(sampling: &Sampling, stop: &'a [String]) -> Self {
+        Self {
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+            seed: sampling.seed,
+            frequency_penalty: sampling.frequency_penalty,
+            stop,
+        }
+    }
 }
 
 /// The backend-specific part of mapping an HTTP error to [`BackendError`].

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::{
     Backend, BackendError, Capabilities, Chunk, ChunkStream, Completion, EngineTimings,
     FinishReason, GenerationRequest, ProbeReport, SchemaSupport,
-    http::{Framing, HttpTarget, RecordParser, relay},
+    http::{Framing, HttpTarget, RecordParser, WireMessage, WireSampling, relay},
     models::ModelCatalog,
 };
 
@@ -102,7 +102,7 @@ fn lists_model(models: &[String], model: &str) -> bool {
 #[derive(Serialize)]
 struct ChatRequest<'a> {
     model: &'a str,
-    messages: Vec<ChatMessage<'a>>,
+    messages: Vec<WireMessage<'a>>,
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     format: Option<&'a Value>,
@@ -112,24 +112,10 @@ struct ChatRequest<'a> {
 }
 
 #[derive(Serialize)]
-struct ChatMessage<'a> {
-    role: &'static str,
-    content: &'a str,
-}
-
-#[derive(Serialize)]
 struct ChatOptions<'a> {
     num_predict: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    temperature: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_p: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seed: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    frequency_penalty: Option<f32>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    stop: &'a [String],
+    #[serde(flatten)]
+    sampling: WireSampling<'a>,
 }
 
 #[derive(Deserialize)]
@@ -274,23 +260,12 @@ impl Backend for OllamaBackend {
         };
         let body = ChatRequest {
             model: &model,
-            messages: request
-                .messages
-                .iter()
-                .map(|message| ChatMessage {
-                    role: message.role.as_str(),
-                    content: &message.content,
-                })
-                .collect(),
+            messages: WireMessage::all(&request.messages),
             stream: true,
             format: request.json_schema.as_ref(),
             options: ChatOptions {
                 num_predict: request.sampling.max_tokens,
-                temperature: request.sampling.temperature,
-                top_p: request.sampling.top_p,
-                seed: request.sampling.seed,
-                frequency_penalty: request.sampling.frequency_penalty,
-                stop: &request.stop,
+                sampling: WireSampling::new(&request.sampling, &request.stop),
             },
             keep_alive: self.keep_alive.as_ref(),
         };

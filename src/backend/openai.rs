@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::{
     Backend, BackendError, Capabilities, Chunk, ChunkStream, Completion, EngineTimings,
     FinishReason, GenerationRequest, ProbeReport, SchemaSupport,
-    http::{Framing, HttpTarget, RecordParser, relay},
+    http::{Framing, HttpTarget, RecordParser, WireMessage, WireSampling, relay},
     models::ModelCatalog,
 };
 
@@ -114,28 +114,14 @@ struct ModelEntry {
 #[derive(Serialize)]
 struct ChatRequest<'a> {
     model: &'a str,
-    messages: Vec<ChatMessage<'a>>,
+    messages: Vec<WireMessage<'a>>,
     stream: bool,
     stream_options: Value,
     max_tokens: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    temperature: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_p: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seed: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    frequency_penalty: Option<f32>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    stop: &'a [String],
+    #[serde(flatten)]
+    sampling: WireSampling<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<Value>,
-}
-
-#[derive(Serialize)]
-struct ChatMessage<'a> {
-    role: &'static str,
-    content: &'a str,
 }
 
 #[derive(Deserialize)]
@@ -293,22 +279,11 @@ impl Backend for OpenAiBackend {
         let model = self.resolve_model(request.model).await?;
         let body = ChatRequest {
             model: &model,
-            messages: request
-                .messages
-                .iter()
-                .map(|message| ChatMessage {
-                    role: message.role.as_str(),
-                    content: &message.content,
-                })
-                .collect(),
+            messages: WireMessage::all(&request.messages),
             stream: true,
             stream_options: json!({ "include_usage": true }),
             max_tokens: request.sampling.max_tokens,
-            temperature: request.sampling.temperature,
-            top_p: request.sampling.top_p,
-            seed: request.sampling.seed,
-            frequency_penalty: request.sampling.frequency_penalty,
-            stop: &request.stop,
+            sampling: WireSampling::new(&request.sampling, &request.stop),
             response_format: request.json_schema.map(|schema| {
                 json!({
                     "type": "json_schema",
