@@ -6,18 +6,25 @@
 
 SHELL := /bin/bash
 export RIGGER_CACHE_DIR ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/rigger-inference
+# cmake and libclang for llama.cpp's build, from scripts/setup-build.sh.
+CARGO := source "$(RIGGER_CACHE_DIR)/build.env" && cargo
 
-.PHONY: run test setup lint
+.PHONY: run test setup lint bench
 
 setup:
 	scripts/setup-python.sh >/dev/null
+	scripts/setup-build.sh >/dev/null
 
 run: setup
-	scripts/run.sh
+	$(CARGO) build --release --locked
+	exec target/release/rigger-inference
 
-lint:
+lint: setup
 	cargo fmt --all -- --check
-	cargo clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 test: setup lint
-	cargo test --locked --all-targets
+	$(CARGO) test --locked --all-targets
+
+bench: setup
+	$(CARGO) bench --locked --bench token_relay

@@ -1,7 +1,7 @@
 //! Command-line and environment configuration: every setting is one flag with
 //! an environment variable and its default stated here, nowhere else.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
@@ -9,8 +9,11 @@ use clap::{Parser, ValueEnum};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendChoice {
     /// First available, in order: Ollama when reachable, then an
-    /// OpenAI-compatible server when `OPENAI_BASE_URL` is set.
+    /// OpenAI-compatible server when `OPENAI_BASE_URL` is set and reachable,
+    /// then the embedded engine.
     Auto,
+    /// llama.cpp in this process, on the GGUF at `--model-path`.
+    Embedded,
     /// Ollama's HTTP API (`OLLAMA_HOST`).
     Ollama,
     /// An OpenAI-compatible server: llama.cpp server, vLLM, mlx_lm.server (`OPENAI_BASE_URL`).
@@ -56,6 +59,39 @@ pub struct Config {
     /// Bearer token for the OpenAI-compatible server, if it wants one.
     #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
     pub openai_api_key: Option<String>,
+
+    /// GGUF model of the embedded engine. Default: the model `make run`
+    /// caches, `$RIGGER_CACHE_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+    #[arg(long, env = "RIGGER_MODEL_PATH")]
+    pub model_path: Option<PathBuf>,
+
+    /// Threads of the embedded engine. Default: one less than the CPUs (at
+    /// least one), since llama.cpp's threads spin and starve the rest.
+    #[arg(long, env = "RIGGER_THREADS")]
+    pub threads: Option<u32>,
+
+    /// Sequences the embedded engine decodes together; more requests wait.
+    #[arg(long, env = "RIGGER_PARALLEL", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub parallel: u32,
+
+    /// Tokens of context (prompt plus answer) of each embedded sequence.
+    #[arg(long, env = "RIGGER_CTX_PER_SEQUENCE", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(64..))]
+    pub ctx_per_sequence: u32,
+
+    /// Tokens the embedded engine decodes in one step, all sequences together.
+    #[arg(long, env = "RIGGER_BATCH_TOKENS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(16..))]
+    pub batch_tokens: u32,
+
+    /// Requests that may wait for a free embedded sequence; beyond that
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RIGGER_QUEUE", default_value_t = 32)]
+    pub queue: usize,
+
+    /// Let llama.cpp use flash attention where it helps. Faster on some
+    /// machines, but an answer then depends on how its prompt was split into
+    /// batches: off keeps answers reproducible.
+    #[arg(long, env = "RIGGER_FLASH_ATTENTION", default_value_t = false)]
+    pub flash_attention: bool,
 
     /// How often every configured backend is probed for health.
     #[arg(long, env = "RIGGER_PROBE_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
@@ -109,6 +145,36 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+impl Config {
+    /// The embedded engine's model: `--model-path`, else the cached default.
+    pub fn embedded_model_path(&self) -> PathBuf {
+        self.model_path
+            .clone()
+            .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    }
+
+    /// The embedded engine's threads: `--threads`, else one less than the CPUs.
+    pub fn embedded_threads(&self) -> u32 {
+        self.threads.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, |cpus| cpus.get() as u32);
+            cpus.saturating_sub(1).max(1)
+        })
+    }
+}
+
+/// Where setup puts the venv and models, as `scripts/setup-python.sh` computes it.
+pub fn cache_dir() -> PathBuf {
+    let from_env = |name| std::env::var_os(name).filter(|value| !value.is_empty());
+    if let Some(dir) = from_env("RIGGER_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    from_env("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| from_env("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"))
+        .join("rigger-inference")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,7 +194,7 @@ mod tests {
         let error = Config::try_parse_from(["rigger-inference", "--backend", "tensorflow"])
             .expect_err("unknown backend must not parse");
         let message = error.to_string();
-        for name in ["auto", "ollama", "openai"] {
+        for name in ["auto", "embedded", "ollama", "openai"] {
             assert!(message.contains(name), "{message}");
         }
     }

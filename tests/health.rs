@@ -186,3 +186,29 @@ async fn auto_picks_a_reachable_backend_over_an_absent_ollama() {
         ServingStatus::Serving
     );
 }
+
+#[tokio::test]
+async fn auto_falls_back_to_the_embedded_engine_when_no_runtime_answers() {
+    let no_ollama = format!("127.0.0.1:{}", free_port());
+    let server =
+        TestServer::start(config(&["--backend", "auto", "--ollama-host", &no_ollama])).await;
+    let mut inference = server.client().await;
+    let report = inference
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.active_backend, "embedded");
+    let names: Vec<&str> = report.backends.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["ollama", "embedded"]);
+    let mut health = HealthClient::new(server.channel().await);
+    assert_eq!(
+        check(&mut health, "rigger.backend.embedded").await,
+        ServingStatus::Serving
+    );
+    assert_eq!(
+        check(&mut health, INFERENCE_SERVICE).await,
+        ServingStatus::Serving,
+        "ready once loaded"
+    );
+}

@@ -14,6 +14,11 @@ pub enum BackendError {
         backend: &'static str,
         reason: String,
     },
+    #[error("backend {backend} is at capacity: {reason}")]
+    Overloaded {
+        backend: &'static str,
+        reason: String,
+    },
     #[error("model {model:?} is not served by backend {backend}")]
     ModelNotFound {
         backend: &'static str,

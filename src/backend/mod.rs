@@ -5,6 +5,7 @@
 //! here.
 
 mod clock;
+pub mod embedded;
 mod error;
 mod http;
 mod models;

@@ -1,7 +1,8 @@
 //! The configured backends, which one is active, and what the last health
 //! probe of each said. `auto` selection follows the Rigger research's order:
 //! explicit choice, then (once it exists) MLX on Apple Silicon, then Ollama
-//! when reachable, then a configured OpenAI-compatible server.
+//! when reachable, then a configured OpenAI-compatible server when reachable,
+//! then the embedded engine, loaded only when chosen.
 
 use std::{
     sync::{Arc, RwLock},
@@ -12,6 +13,7 @@ use futures_util::future::join_all;
 
 use super::{
     Backend, BackendError, Capabilities, ProbeReport,
+    embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape, LoadError},
     ollama::{OllamaBackend, OllamaSettings},
     openai::{OpenAiBackend, OpenAiSettings},
 };
@@ -21,6 +23,8 @@ use crate::config::{BackendChoice, Config};
 pub enum SelectionError {
     #[error("INFERENCE_BACKEND=openai needs OPENAI_BASE_URL (e.g. http://127.0.0.1:8080/v1)")]
     OpenAiWithoutUrl,
+    #[error(transparent)]
+    Embedded(#[from] LoadError),
     #[error("cannot build the HTTP client for backends: {0}")]
     HttpClient(#[from] reqwest::Error),
 }
@@ -55,6 +59,36 @@ struct ProbeState {
 struct Entry {
     backend: Arc<dyn Backend>,
     state: RwLock<ProbeState>,
+}
+
+impl Entry {
+    fn new(backend: Arc<dyn Backend>) -> Self {
+        Self {
+            backend,
+            state: RwLock::new(ProbeState {
+                health: BackendHealth::Unknown,
+                report: ProbeReport::default(),
+                last_error: None,
+            }),
+        }
+    }
+}
+
+async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, LoadError> {
+    let backend = EmbeddedBackend::load(EmbeddedSettings {
+        model_path: config.embedded_model_path(),
+        model_name: config.model.clone(),
+        shape: EngineShape {
+            parallel: config.parallel,
+            ctx_per_sequence: config.ctx_per_sequence,
+            batch_tokens: config.batch_tokens,
+            threads: config.embedded_threads() as i32,
+            flash_attention: config.flash_attention,
+        },
+        queue: config.queue,
+    })
+    .await?;
+    Ok(Arc::new(backend))
 }
 
 pub struct BackendRegistry {
@@ -100,17 +134,35 @@ impl BackendRegistry {
                 0,
                 config.probe_timeout,
             ),
+            BackendChoice::Embedded => Self::new(
+                explicit(load_embedded(config).await?),
+                0,
+                config.probe_timeout,
+            ),
             BackendChoice::Auto => {
                 let candidates: Vec<Arc<dyn Backend>> =
                     std::iter::once(ollama).chain(openai).collect();
                 let mut registry = Self::new(candidates, 0, config.probe_timeout);
                 registry.probe_all().await;
-                registry.active = registry
-                    .first_serving()
-                    .unwrap_or(registry.entries.len() - 1);
+                match registry.first_serving() {
+                    Some(serving) => registry.active = serving,
+                    None => match load_embedded(config).await {
+                        Ok(embedded) => {
+                            registry.entries.push(Entry::new(embedded));
+                            registry.active = registry.entries.len() - 1;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "no runtime answers and the embedded engine cannot start");
+                            registry.active = registry.entries.len() - 1;
+                        }
+                    },
+                }
                 registry
             }
         };
+        // Start from the state of every backend, so a freshly loaded engine
+        // is ready at once.
+        registry.probe_all().await;
         tracing::info!(
             backend = registry.active().name(),
             endpoint = %registry.active().endpoint(),
@@ -122,17 +174,7 @@ impl BackendRegistry {
     /// A registry over given backends; `active` indexes `backends`.
     pub fn new(backends: Vec<Arc<dyn Backend>>, active: usize, probe_timeout: Duration) -> Self {
         assert!(active < backends.len(), "active backend index out of range");
-        let entries = backends
-            .into_iter()
-            .map(|backend| Entry {
-                backend,
-                state: RwLock::new(ProbeState {
-                    health: BackendHealth::Unknown,
-                    report: ProbeReport::default(),
-                    last_error: None,
-                }),
-            })
-            .collect();
+        let entries = backends.into_iter().map(Entry::new).collect();
         Self {
             entries,
             active,

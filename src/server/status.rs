@@ -15,6 +15,7 @@ impl From<BackendError> for Status {
     fn from(error: BackendError) -> Self {
         let code = match &error {
             BackendError::Unavailable { .. } | BackendError::Busy { .. } => Code::Unavailable,
+            BackendError::Overloaded { .. } => Code::ResourceExhausted,
             BackendError::ModelNotFound { .. } => Code::NotFound,
             BackendError::NoDefaultModel { .. } => Code::FailedPrecondition,
             BackendError::Rejected { .. } => Code::InvalidArgument,

@@ -1,0 +1,345 @@
+//! The engine thread: owns the llama.cpp context and decodes every active
+//! sequence together, one batch per step. Requests join between steps (their
+//! prompts are prefilled in the same batches as other sequences' next
+//! tokens) and leave as soon as they finish or their client goes away, which
+//! frees their slot and KV cache at once.
+
+use std::{
+    num::NonZeroU32,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, TryRecvError},
+    },
+    time::{Duration, Instant},
+};
+
+use llama_cpp_2::{
+    context::{LlamaContext, params::LlamaContextParams},
+    llama_batch::LlamaBatch,
+    model::LlamaModel,
+    token::LlamaToken,
+};
+use llguidance::Matcher;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{NAME, sampler::Sampler, text::TextAssembler};
+use crate::backend::{BackendError, Chunk, Completion, EngineTimings, FinishReason};
+
+/// Shape of the llama.cpp context.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineShape {
+    pub parallel: u32,
+    pub ctx_per_sequence: u32,
+    pub batch_tokens: u32,
+    pub threads: i32,
+    pub flash_attention: bool,
+}
+
+/// One admitted generation, prepared by the async side.
+pub(super) struct Job {
+    pub prompt: Vec<LlamaToken>,
+    pub max_tokens: u32,
+    pub sampler: Sampler,
+    pub matcher: Option<Matcher>,
+    pub text: TextAssembler,
+    pub model: String,
+    pub output: UnboundedSender<Result<Chunk, BackendError>>,
+}
+
+struct Sequence {
+    id: i32,
+    job: Job,
+    /// Tokens of this sequence not yet decoded: the prompt, then each sampled token.
+    pending: Vec<LlamaToken>,
+    /// Position of the next token to decode.
+    position: i32,
+    generated: u32,
+    started: Instant,
+    first_logits: Option<Instant>,
+}
+
+impl Sequence {
+    fn prompt_tokens(&self) -> u32 {
+        self.job.prompt.len() as u32
+    }
+}
+
+pub(super) fn context_params(shape: EngineShape) -> LlamaContextParams {
+    let flash = if shape.flash_attention {
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO
+    } else {
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
+    };
+    LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(shape.ctx_per_sequence * shape.parallel))
+        .with_n_batch(shape.batch_tokens)
+        .with_n_ubatch(shape.batch_tokens)
+        .with_n_seq_max(shape.parallel)
+        // One KV cache per sequence: with llama.cpp's unified cache, greedy
+        // output changes with what else is in the batch.
+        .with_kv_unified(false)
+        .with_flash_attention_policy(flash)
+        .with_n_threads(shape.threads)
+        .with_n_threads_batch(shape.threads)
+}
+
+/// Runs until every job sender is gone. `alive` turns false when it stops.
+pub(super) fn run(
+    model: Arc<LlamaModel>,
+    mut context: LlamaContext<'_>,
+    shape: EngineShape,
+    jobs: Receiver<Job>,
+    alive: Arc<AtomicBool>,
+) {
+    let mut engine = Engine {
+        model: &model,
+        batch: LlamaBatch::new(shape.batch_tokens as usize, shape.parallel as i32),
+        slots: (0..shape.parallel).map(|_| None).collect(),
+        shape,
+    };
+    loop {
+        if !engine.admit(&jobs) {
+            break;
+        }
+        engine.drop_abandoned(&mut context);
+        if let Err(error) = engine.step(&mut context) {
+            engine.fail_all(&mut context, &error);
+        }
+    }
+    alive.store(false, Ordering::SeqCst);
+}
+
+struct Engine<'m> {
+    model: &'m LlamaModel,
+    batch: LlamaBatch<'static>,
+    slots: Vec<Option<Sequence>>,
+    shape: EngineShape,
+}
+
+impl Engine<'_> {
+    /// Takes queued jobs into free slots; waits for one when idle. False
+    /// when the engine should stop.
+    fn admit(&mut self, jobs: &Receiver<Job>) -> bool {
+        let idle = self.slots.iter().all(Option::is_none);
+        if idle {
+            match jobs.recv() {
+                Ok(job) => self.place(job),
+                Err(_) => return false,
+            }
+        }
+        while let Some(free) = self.slots.iter().position(Option::is_none) {
+            match jobs.try_recv() {
+                Ok(job) => self.place_at(free, job),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    return self.slots.iter().any(Option::is_some);
+                }
+            }
+        }
+        true
+    }
+
+    fn place(&mut self, job: Job) {
+        let free = self
+            .slots
+            .iter()
+            .position(Option::is_none)
+            .expect("place is called with a free slot");
+        self.place_at(free, job);
+    }
+
+    fn place_at(&mut self, slot: usize, job: Job) {
+        self.slots[slot] = Some(Sequence {
+            id: slot as i32,
+            pending: job.prompt.clone(),
+            job,
+            position: 0,
+            generated: 0,
+            started: Instant::now(),
+            first_logits: None,
+        });
+    }
+
+    fn drop_abandoned(&mut self, context: &mut LlamaContext<'_>) {
+        for slot in &mut self.slots {
+            if slot
+                .as_ref()
+                .is_some_and(|sequence| sequence.job.output.is_closed())
+            {
+                let sequence = slot.take().expect("checked above");
+                free_sequence(context, sequence.id);
+            }
+        }
+    }
+
+    /// Decodes one batch: prompt chunks of joining sequences and the last
+    /// sampled token of running ones; then samples where logits are ready.
+    fn step(&mut self, context: &mut LlamaContext<'_>) -> Result<(), String> {
+        self.batch.clear();
+        let mut budget = self.shape.batch_tokens as usize;
+        // (slot, index in batch) of sequences whose last pending token gets logits.
+        let mut sampling: Vec<(usize, i32)> = Vec::new();
+        // A joining sequence's prompt is decoded in a batch of its own: the
+        // rows of a batch are not bit-for-bit independent in llama.cpp's CPU
+        // kernels, and an answer must not depend on who else was prefilling.
+        let prefilling = self.slots.iter().position(|slot| {
+            slot.as_ref()
+                .is_some_and(|sequence| sequence.pending.len() > 1)
+        });
+        for (slot, sequence) in self.slots.iter_mut().enumerate() {
+            let Some(sequence) = sequence else { continue };
+            if budget == 0 || prefilling.is_some_and(|prefilling| prefilling != slot) {
+                continue;
+            }
+            let take = sequence.pending.len().min(budget);
+            let completes = take == sequence.pending.len();
+            for (offset, &token) in sequence.pending[..take].iter().enumerate() {
+                let last = completes && offset + 1 == take;
+                if last {
+                    sampling.push((slot, self.batch.n_tokens()));
+                }
+                self.batch
+                    .add(token, sequence.position, &[sequence.id], last)
+                    .map_err(|error| format!("batch: {error}"))?;
+                sequence.position += 1;
+            }
+            sequence.pending.drain(..take);
+            budget -= take;
+        }
+        if self.batch.n_tokens() == 0 {
+            return Ok(());
+        }
+        context
+            .decode(&mut self.batch)
+            .map_err(|error| format!("llama.cpp decode failed: {error}"))?;
+        for (slot, index) in sampling {
+            let logits = context.get_logits_ith(index);
+            if let Some(ending) = self.advance(slot, logits)
+                && let Some(sequence) = self.slots[slot].take()
+            {
+                let id = sequence.id;
+                finish_sequence(sequence, ending);
+                free_sequence(context, id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples the next token of the sequence in `slot`; returns how it
+    /// ends when it does.
+    fn advance(&mut self, slot: usize, logits: &[f32]) -> Option<Ending> {
+        let model = self.model;
+        let ctx_per_sequence = self.shape.ctx_per_sequence as i32;
+        let sequence = self.slots[slot].as_mut()?;
+        sequence.first_logits.get_or_insert_with(Instant::now);
+        let job = &mut sequence.job;
+        let mask = match job.matcher.as_mut().map(Matcher::compute_mask).transpose() {
+            Ok(mask) => mask,
+            Err(error) => return Some(Ending::Failed(format!("constrained decoding: {error}"))),
+        };
+        let sampled = job.sampler.sample(logits, |token| {
+            mask.as_ref().is_none_or(|mask| mask.is_allowed(token))
+        });
+        let Some(token) = sampled else {
+            return Some(Ending::Failed(
+                "no token is allowed by the schema".to_owned(),
+            ));
+        };
+        let token = LlamaToken(token as i32);
+        if model.vocab().is_eog(token) {
+            return Some(Ending::Finished(FinishReason::Stop));
+        }
+        sequence.generated += 1;
+        if let Some(matcher) = job.matcher.as_mut()
+            && let Err(error) = matcher.consume_token(token.0 as u32)
+        {
+            return Some(Ending::Failed(format!("constrained decoding: {error}")));
+        }
+        let piece = model.vocab().token_to_piece(token, false, None);
+        let released = job.text.push(&piece);
+        if !released.text.is_empty() && job.output.send(Ok(Chunk::Text(released.text))).is_err() {
+            return Some(Ending::Abandoned);
+        }
+        if released.stopped || job.matcher.as_ref().is_some_and(Matcher::is_stopped) {
+            return Some(Ending::Finished(FinishReason::Stop));
+        }
+        if sequence.generated >= job.max_tokens || sequence.position >= ctx_per_sequence {
+            return Some(Ending::Finished(FinishReason::Length));
+        }
+        sequence.pending.push(token);
+        None
+    }
+
+    fn fail_all(&mut self, context: &mut LlamaContext<'_>, error: &str) {
+        tracing::error!(%error, "engine step failed; ending every active sequence");
+        for slot in &mut self.slots {
+            if let Some(sequence) = slot.take() {
+                let id = sequence.id;
+                finish_sequence(sequence, Ending::Failed(error.to_owned()));
+                free_sequence(context, id);
+            }
+        }
+    }
+}
+
+enum Ending {
+    Finished(FinishReason),
+    Failed(String),
+    Abandoned,
+}
+
+fn finish_sequence(mut sequence: Sequence, ending: Ending) {
+    let output = &sequence.job.output;
+    match ending {
+        Ending::Finished(finish_reason) => {
+            let rest = sequence.job.text.finish();
+            if !rest.is_empty() {
+                let _ = output.send(Ok(Chunk::Text(rest)));
+            }
+            let first = sequence.first_logits.unwrap_or(sequence.started);
+            let _ = output.send(Ok(Chunk::Done(Completion {
+                model: sequence.job.model.clone(),
+                finish_reason,
+                prompt_tokens: sequence.prompt_tokens(),
+                completion_tokens: sequence.generated,
+                engine_timings: Some(EngineTimings {
+                    prompt: first - sequence.started,
+                    generation: first.elapsed(),
+                }),
+            })));
+        }
+        Ending::Failed(reason) => {
+            let _ = output.send(Err(BackendError::Failed {
+                backend: NAME,
+                reason,
+            }));
+        }
+        Ending::Abandoned => {}
+    }
+}
+
+fn free_sequence(context: &mut LlamaContext<'_>, id: i32) {
+    if let Err(error) = context.clear_kv_cache_seq(Some(id as u32), None, None) {
+        tracing::warn!(sequence = id, %error, "could not free a sequence's KV cache");
+    }
+}
+
+/// Decodes one token once so the first request does not pay for lazy
+/// initialization; returns how long it took.
+pub(super) fn warm_up(
+    model: &LlamaModel,
+    context: &mut LlamaContext<'_>,
+) -> Result<Duration, String> {
+    let started = Instant::now();
+    let token = model.vocab().bos();
+    let mut batch = LlamaBatch::new(1, 1);
+    batch
+        .add(token, 0, &[0], true)
+        .map_err(|error| format!("warm-up batch: {error}"))?;
+    context
+        .decode(&mut batch)
+        .map_err(|error| format!("warm-up decode: {error}"))?;
+    free_sequence(context, 0);
+    Ok(started.elapsed())
+}

@@ -1,0 +1,346 @@
+//! The embedded backend: llama.cpp in this process (crate `llama-cpp-2`), so
+//! a machine with nothing else installed serves from one binary.
+//!
+//! Requests are prepared here (chat template, tokenization, grammar) and
+//! handed to the engine thread (`engine`), which decodes every active
+//! sequence in one batch per step. JSON Schemas are enforced while sampling
+//! with llguidance: each step only tokens the grammar allows can be drawn.
+
+mod engine;
+mod sampler;
+mod text;
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{SyncSender, TrySendError, sync_channel},
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+use llama_cpp_2::{
+    llama_backend::LlamaBackend,
+    model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel, params::LlamaModelParams},
+    sampling::LlamaSampler,
+};
+use llguidance::{Matcher, ParserFactory, api::TopLevelGrammar};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+pub use engine::EngineShape;
+
+use self::{
+    engine::{Job, context_params},
+    sampler::Sampler,
+    text::TextAssembler,
+};
+use super::{
+    Backend, BackendError, Capabilities, ChunkStream, GenerationRequest, ProbeReport, SchemaSupport,
+};
+
+const NAME: &str = "embedded";
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+/// llama.cpp's defaults, used when a request leaves them unset.
+const DEFAULT_TEMPERATURE: f32 = 0.8;
+const DEFAULT_TOP_P: f32 = 0.95;
+
+pub struct EmbeddedSettings {
+    pub model_path: PathBuf,
+    /// Name requests use for the model; default: the file name without `.gguf`.
+    pub model_name: Option<String>,
+    pub shape: EngineShape,
+    /// Requests that may wait for a free sequence; beyond it RESOURCE_EXHAUSTED.
+    pub queue: usize,
+}
+
+pub struct EmbeddedBackend {
+    model: Arc<LlamaModel>,
+    model_name: String,
+    model_path: PathBuf,
+    template: LlamaChatTemplate,
+    grammars: ParserFactory,
+    jobs: SyncSender<Job>,
+    alive: Arc<AtomicBool>,
+    shape: EngineShape,
+    queue: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load the model {path}: {reason}")]
+pub struct LoadError {
+    path: PathBuf,
+    reason: String,
+}
+
+fn llama() -> Result<&'static LlamaBackend, String> {
+    static LLAMA: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    LLAMA
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|error| error.to_string())
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+impl EmbeddedBackend {
+    /// Loads the model, starts the engine thread and runs a one-token
+    /// warm-up; the backend is ready when this returns.
+    pub async fn load(settings: EmbeddedSettings) -> Result<Self, LoadError> {
+        let path = settings.model_path.clone();
+        tokio::task::spawn_blocking(move || Self::load_blocking(settings))
+            .await
+            .map_err(|error| LoadError {
+                path,
+                reason: format!("loader thread failed: {error}"),
+            })?
+    }
+
+    fn load_blocking(settings: EmbeddedSettings) -> Result<Self, LoadError> {
+        let path = settings.model_path;
+        let fail = |reason: String| LoadError {
+            path: path.clone(),
+            reason,
+        };
+        check_gguf(&path).map_err(&fail)?;
+        let started = Instant::now();
+        let llama = llama().map_err(&fail)?;
+        let model = LlamaModel::load_from_file(llama, &path, &LlamaModelParams::default())
+            .map_err(|error| fail(format!("llama.cpp could not load it: {error}")))?;
+        let model = Arc::new(model);
+        let template = model
+            .chat_template(None)
+            .map_err(|error| fail(format!("no chat template in the GGUF: {error}")))?;
+        let grammars = ParserFactory::new_simple(&LlamaSampler::llguidance_tok_env(&model))
+            .map_err(|error| fail(format!("llguidance: {error}")))?;
+        let model_name = settings.model_name.unwrap_or_else(|| {
+            path.file_stem().map_or_else(
+                || "model".to_owned(),
+                |stem| stem.to_string_lossy().into_owned(),
+            )
+        });
+
+        let (jobs, queue) = sync_channel(settings.queue);
+        let (ready, warmed) = std::sync::mpsc::channel();
+        let alive = Arc::new(AtomicBool::new(true));
+        let shape = settings.shape;
+        {
+            let model = model.clone();
+            let alive = alive.clone();
+            std::thread::Builder::new()
+                .name("rigger-engine".into())
+                .spawn(move || {
+                    let context = match model.new_context(llama, context_params(shape)) {
+                        Ok(context) => context,
+                        Err(error) => {
+                            alive.store(false, Ordering::SeqCst);
+                            let _ = ready.send(Err(format!("llama.cpp context: {error}")));
+                            return;
+                        }
+                    };
+                    let mut context = context;
+                    let warm_up = engine::warm_up(&model, &mut context);
+                    let failed = warm_up.is_err();
+                    let _ = ready.send(warm_up);
+                    if failed {
+                        alive.store(false, Ordering::SeqCst);
+                        return;
+                    }
+                    engine::run(model.clone(), context, shape, queue, alive);
+                })
+                .map_err(|error| fail(format!("engine thread: {error}")))?;
+        }
+        let warm_up = warmed
+            .recv()
+            .map_err(|_| fail("the engine thread stopped during start-up".to_owned()))?
+            .map_err(&fail)?;
+        tracing::info!(
+            path = %path.display(),
+            model = %model_name,
+            architecture = %model.meta_val_str("general.architecture").unwrap_or_default(),
+            parameters = model.n_params(),
+            size_bytes = model.size(),
+            context_length = model.n_ctx_train(),
+            load_ms = started.elapsed().as_millis() as u64,
+            warm_up_ms = warm_up.as_millis() as u64,
+            sequences = shape.parallel,
+            ctx_per_sequence = shape.ctx_per_sequence,
+            threads = shape.threads,
+            "embedded model loaded"
+        );
+        Ok(Self {
+            model,
+            model_name,
+            model_path: path,
+            template,
+            grammars,
+            jobs,
+            alive,
+            shape,
+            queue: settings.queue,
+        })
+    }
+
+    fn rejected(reason: String) -> BackendError {
+        BackendError::Rejected {
+            backend: NAME,
+            reason,
+        }
+    }
+
+    fn prompt(
+        &self,
+        request: &GenerationRequest,
+    ) -> Result<Vec<llama_cpp_2::token::LlamaToken>, BackendError> {
+        let messages = request
+            .messages
+            .iter()
+            .map(|message| {
+                LlamaChatMessage::new(message.role.as_str().to_owned(), message.content.clone())
+                    .map_err(|_| Self::rejected("a message contains a NUL character".to_owned()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let prompt = self
+            .model
+            .apply_chat_template(&self.template, &messages, true)
+            .map_err(|error| Self::rejected(format!("chat template: {error}")))?;
+        let tokens = self.model.vocab().tokenize(prompt.as_bytes(), true, true);
+        let room = self.shape.ctx_per_sequence as usize;
+        if tokens.len() >= room {
+            return Err(Self::rejected(format!(
+                "the prompt has {} tokens; a sequence holds at most {room} (RIGGER_CTX_PER_SEQUENCE), \
+                 and at least one must be left to generate",
+                tokens.len()
+            )));
+        }
+        Ok(tokens)
+    }
+
+    fn matcher(&self, schema: &serde_json::Value) -> Result<Matcher, BackendError> {
+        let mut schema = schema.clone();
+        if let Some(object) = schema.as_object_mut() {
+            // Compact JSON: fewer tokens for the same answer.
+            object
+                .entry("x-guidance")
+                .or_insert_with(|| serde_json::json!({ "whitespace_flexible": false }));
+        }
+        let grammar = TopLevelGrammar::from_json_schema(schema);
+        let parser = self
+            .grammars
+            .create_parser(grammar)
+            .map_err(|error| Self::rejected(format!("json_schema cannot be enforced: {error}")))?;
+        let matcher = Matcher::new(Ok(parser));
+        match matcher.get_error() {
+            Some(error) => Err(Self::rejected(format!(
+                "json_schema cannot be enforced: {error}"
+            ))),
+            None => Ok(matcher),
+        }
+    }
+}
+
+/// A clear error for a path that is missing or not a GGUF file, before
+/// llama.cpp sees it.
+fn check_gguf(path: &Path) -> Result<(), String> {
+    let mut file = std::fs::File::open(path).map_err(|error| format!("cannot open it: {error}"))?;
+    let mut magic = [0u8; 4];
+    file.read_exact(&mut magic)
+        .map_err(|error| format!("cannot read it: {error}"))?;
+    if &magic != GGUF_MAGIC {
+        return Err("it is not a GGUF file (wrong magic bytes)".to_owned());
+    }
+    Ok(())
+}
+
+/// A seed for requests that set none: distinct per request.
+fn fresh_seed() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+    nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(32)
+}
+
+#[async_trait]
+impl Backend for EmbeddedBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn endpoint(&self) -> String {
+        self.model_path.display().to_string()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            streaming: true,
+            json_schema: SchemaSupport::Enforced,
+            seed: true,
+        }
+    }
+
+    async fn probe(&self) -> Result<ProbeReport, BackendError> {
+        if !self.alive.load(Ordering::SeqCst) {
+            return Err(BackendError::Unavailable {
+                backend: NAME,
+                endpoint: self.endpoint(),
+                reason: "the engine thread stopped".to_owned(),
+            });
+        }
+        Ok(ProbeReport {
+            models: vec![self.model_name.clone()],
+            default_model: Some(self.model_name.clone()),
+        })
+    }
+
+    async fn generate(&self, request: GenerationRequest) -> Result<ChunkStream, BackendError> {
+        if let Some(model) = &request.model
+            && *model != self.model_name
+        {
+            return Err(BackendError::ModelNotFound {
+                backend: NAME,
+                model: model.clone(),
+            });
+        }
+        let prompt = self.prompt(&request)?;
+        let matcher = request
+            .json_schema
+            .as_ref()
+            .map(|schema| self.matcher(schema))
+            .transpose()?;
+        let sampling = &request.sampling;
+        let (output, chunks) = tokio::sync::mpsc::unbounded_channel();
+        let job = Job {
+            prompt,
+            max_tokens: sampling.max_tokens,
+            sampler: Sampler::new(
+                sampling.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+                sampling.top_p.unwrap_or(DEFAULT_TOP_P),
+                sampling.frequency_penalty.unwrap_or(0.0),
+                sampling.seed.unwrap_or_else(fresh_seed),
+            ),
+            matcher,
+            text: TextAssembler::new(request.stop),
+            model: self.model_name.clone(),
+            output,
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(Box::pin(UnboundedReceiverStream::new(chunks))),
+            Err(TrySendError::Full(_)) => Err(BackendError::Overloaded {
+                backend: NAME,
+                reason: format!(
+                    "all {} sequences are busy and {} requests already wait",
+                    self.shape.parallel, self.queue
+                ),
+            }),
+            Err(TrySendError::Disconnected(_)) => Err(BackendError::Unavailable {
+                backend: NAME,
+                endpoint: self.endpoint(),
+                reason: "the engine thread stopped".to_owned(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Choosing the next token of one sequence: grammar mask, frequency
+//! penalty, temperature and nucleus sampling with a seeded generator, so the
+//! same seed gives the same tokens.
+
+use std::collections::HashMap;
+
+/// Probability below which a token is left out before nucleus sampling,
+/// relative to the most likely one: sorting all 49k entries of a vocabulary
+/// each step would cost more than the rest of sampling, and the tokens cut
+/// carry a negligible share of the mass.
+const NEGLIGIBLE_RELATIVE_PROBABILITY: f32 = 1e-7;
+
+#[derive(Debug)]
+pub(super) struct Sampler {
+    temperature: f32,
+    top_p: f32,
+    frequency_penalty: f32,
+    generated: HashMap<u32, u32>,
+    rng: SplitMix64,
+}
+
+impl Sampler {
+    pub(super) fn new(temperature: f32, top_p: f32, frequency_penalty: f32, seed: u64) -> Self {
+        Self {
+            temperature,
+            top_p,
+            frequency_penalty,
+            generated: HashMap::new(),
+            rng: SplitMix64(seed),
+        }
+    }
+
+    /// Picks a token among those `allowed`; `None` when nothing is allowed.
+    pub(super) fn sample(&mut self, logits: &[f32], allowed: impl Fn(u32) -> bool) -> Option<u32> {
+        let penalty = |token: u32| {
+            self.generated
+                .get(&token)
+                .map_or(0.0, |&count| self.frequency_penalty * count as f32)
+        };
+        let candidates: Vec<(u32, f32)> = (0..logits.len() as u32)
+            .filter(|&token| allowed(token))
+            .map(|token| (token, logits[token as usize] - penalty(token)))
+            .filter(|(_, logit)| logit.is_finite())
+            .collect();
+        let token = if self.temperature <= 0.0 {
+            candidates
+                .iter()
+                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+                .map(|&(token, _)| token)
+        } else {
+            self.draw(candidates)
+        }?;
+        *self.generated.entry(token).or_default() += 1;
+        Some(token)
+    }
+
+    fn draw(&mut self, candidates: Vec<(u32, f32)>) -> Option<u32> {
+        let max = candidates
+            .iter()
+            .map(|&(_, logit)| logit)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut weighted: Vec<(u32, f32)> = candidates
+            .into_iter()
+            .map(|(token, logit)| (token, ((logit - max) / self.temperature).exp()))
+            .filter(|&(_, weight)| weight >= NEGLIGIBLE_RELATIVE_PROBABILITY)
+            .collect();
+        weighted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let total: f32 = weighted.iter().map(|&(_, weight)| weight).sum();
+        let mut kept = 0.0;
+        let nucleus = weighted
+            .iter()
+            .take_while(|&&(_, weight)| {
+                let inside = kept < self.top_p * total;
+                kept += weight;
+                inside
+            })
+            .count()
+            .max(1);
+        weighted.truncate(nucleus);
+        let mass: f32 = weighted.iter().map(|&(_, weight)| weight).sum();
+        let mut point = self.rng.next_unit() * mass;
+        for &(token, weight) in &weighted {
+            if point < weight {
+                return Some(token);
+            }
+            point -= weight;
+        }
+        weighted.last().map(|&(token, _)| token)
+    }
+}
+
+/// A small, fast, seedable generator (Steele, Lea and Flood's SplitMix64).
+#[derive(Debug)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_best_allowed_token() {
+        let mut sampler = Sampler::new(0.0, 1.0, 0.0, 1);
+        let logits = [0.1, 3.0, 2.0];
+        assert_eq!(sampler.sample(&logits, |_| true), Some(1));
+        assert_eq!(sampler.sample(&logits, |token| token != 1), Some(2));
+        assert_eq!(sampler.sample(&logits, |_| false), None);
+    }
+
+    #[test]
+    fn frequency_penalty_lowers_repeated_tokens() {
+        let mut sampler = Sampler::new(0.0, 1.0, 2.0, 1);
+        let logits = [0.0, 1.0];
+        assert_eq!(sampler.sample(&logits, |_| true), Some(1));
+        assert_eq!(sampler.sample(&logits, |_| true), Some(0), "1 - 2 < 0");
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let draw = |seed| {
+            let mut sampler = Sampler::new(1.0, 0.9, 0.0, seed);
+            (0..20)
+                .map(|_| sampler.sample(&logits, |_| true).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn a_small_nucleus_keeps_only_the_top_token() {
+        let mut sampler = Sampler::new(1.0, 0.01, 0.0, 3);
+        let logits = [0.0, 5.0, 1.0];
+        for _ in 0..10 {
+            assert_eq!(sampler.sample(&logits, |_| true), Some(1));
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The embedded engine (llama.cpp in process) with the real model:
+//! streaming, seeds, schemas enforced while decoding, batching that does not
+//! change answers, cancellation, overload and bad input.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::{StreamExt, future::join_all};
+use rigger_inference::proto::{
+    FinishReason, GenerateRequest, GetStatusRequest, SamplingOptions, SchemaSupport,
+    generate_response::Event, inference_service_client::InferenceServiceClient,
+};
+use support::{TestServer, config};
+use tonic::{Code, transport::Channel};
+
+const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+async fn embedded(flags: &[&str]) -> TestServer {
+    let mut all = vec!["--backend", "embedded"];
+    all.extend_from_slice(flags);
+    TestServer::start(config(&all)).await
+}
+
+fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.into(),
+        sampling: Some(SamplingOptions {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn generate(
+    client: &mut InferenceServiceClient<Channel>,
+    request: GenerateRequest,
+) -> Result<(String, rigger_inference::proto::GenerationSummary), tonic::Status> {
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut text = String::new();
+    while let Some(message) = stream.next().await {
+        match message?.event.expect("event") {
+            Event::Text(piece) => text.push_str(&piece),
+            Event::Summary(summary) => return Ok((text, summary)),
+        }
+    }
+    panic!("no summary");
+}
+
+#[tokio::test]
+async fn streams_with_usage_and_reports_itself() {
+    let server = embedded(&[]).await;
+    let mut client = server.client().await;
+    let (text, summary) = generate(
+        &mut client,
+        greedy("Write a long story about a lighthouse.", 16),
+    )
+    .await
+    .unwrap();
+    assert!(!text.trim().is_empty());
+    assert_eq!(summary.finish_reason, FinishReason::Length as i32);
+    let meta = summary.meta.unwrap();
+    assert_eq!(
+        (meta.backend.as_str(), meta.model.as_str()),
+        ("embedded", MODEL)
+    );
+    assert_eq!(meta.completion_tokens, 16);
+    assert!(meta.prompt_tokens > 5);
+    assert!(meta.backend_generation_time.is_some());
+
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.active_backend, "embedded");
+    assert_eq!(status.model, MODEL);
+    let capabilities = status.backends[0].capabilities.unwrap();
+    assert_eq!(capabilities.json_schema, SchemaSupport::Enforced as i32);
+}
+
+#[tokio::test]
+async fn a_seed_fixes_a_sampled_answer() {
+    let server = embedded(&[]).await;
+    let mut client = server.client().await;
+    let sampled = |seed| GenerateRequest {
+        prompt: "Write one sentence about the sea.".into(),
+        sampling: Some(SamplingOptions {
+            max_tokens: Some(24),
+            temperature: Some(1.0),
+            seed: Some(seed),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let first = generate(&mut client, sampled(11)).await.unwrap().0;
+    let again = generate(&mut client, sampled(11)).await.unwrap().0;
+    let other = generate(&mut client, sampled(12)).await.unwrap().0;
+    assert_eq!(first, again);
+    assert_ne!(first, other);
+}
+
+#[tokio::test]
+async fn batched_answers_equal_solo_answers() {
+    let server = embedded(&["--parallel", "4"]).await;
+    let mut client = server.client().await;
+    let prompts = [
+        "Explain what a compiler does.",
+        "List four fruits.",
+        "Describe a rainy day.",
+        "What is a database index?",
+    ];
+    let mut solo = Vec::new();
+    for prompt in prompts {
+        solo.push(generate(&mut client, greedy(prompt, 40)).await.unwrap().0);
+    }
+    let together = join_all(prompts.iter().map(|prompt| {
+        let mut client = client.clone();
+        async move { generate(&mut client, greedy(prompt, 40)).await.unwrap().0 }
+    }))
+    .await;
+    assert_eq!(together, solo);
+}
+
+#[tokio::test]
+async fn schemas_are_enforced_while_decoding() {
+    let server = embedded(&[]).await;
+    let mut client = server.client().await;
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 3}
+        },
+        "required": ["name", "legs", "tags"],
+        "additionalProperties": false
+    });
+    for seed in 0..3 {
+        let (text, summary) = generate(
+            &mut client,
+            GenerateRequest {
+                prompt: "Describe a cat.".into(),
+                json_schema: schema.to_string(),
+                sampling: Some(SamplingOptions {
+                    max_tokens: Some(120),
+                    temperature: Some(1.0),
+                    seed: Some(seed),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("schema-valid output");
+        assert_eq!(summary.finish_reason, FinishReason::Stop as i32, "{text}");
+        let value: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        assert!(value["legs"].as_u64().unwrap() <= 8, "{value}");
+        assert!(!text.contains('\n'), "compact JSON: {text}");
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_are_named() {
+    let server = embedded(&["--ctx-per-sequence", "128"]).await;
+    let mut client = server.client().await;
+    let status = generate(&mut client, greedy(&"word ".repeat(400), 4))
+        .await
+        .expect_err("prompt longer than the context");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("tokens; a sequence holds at most 128"),
+        "{}",
+        status.message()
+    );
+
+    let status = generate(
+        &mut client,
+        GenerateRequest {
+            model: "llama3.1".into(),
+            ..greedy("Hi", 4)
+        },
+    )
+    .await
+    .expect_err("unknown model");
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_full_engine_queues_then_refuses_and_cancelled_requests_free_their_sequence() {
+    let server = embedded(&["--parallel", "1", "--queue", "1"]).await;
+    let mut client = server.client().await;
+    let long = greedy("Write a very long story about a dragon.", 2000);
+    let mut running = client.generate(long.clone()).await.unwrap().into_inner();
+    assert!(
+        matches!(running.next().await, Some(Ok(_))),
+        "first request runs"
+    );
+    let waiting = client
+        .generate(long.clone())
+        .await
+        .expect("second request waits in the queue");
+    let status = client
+        .generate(long.clone())
+        .await
+        .expect_err("third has no room");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("all 1 sequences are busy"),
+        "{}",
+        status.message()
+    );
+
+    drop(running);
+    let mut waiting = waiting.into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), waiting.next())
+        .await
+        .expect("the cancelled request left its sequence to the waiting one");
+    assert!(matches!(first, Some(Ok(_))));
+}
