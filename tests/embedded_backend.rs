@@ -222,3 +222,51 @@ async fn a_full_engine_queues_then_refuses_and_cancelled_requests_free_their_seq
         .expect("the cancelled request left its sequence to the waiting one");
     assert!(matches!(first, Some(Ok(_))));
 }
+
+#[tokio::test]
+async fn a_shared_prompt_prefix_is_read_once_and_changes_no_answer() {
+    use rigger_inference::proto::{EnhanceTaskRequest, Task};
+    let server = embedded(&["--parallel", "2"]).await;
+    let mut client = server.client().await;
+    let enhance = |title: &str| EnhanceTaskRequest {
+        task: Some(Task {
+            title: title.into(),
+            ..Default::default()
+        }),
+        sampling: Some(SamplingOptions {
+            temperature: Some(0.0),
+            max_tokens: Some(200),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let fresh = client
+        .enhance_task(enhance("Add a logout button"))
+        .await
+        .unwrap()
+        .into_inner();
+    let fresh_meta = fresh.meta.clone().unwrap();
+    assert_eq!(fresh_meta.cached_prompt_tokens, 0, "nothing cached yet");
+
+    let other = client
+        .enhance_task(enhance("Speed up the search page"))
+        .await
+        .unwrap()
+        .into_inner();
+    let other_meta = other.meta.unwrap();
+    assert!(
+        other_meta.cached_prompt_tokens > 150,
+        "the system prompt and worked example come from the cache: {other_meta:?}"
+    );
+
+    let again = client
+        .enhance_task(enhance("Add a logout button"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.meta.unwrap().cached_prompt_tokens >= other_meta.cached_prompt_tokens);
+    assert_eq!(
+        again.enhancement, fresh.enhancement,
+        "a cached prefix changes no answer"
+    );
+}

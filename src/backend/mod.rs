@@ -93,6 +93,8 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens the runtime took from its prompt cache instead of reading.
+    pub cached_prompt_tokens: u32,
     /// The runtime's own timings, where it reports them.
     pub engine_timings: Option<EngineTimings>,
 }

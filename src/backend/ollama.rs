@@ -188,6 +188,7 @@ impl RecordParser for ChatParser {
                 finish_reason,
                 prompt_tokens: line.prompt_eval_count.unwrap_or(0),
                 completion_tokens: line.eval_count.unwrap_or(0),
+                cached_prompt_tokens: 0,
                 // Ollama reports durations in nanoseconds.
                 engine_timings: line.prompt_eval_duration.zip(line.eval_duration).map(
                     |(prompt, generation)| EngineTimings {
@@ -337,6 +338,7 @@ mod tests {
                 finish_reason: FinishReason::Length,
                 prompt_tokens: 7,
                 completion_tokens: 3,
+                cached_prompt_tokens: 0,
                 engine_timings: Some(EngineTimings {
                     prompt: Duration::from_millis(2),
                     generation: Duration::from_millis(1500),

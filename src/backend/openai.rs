@@ -159,6 +159,14 @@ struct StreamUsage {
     prompt_tokens: u32,
     #[serde(default)]
     completion_tokens: u32,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptTokensDetails {
+    #[serde(default)]
+    cached_tokens: u32,
 }
 
 #[derive(Deserialize)]
@@ -186,6 +194,10 @@ impl CompletionParser {
             finish_reason,
             prompt_tokens: usage.as_ref().map_or(0, |usage| usage.prompt_tokens),
             completion_tokens: usage.as_ref().map_or(0, |usage| usage.completion_tokens),
+            cached_prompt_tokens: usage
+                .as_ref()
+                .and_then(|usage| usage.prompt_tokens_details.as_ref())
+                .map_or(0, |details| details.cached_tokens),
             engine_timings: self.engine_timings,
         }))
     }
@@ -335,7 +347,7 @@ mod tests {
         );
         assert_eq!(
             parser
-                .record(r#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":4},"timings":{"prompt_ms":10.0,"predicted_ms":40.0}}"#)
+                .record(r#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":5}},"timings":{"prompt_ms":10.0,"predicted_ms":40.0}}"#)
                 .unwrap(),
             None
         );
@@ -347,6 +359,7 @@ mod tests {
                 finish_reason: FinishReason::Length,
                 prompt_tokens: 9,
                 completion_tokens: 4,
+                cached_prompt_tokens: 5,
                 engine_timings: Some(EngineTimings {
                     prompt: Duration::from_millis(10),
                     generation: Duration::from_millis(40),

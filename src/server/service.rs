@@ -266,6 +266,8 @@ impl Relay {
             ),
             prompt_tokens: completion.map_or(0, |completion| completion.prompt_tokens),
             completion_tokens: completion.map_or(0, |completion| completion.completion_tokens),
+            cached_prompt_tokens: completion
+                .map_or(0, |completion| completion.cached_prompt_tokens),
             time_to_first_token: duration(self.clock.time_to_first_token()),
             total_time: duration(self.clock.elapsed()),
             attempts: 1,
@@ -293,6 +295,7 @@ fn answer_meta(stats: &AnswerStats) -> proto::ResponseMeta {
         model: stats.model.clone(),
         prompt_tokens: stats.prompt_tokens,
         completion_tokens: stats.completion_tokens,
+        cached_prompt_tokens: stats.cached_prompt_tokens,
         time_to_first_token: duration(stats.time_to_first_token),
         total_time: duration(stats.total_time),
         attempts: stats.attempts,

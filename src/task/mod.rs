@@ -61,6 +61,7 @@ pub struct AnswerStats {
     pub model: String,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    pub cached_prompt_tokens: u32,
     pub time_to_first_token: Duration,
     pub total_time: Duration,
     pub attempts: u32,
@@ -148,6 +149,7 @@ impl TaskRunner {
             .expect("the task schemas are fixed and valid JSON Schema");
         let mut prompt_tokens = 0;
         let mut completion_tokens = 0;
+        let mut cached_prompt_tokens = 0;
         let mut reason = String::new();
         for attempt in 1..=self.attempts {
             let generation = generate_text(
@@ -164,6 +166,7 @@ impl TaskRunner {
             .await?;
             prompt_tokens += generation.prompt_tokens;
             completion_tokens += generation.completion_tokens;
+            cached_prompt_tokens += generation.cached_prompt_tokens;
             let outcome = if generation.finish_reason == FinishReason::Length {
                 Err(format!(
                     "the answer was cut off at max_tokens={} before the JSON was complete",
@@ -181,6 +184,7 @@ impl TaskRunner {
                             model: generation.model,
                             prompt_tokens,
                             completion_tokens,
+                            cached_prompt_tokens,
                             time_to_first_token: generation.time_to_first_token,
                             total_time: started.elapsed(),
                             attempts: attempt,
@@ -218,6 +222,7 @@ struct GeneratedText {
     finish_reason: FinishReason,
     prompt_tokens: u32,
     completion_tokens: u32,
+    cached_prompt_tokens: u32,
     time_to_first_token: Duration,
 }
 
@@ -241,6 +246,7 @@ async fn generate_text(
                     finish_reason: completion.finish_reason,
                     prompt_tokens: completion.prompt_tokens,
                     completion_tokens: completion.completion_tokens,
+                    cached_prompt_tokens: completion.cached_prompt_tokens,
                     time_to_first_token: clock.time_to_first_token(),
                 });
             }

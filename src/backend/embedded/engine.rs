@@ -1,8 +1,13 @@
 //! The engine thread: owns the llama.cpp context and decodes every active
-//! sequence together, one batch per step. Requests join between steps (their
-//! prompts are prefilled in the same batches as other sequences' next
-//! tokens) and leave as soon as they finish or their client goes away, which
-//! frees their slot and KV cache at once.
+//! sequence together, one batch per step. Requests join between steps and
+//! leave as soon as they finish or their client goes away, which frees their
+//! slot at once.
+//!
+//! Each slot's KV cache is kept after its request ends, as a prefix cache: a
+//! new prompt starts from the longest prefix any slot already holds (copied
+//! within llama.cpp when it is another slot's), so the fixed system prompt and
+//! worked example of EnhanceTask/DecomposeTask, or the earlier turns of a
+//! conversation, are not read again.
 
 use std::{
     num::NonZeroU32,
@@ -25,6 +30,13 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{NAME, sampler::Sampler, text::TextAssembler};
 use crate::backend::{BackendError, Chunk, Completion, EngineTimings, FinishReason};
+
+/// Prompts are read in chunks of this many tokens at fixed positions (0, 64,
+/// 128, ...). llama.cpp's CPU kernels give a row results that depend on the
+/// shape of the batch it is in, so an answer is reproducible only if its
+/// prompt is always read in the same chunks, whether a cached prefix covered
+/// its start or not, and whoever else is being served.
+const PREFILL_CHUNK: usize = 64;
 
 /// Shape of the llama.cpp context.
 #[derive(Clone, Copy, Debug)]
@@ -54,6 +66,8 @@ struct Sequence {
     pending: Vec<LlamaToken>,
     /// Position of the next token to decode.
     position: i32,
+    /// Prompt tokens taken from the prefix cache instead of decoded.
+    reused: usize,
     generated: u32,
     started: Instant,
     first_logits: Option<Instant>,
@@ -96,13 +110,14 @@ pub(super) fn run(
         model: &model,
         batch: LlamaBatch::new(shape.batch_tokens as usize, shape.parallel as i32),
         slots: (0..shape.parallel).map(|_| None).collect(),
+        cached: (0..shape.parallel).map(|_| Vec::new()).collect(),
         shape,
     };
     loop {
-        if !engine.admit(&jobs) {
+        if !engine.admit(&jobs, &mut context) {
             break;
         }
-        engine.drop_abandoned(&mut context);
+        engine.drop_abandoned();
         if let Err(error) = engine.step(&mut context) {
             engine.fail_all(&mut context, &error);
         }
@@ -114,23 +129,25 @@ struct Engine<'m> {
     model: &'m LlamaModel,
     batch: LlamaBatch<'static>,
     slots: Vec<Option<Sequence>>,
+    /// Per slot, the tokens whose keys and values its KV cache holds, in order.
+    cached: Vec<Vec<LlamaToken>>,
     shape: EngineShape,
 }
 
 impl Engine<'_> {
     /// Takes queued jobs into free slots; waits for one when idle. False
     /// when the engine should stop.
-    fn admit(&mut self, jobs: &Receiver<Job>) -> bool {
+    fn admit(&mut self, jobs: &Receiver<Job>, context: &mut LlamaContext<'_>) -> bool {
         let idle = self.slots.iter().all(Option::is_none);
         if idle {
             match jobs.recv() {
-                Ok(job) => self.place(job),
+                Ok(job) => self.place(job, context),
                 Err(_) => return false,
             }
         }
-        while let Some(free) = self.slots.iter().position(Option::is_none) {
+        while self.slots.iter().any(Option::is_none) {
             match jobs.try_recv() {
-                Ok(job) => self.place_at(free, job),
+                Ok(job) => self.place(job, context),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     return self.slots.iter().any(Option::is_some);
@@ -140,35 +157,108 @@ impl Engine<'_> {
         true
     }
 
-    fn place(&mut self, job: Job) {
-        let free = self
-            .slots
+    /// Puts a job in the free slot whose cache shares most of its prompt,
+    /// and starts it from the longest cached prefix held by any slot.
+    fn place(&mut self, job: Job, context: &mut LlamaContext<'_>) {
+        // At least the last prompt token is decoded: its logits start the
+        // answer. Reuse stops at a chunk boundary, so what is left is read in
+        // the same chunks as without the cache (see PREFILL_CHUNK).
+        let reusable = job.prompt.len().saturating_sub(1);
+        let shared = |cached: &[LlamaToken]| {
+            let common = cached
+                .iter()
+                .zip(&job.prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(reusable);
+            common - common % PREFILL_CHUNK
+        };
+        // Which free slot to use: one whose whole cache this prompt extends
+        // (a conversation going on), else an empty one, else the one that
+        // shares most; so caches other prompts may want survive longest.
+        let free: Vec<usize> = (0..self.slots.len())
+            .filter(|&slot| self.slots[slot].is_none())
+            .collect();
+        let extends = |slot: &usize| {
+            let cached = self.cached[*slot].len();
+            cached > 0 && shared(&self.cached[*slot]) == cached
+        };
+        let Some(slot) = free
             .iter()
-            .position(Option::is_none)
-            .expect("place is called with a free slot");
-        self.place_at(free, job);
-    }
-
-    fn place_at(&mut self, slot: usize, job: Job) {
+            .copied()
+            .find(extends)
+            .or_else(|| {
+                free.iter()
+                    .copied()
+                    .find(|&slot| self.cached[slot].is_empty())
+            })
+            .or_else(|| {
+                free.iter()
+                    .copied()
+                    .max_by_key(|&slot| shared(&self.cached[slot]))
+            })
+        else {
+            return;
+        };
+        let (source, common) = (0..self.cached.len())
+            .map(|candidate| (candidate, shared(&self.cached[candidate])))
+            .max_by_key(|&(candidate, common)| (common, candidate == slot))
+            .unwrap_or((slot, 0));
+        let id = slot as i32;
+        let reused = if source == slot {
+            self.truncate(context, slot, common)
+        } else {
+            self.truncate(context, slot, 0);
+            // With one KV buffer per sequence llama.cpp copies whole
+            // sequences only: copy it all, then cut it to the shared prefix.
+            match context.copy_kv_cache_seq(source as i32, id, None, None) {
+                Ok(()) => {
+                    self.cached[slot] = self.cached[source].clone();
+                    self.truncate(context, slot, common)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "prefix copy failed; reading the whole prompt");
+                    0
+                }
+            }
+        };
         self.slots[slot] = Some(Sequence {
-            id: slot as i32,
-            pending: job.prompt.clone(),
+            id,
+            pending: job.prompt[reused..].to_vec(),
             job,
-            position: 0,
+            position: reused as i32,
+            reused,
             generated: 0,
             started: Instant::now(),
             first_logits: None,
         });
     }
 
-    fn drop_abandoned(&mut self, context: &mut LlamaContext<'_>) {
+    /// Keeps the first `keep` cached tokens of a slot; returns how many it kept.
+    fn truncate(&mut self, context: &mut LlamaContext<'_>, slot: usize, keep: usize) -> usize {
+        if keep == self.cached[slot].len() {
+            return keep;
+        }
+        let kept = match context.kv_cache_seq_rm(slot as i32, Some(keep as u32), None) {
+            Ok(()) => keep,
+            Err(_) => {
+                free_sequence(context, slot as i32);
+                0
+            }
+        };
+        self.cached[slot].truncate(kept);
+        kept
+    }
+
+    /// Ends sequences whose client went away; their slot is free at once
+    /// and their KV cache stays as prefix cache.
+    fn drop_abandoned(&mut self) {
         for slot in &mut self.slots {
             if slot
                 .as_ref()
                 .is_some_and(|sequence| sequence.job.output.is_closed())
             {
-                let sequence = slot.take().expect("checked above");
-                free_sequence(context, sequence.id);
+                *slot = None;
             }
         }
     }
@@ -192,7 +282,8 @@ impl Engine<'_> {
             if budget == 0 || prefilling.is_some_and(|prefilling| prefilling != slot) {
                 continue;
             }
-            let take = sequence.pending.len().min(budget);
+            let to_chunk_end = PREFILL_CHUNK - sequence.position as usize % PREFILL_CHUNK;
+            let take = sequence.pending.len().min(budget).min(to_chunk_end);
             let completes = take == sequence.pending.len();
             for (offset, &token) in sequence.pending[..take].iter().enumerate() {
                 let last = completes && offset + 1 == take;
@@ -202,6 +293,7 @@ impl Engine<'_> {
                 self.batch
                     .add(token, sequence.position, &[sequence.id], last)
                     .map_err(|error| format!("batch: {error}"))?;
+                self.cached[slot].push(token);
                 sequence.position += 1;
             }
             sequence.pending.drain(..take);
@@ -218,9 +310,7 @@ impl Engine<'_> {
             if let Some(ending) = self.advance(slot, logits)
                 && let Some(sequence) = self.slots[slot].take()
             {
-                let id = sequence.id;
                 finish_sequence(sequence, ending);
-                free_sequence(context, id);
             }
         }
         Ok(())
@@ -273,11 +363,12 @@ impl Engine<'_> {
 
     fn fail_all(&mut self, context: &mut LlamaContext<'_>, error: &str) {
         tracing::error!(%error, "engine step failed; ending every active sequence");
-        for slot in &mut self.slots {
+        for (slot, cached) in self.slots.iter_mut().zip(&mut self.cached) {
             if let Some(sequence) = slot.take() {
                 let id = sequence.id;
                 finish_sequence(sequence, Ending::Failed(error.to_owned()));
                 free_sequence(context, id);
+                cached.clear();
             }
         }
     }
@@ -303,6 +394,7 @@ fn finish_sequence(mut sequence: Sequence, ending: Ending) {
                 finish_reason,
                 prompt_tokens: sequence.prompt_tokens(),
                 completion_tokens: sequence.generated,
+                cached_prompt_tokens: sequence.reused as u32,
                 engine_timings: Some(EngineTimings {
                     prompt: first - sequence.started,
                     generation: first.elapsed(),
