@@ -28,3 +28,4 @@ test: setup lint
 
 bench: setup
 	$(CARGO) bench --locked --bench token_relay
+	$(CARGO) bench --locked --bench embedded

@@ -79,11 +79,31 @@ impl LlamaServer {
     }
 
     pub fn start_on(port: u16) -> Self {
+        Self::launch(port, "1", "4")
+    }
+
+    /// A server with the given threads and parallel slots, for benchmarks.
+    pub fn start_with(threads: &str, parallel: &str) -> Self {
+        Self::launch(free_port(), threads, parallel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn launch(port: u16, threads: &str, parallel: &str) -> Self {
         let mut child = Command::new(python())
             .arg(repo_path("scripts/llama_server.py"))
             .args(["--model".as_ref(), model_path().as_os_str()])
             .args(["--alias", MODEL_ALIAS, "--port", &port.to_string()])
-            .args(["--threads", "1", "--parallel", "4", "--ctx", "8192"])
+            .args([
+                "--threads",
+                threads,
+                "--parallel",
+                parallel,
+                "--ctx",
+                "16384",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -1,0 +1,408 @@
+//! The embedded engine against llama.cpp's own server (PyPI xllamacpp) on the
+//! same GGUF with the same thread count, in one run: single-stream prefill and
+//! decode, aggregate decode at 1/4/8 streams (with batched answers checked
+//! against solo ones), time to first token of the last of 4 simultaneous
+//! requests vs one after another, EnhanceTask with and without the cached
+//! prompt prefix, the cost of schema enforcement, and peak memory.
+//!
+//! Run: `make bench` (or `cargo bench --bench embedded` with build.env sourced).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use futures_util::{StreamExt, future::join_all};
+use rigger_inference::proto::{
+    EnhanceTaskRequest, GenerateRequest, SamplingOptions, Task, generate_response::Event,
+    inference_service_client::InferenceServiceClient,
+};
+use serde_json::json;
+use support::{LlamaServer, MODEL_ALIAS, free_port, model_path};
+use tonic::transport::Channel;
+
+const THREADS: &str = "1";
+const DECODE_TOKENS: u32 = 96;
+
+/// One generation as the client saw it.
+#[derive(Clone, Debug)]
+struct Run {
+    text: String,
+    prompt_tokens: u32,
+    tokens: u32,
+    first_token: Duration,
+    total: Duration,
+}
+
+impl Run {
+    fn decode_rate(&self) -> f64 {
+        f64::from(self.tokens.saturating_sub(1)) / (self.total - self.first_token).as_secs_f64()
+    }
+    fn prefill_rate(&self) -> f64 {
+        f64::from(self.prompt_tokens) / self.first_token.as_secs_f64()
+    }
+}
+
+fn long_prompt(round: usize) -> String {
+    format!(
+        "Note {round}. You are reviewing a design document for a payment service. {} \
+         Summarize the main risks in a long answer.",
+        "The service stores card tokens, talks to three acquirers, retries failed captures, \
+         and reconciles settlements nightly. "
+            .repeat(6)
+    )
+}
+
+fn generation(prompt: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.into(),
+        sampling: Some(SamplingOptions {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn grpc_run(client: &mut InferenceServiceClient<Channel>, request: GenerateRequest) -> Run {
+    let started = Instant::now();
+    let mut stream = client
+        .generate(request)
+        .await
+        .expect("Generate")
+        .into_inner();
+    let (mut text, mut first_token, mut tokens, mut prompt_tokens) = (String::new(), None, 0, 0);
+    while let Some(message) = stream.next().await {
+        match message.expect("no error").event.expect("event") {
+            Event::Text(piece) => {
+                first_token.get_or_insert_with(|| started.elapsed());
+                text.push_str(&piece);
+            }
+            Event::Summary(summary) => {
+                let meta = summary.meta.expect("meta");
+                tokens = meta.completion_tokens;
+                prompt_tokens = meta.prompt_tokens;
+            }
+        }
+    }
+    Run {
+        text,
+        prompt_tokens,
+        tokens,
+        first_token: first_token.expect("text"),
+        total: started.elapsed(),
+    }
+}
+
+async fn direct_run(http: &reqwest::Client, base: &str, prompt: &str, max_tokens: u32) -> Run {
+    let started = Instant::now();
+    let response = http
+        .post(format!("{base}/chat/completions"))
+        .json(&json!({
+            "model": MODEL_ALIAS,
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": true, "stream_options": {"include_usage": true},
+            "max_tokens": max_tokens, "temperature": 0.0, "cache_prompt": false,
+        }))
+        .send()
+        .await
+        .expect("llama.cpp server");
+    let mut body = response.bytes_stream();
+    let (mut pending, mut text, mut first_token) = (String::new(), String::new(), None);
+    let (mut tokens, mut prompt_tokens) = (0, 0);
+    while let Some(bytes) = body.next().await {
+        pending.push_str(std::str::from_utf8(&bytes.expect("body")).expect("UTF-8"));
+        while let Some(end) = pending.find('\n') {
+            let line: String = pending.drain(..=end).collect();
+            let Some(data) = line.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            let Ok(chunk) = serde_json::from_str::<serde_json::Value>(data) else {
+                continue;
+            };
+            if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+                first_token.get_or_insert_with(|| started.elapsed());
+                text.push_str(piece);
+            }
+            if let Some(usage) = chunk.get("usage").filter(|usage| usage.is_object()) {
+                tokens = usage["completion_tokens"].as_u64().unwrap_or(0) as u32;
+                prompt_tokens = usage["prompt_tokens"].as_u64().unwrap_or(0) as u32;
+            }
+        }
+    }
+    Run {
+        text,
+        prompt_tokens,
+        tokens,
+        first_token: first_token.expect("text"),
+        total: started.elapsed(),
+    }
+}
+
+struct Service {
+    child: Child,
+}
+
+impl Service {
+    async fn start(parallel: &str) -> (Self, InferenceServiceClient<Channel>) {
+        let address = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_rigger-inference"))
+            .env("RIGGER_LISTEN", &address)
+            .env("INFERENCE_BACKEND", "embedded")
+            .env("RIGGER_MODEL_PATH", model_path())
+            .env("RIGGER_THREADS", THREADS)
+            .env("RIGGER_PARALLEL", parallel)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start rigger-inference");
+        let service = Self { child };
+        let endpoint = Channel::from_shared(format!("http://{address}")).unwrap();
+        for _ in 0..400 {
+            if let Ok(channel) = endpoint.connect().await {
+                return (service, InferenceServiceClient::new(channel));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("rigger-inference did not start on {address}");
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn percentile(mut values: Vec<f64>, share: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let index = ((values.len() as f64 - 1.0) * share).round() as usize;
+    values[index]
+}
+
+async fn aggregate_decode(
+    client: &InferenceServiceClient<Channel>,
+    streams: usize,
+) -> (f64, Vec<String>) {
+    let prompts: Vec<String> = (0..streams)
+        .map(|i| format!("Tell story number {i} about a lighthouse."))
+        .collect();
+    let started = Instant::now();
+    let runs = join_all(prompts.iter().map(|prompt| {
+        let mut client = client.clone();
+        async move { grpc_run(&mut client, generation(prompt, DECODE_TOKENS)).await }
+    }))
+    .await;
+    let tokens: u32 = runs.iter().map(|run| run.tokens).sum();
+    (
+        f64::from(tokens) / started.elapsed().as_secs_f64(),
+        runs.into_iter().map(|run| run.text).collect(),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let rounds = 3;
+    let (service, mut client) = Service::start("8").await;
+    let llama = LlamaServer::start_with(THREADS, "8");
+    let http = reqwest::Client::new();
+    let base = llama.openai_url();
+
+    grpc_run(&mut client, generation("Warm up.", 4)).await;
+    direct_run(&http, &base, "Warm up.", 4).await;
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        ours.push(grpc_run(&mut client, generation(&long_prompt(round), DECODE_TOKENS)).await);
+        theirs.push(direct_run(&http, &base, &long_prompt(round + 100), DECODE_TOKENS).await);
+    }
+    let rate = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    println!(
+        "embedded engine vs llama.cpp server, SmolLM2-135M-Instruct Q4_1, {THREADS} thread, medians of {rounds}"
+    );
+    println!(
+        "{:<44} {:>12} {:>12} {:>7}",
+        "single stream", "embedded", "llama.cpp", "ratio"
+    );
+    for (name, f) in [
+        ("prefill tokens/s", Run::prefill_rate as fn(&Run) -> f64),
+        ("decode tokens/s", Run::decode_rate),
+    ] {
+        let (a, b) = (rate(&ours, f), rate(&theirs, f));
+        println!("{name:<44} {a:>12.1} {b:>12.1} {:>7.2}", a / b);
+    }
+
+    let mut solo = Vec::new();
+    for i in 0..4 {
+        let prompt = format!("Tell story number {i} about a lighthouse.");
+        solo.push(
+            grpc_run(&mut client, generation(&prompt, DECODE_TOKENS))
+                .await
+                .text,
+        );
+    }
+    let (one, _) = aggregate_decode(&client, 1).await;
+    let (four, four_texts) = aggregate_decode(&client, 4).await;
+    let (eight, _) = aggregate_decode(&client, 8).await;
+    println!(
+        "{:<44} {:>12.1}",
+        "aggregate decode tokens/s, 1 stream", one
+    );
+    println!(
+        "{:<44} {:>12.1} {:>12} {:>7.2}",
+        "aggregate decode tokens/s, 4 streams",
+        four,
+        "",
+        four / one
+    );
+    println!(
+        "{:<44} {:>12.1} {:>12} {:>7.2}",
+        "aggregate decode tokens/s, 8 streams",
+        eight,
+        "",
+        eight / one
+    );
+    println!(
+        "{:<44} {:>12}",
+        "4 batched answers identical to solo",
+        four_texts == solo
+    );
+
+    let prompts: Vec<String> = (0..4)
+        .map(|i| format!("Ticket {i}: the export button does nothing."))
+        .collect();
+    let serial_started = Instant::now();
+    let mut serial_last = Duration::ZERO;
+    for prompt in &prompts {
+        let run = grpc_run(&mut client, generation(prompt, 32)).await;
+        serial_last = serial_started.elapsed() - run.total + run.first_token;
+    }
+    let together = join_all(prompts.iter().map(|prompt| {
+        let mut client = client.clone();
+        let prompt = format!("{prompt} (again)");
+        async move {
+            grpc_run(&mut client, generation(&prompt, 32))
+                .await
+                .first_token
+        }
+    }))
+    .await;
+    let together_last = together.into_iter().max().unwrap_or_default();
+    println!(
+        "{:<44} {:>9.0} ms {:>9.0} ms {:>7.2}",
+        "TTFT of the last of 4 (together vs serial)",
+        together_last.as_secs_f64() * 1000.0,
+        serial_last.as_secs_f64() * 1000.0,
+        together_last.as_secs_f64() / serial_last.as_secs_f64()
+    );
+
+    drop(service);
+    let (service, mut client) = Service::start("4").await;
+    let enhance = |title: String| EnhanceTaskRequest {
+        task: Some(Task {
+            title,
+            ..Default::default()
+        }),
+        sampling: Some(SamplingOptions {
+            temperature: Some(0.0),
+            max_tokens: Some(160),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let ttft_of = |response: rigger_inference::proto::EnhanceTaskResponse| {
+        let meta = response.meta.expect("meta");
+        let ttft = meta.time_to_first_token.expect("ttft");
+        (
+            ttft.seconds as f64 + f64::from(ttft.nanos) / 1e9,
+            meta.cached_prompt_tokens,
+        )
+    };
+    let (cold, cold_cached) = ttft_of(
+        client
+            .enhance_task(enhance("Add a logout button".into()))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let mut warm = Vec::new();
+    let mut warm_cached = 0;
+    for i in 0..5 {
+        let (ttft, cached) = ttft_of(
+            client
+                .enhance_task(enhance(format!("Fix bug number {i} in search")))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        warm.push(ttft);
+        warm_cached = cached;
+    }
+    println!(
+        "{:<44} {:>9.0} ms {:>9.0} ms {:>7.2}",
+        format!("EnhanceTask TTFT, prefix cached ({warm_cached}) vs cold ({cold_cached})"),
+        median(warm.clone()) * 1000.0,
+        cold * 1000.0,
+        median(warm.clone()) / cold
+    );
+    println!(
+        "{:<44} {:>9.0} ms {:>9.0} ms",
+        "EnhanceTask TTFT with cached prefix p50 / p99",
+        percentile(warm.clone(), 0.5) * 1000.0,
+        percentile(warm, 0.99) * 1000.0
+    );
+
+    let schema = json!({"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]});
+    let (mut free, mut constrained) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let prompt = format!("Story {round}: write a long story about the sea as JSON.");
+        free.push(
+            grpc_run(&mut client, generation(&prompt, DECODE_TOKENS))
+                .await
+                .decode_rate(),
+        );
+        let mut request = generation(&prompt, DECODE_TOKENS);
+        request.json_schema = schema.to_string();
+        constrained.push(grpc_run(&mut client, request).await.decode_rate());
+    }
+    let (free, constrained) = (median(free), median(constrained));
+    println!(
+        "{:<44} {:>12.1} {:>12.1} {:>6.1}%",
+        "decode tokens/s with schema vs without, cost",
+        constrained,
+        free,
+        (1.0 - constrained / free) * 100.0
+    );
+    println!(
+        "{:<44} {:>9.0} MiB {:>8.0} MiB",
+        "peak RSS (embedded server vs llama.cpp server)",
+        peak_rss_mib(service.child.id()),
+        peak_rss_mib(llama.pid())
+    );
+}
