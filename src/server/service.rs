@@ -239,7 +239,10 @@ impl Relay {
                     }
                 }
                 Some(Err(error)) => Err(error.into()),
-                None => return,
+                None => Err(Status::internal(format!(
+                    "backend {} ended the generation without completing it",
+                    self.backend
+                ))),
             };
             let last = !matches!(
                 message,
