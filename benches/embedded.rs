@@ -331,7 +331,7 @@ async fn main() {
         }),
         sampling: Some(SamplingOptions {
             temperature: Some(0.0),
-            max_tokens: Some(160),
+            max_tokens: Some(400),
             ..Default::default()
         }),
         ..Default::default()

@@ -181,6 +181,22 @@ async fn bad_requests_are_named() {
     let status = generate(
         &mut client,
         GenerateRequest {
+            json_schema: r#"{"type": "string", "pattern": "(?<=a)b"}"#.into(),
+            ..greedy("Hi", 4)
+        },
+    )
+    .await
+    .expect_err("a lookbehind cannot be enforced while decoding");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("json_schema cannot be enforced"),
+        "{}",
+        status.message()
+    );
+
+    let status = generate(
+        &mut client,
+        GenerateRequest {
             model: "llama3.1".into(),
             ..greedy("Hi", 4)
         },

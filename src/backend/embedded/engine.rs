@@ -12,15 +12,15 @@
 use std::{
     num::NonZeroU32,
     sync::{
-        Arc,
         atomic::{AtomicBool, Ordering},
-        mpsc::{Receiver, TryRecvError},
+        mpsc::{Receiver, Sender, TryRecvError},
     },
     time::{Duration, Instant},
 };
 
 use llama_cpp_2::{
     context::{LlamaContext, params::LlamaContextParams},
+    llama_backend::LlamaBackend,
     llama_batch::LlamaBatch,
     model::LlamaModel,
     token::LlamaToken,
@@ -79,7 +79,7 @@ impl Sequence {
     }
 }
 
-pub(super) fn context_params(shape: EngineShape) -> LlamaContextParams {
+fn context_params(shape: EngineShape) -> LlamaContextParams {
     let flash = if shape.flash_attention {
         llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO
     } else {
@@ -98,31 +98,64 @@ pub(super) fn context_params(shape: EngineShape) -> LlamaContextParams {
         .with_n_threads_batch(shape.threads)
 }
 
-/// Runs until every job sender is gone. `alive` turns false when it stops.
-pub(super) fn run(
-    model: Arc<LlamaModel>,
-    mut context: LlamaContext<'_>,
+/// Body of the engine thread: creates the context, warms it up, reports
+/// the outcome on `ready`, then serves jobs until every job sender is gone.
+/// `alive` turns false when it stops.
+pub(super) fn start(
+    model: &LlamaModel,
+    llama: &LlamaBackend,
     shape: EngineShape,
     jobs: Receiver<Job>,
-    alive: Arc<AtomicBool>,
+    alive: &AtomicBool,
+    ready: &Sender<Result<Duration, String>>,
+) {
+    let started = warm_context(model, llama, shape);
+    let mut context = match started {
+        Ok((context, warm_up)) => {
+            let _ = ready.send(Ok(warm_up));
+            context
+        }
+        Err(error) => {
+            alive.store(false, Ordering::SeqCst);
+            let _ = ready.send(Err(error));
+            return;
+        }
+    };
+    run(model, &mut context, shape, &jobs);
+    alive.store(false, Ordering::SeqCst);
+}
+
+fn warm_context<'m>(
+    model: &'m LlamaModel,
+    llama: &LlamaBackend,
+    shape: EngineShape,
+) -> Result<(LlamaContext<'m>, Duration), String> {
+    let mut context = model
+        .new_context(llama, context_params(shape))
+        .map_err(|error| format!("llama.cpp context: {error}"))?;
+    let warm_up = warm_up(model, &mut context)?;
+    Ok((context, warm_up))
+}
+
+fn run(
+    model: &LlamaModel,
+    context: &mut LlamaContext<'_>,
+    shape: EngineShape,
+    jobs: &Receiver<Job>,
 ) {
     let mut engine = Engine {
-        model: &model,
+        model,
         batch: LlamaBatch::new(shape.batch_tokens as usize, shape.parallel as i32),
         slots: (0..shape.parallel).map(|_| None).collect(),
         cached: (0..shape.parallel).map(|_| Vec::new()).collect(),
         shape,
     };
-    loop {
-        if !engine.admit(&jobs, &mut context) {
-            break;
-        }
+    while engine.admit(jobs, context) {
         engine.drop_abandoned();
-        if let Err(error) = engine.step(&mut context) {
-            engine.fail_all(&mut context, &error);
+        if let Err(error) = engine.step(context) {
+            engine.fail_all(context, &error);
         }
     }
-    alive.store(false, Ordering::SeqCst);
 }
 
 struct Engine<'m> {
@@ -419,10 +452,7 @@ fn free_sequence(context: &mut LlamaContext<'_>, id: i32) {
 
 /// Decodes one token once so the first request does not pay for lazy
 /// initialization; returns how long it took.
-pub(super) fn warm_up(
-    model: &LlamaModel,
-    context: &mut LlamaContext<'_>,
-) -> Result<Duration, String> {
+fn warm_up(model: &LlamaModel, context: &mut LlamaContext<'_>) -> Result<Duration, String> {
     let started = Instant::now();
     let token = model.vocab().bos();
     let mut batch = LlamaBatch::new(1, 1);

@@ -32,11 +32,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 pub use engine::EngineShape;
 
-use self::{
-    engine::{Job, context_params},
-    sampler::Sampler,
-    text::TextAssembler,
-};
+use self::{engine::Job, sampler::Sampler, text::TextAssembler};
 use super::{
     Backend, BackendError, Capabilities, ChunkStream, GenerationRequest, ProbeReport, SchemaSupport,
 };
@@ -128,29 +124,10 @@ impl EmbeddedBackend {
         let alive = Arc::new(AtomicBool::new(true));
         let shape = settings.shape;
         {
-            let model = model.clone();
-            let alive = alive.clone();
+            let (model, alive) = (model.clone(), alive.clone());
             std::thread::Builder::new()
                 .name("rigger-engine".into())
-                .spawn(move || {
-                    let context = match model.new_context(llama, context_params(shape)) {
-                        Ok(context) => context,
-                        Err(error) => {
-                            alive.store(false, Ordering::SeqCst);
-                            let _ = ready.send(Err(format!("llama.cpp context: {error}")));
-                            return;
-                        }
-                    };
-                    let mut context = context;
-                    let warm_up = engine::warm_up(&model, &mut context);
-                    let failed = warm_up.is_err();
-                    let _ = ready.send(warm_up);
-                    if failed {
-                        alive.store(false, Ordering::SeqCst);
-                        return;
-                    }
-                    engine::run(model.clone(), context, shape, queue, alive);
-                })
+                .spawn(move || engine::start(&model, llama, shape, queue, &alive, &ready))
                 .map_err(|error| fail(format!("engine thread: {error}")))?;
         }
         let warm_up = warmed
