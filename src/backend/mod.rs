@@ -66,6 +66,11 @@ pub struct Sampling {
     /// Penalty on tokens in proportion to how often they already appeared
     /// (OpenAI's `frequency_penalty`, which Ollama accepts too).
     pub frequency_penalty: Option<f32>,
+    /// Avoid a token that would repeat an n-gram of this size already in the
+    /// answer, whenever another token is allowed. Set by the task layer for
+    /// structured answers; the embedded engine honors it, HTTP runtimes have
+    /// no such option.
+    pub no_repeat_ngram: Option<u32>,
 }
 
 /// One generation, already validated.

@@ -77,6 +77,11 @@ pub struct Answered<T> {
 /// models otherwise repeat one subtask or criterion until the list is full.
 const DEFAULT_TASK_FREQUENCY_PENALTY: f32 = 0.5;
 
+/// Structured answers avoid repeating any 4 tokens in a row: small models
+/// otherwise copy one subtask title until the list is full. Keys and
+/// punctuation the schema forces are exempt (a ban never empties the choice).
+const NO_REPEAT_NGRAM: u32 = 4;
+
 /// Runs structured tasks against a backend with bounded retries.
 #[derive(Clone, Copy, Debug)]
 pub struct TaskRunner {
@@ -141,6 +146,7 @@ impl TaskRunner {
         parse: impl Fn(serde_json::Value) -> Result<T, String>,
         started: Instant,
     ) -> Result<Answered<T>, TaskError> {
+        job.sampling.no_repeat_ngram = Some(NO_REPEAT_NGRAM);
         job.sampling.frequency_penalty = job
             .sampling
             .frequency_penalty

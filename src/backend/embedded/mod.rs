@@ -298,7 +298,8 @@ impl Backend for EmbeddedBackend {
                 sampling.top_p.unwrap_or(DEFAULT_TOP_P),
                 sampling.frequency_penalty.unwrap_or(0.0),
                 sampling.seed.unwrap_or_else(fresh_seed),
-            ),
+            )
+            .avoiding_repeated_ngrams(sampling.no_repeat_ngram),
             matcher,
             text: TextAssembler::new(request.stop),
             model: self.model_name.clone(),

@@ -16,6 +16,8 @@ pub(super) struct Sampler {
     top_p: f32,
     frequency_penalty: f32,
     generated: HashMap<u32, u32>,
+    history: Vec<u32>,
+    no_repeat_ngram: Option<usize>,
     rng: SplitMix64,
 }
 
@@ -26,12 +28,52 @@ impl Sampler {
             top_p,
             frequency_penalty,
             generated: HashMap::new(),
+            history: Vec::new(),
+            no_repeat_ngram: None,
             rng: SplitMix64(seed),
         }
     }
 
+    /// Avoids tokens that would repeat an n-gram of size `n` already drawn,
+    /// unless nothing else is allowed.
+    pub(super) fn avoiding_repeated_ngrams(mut self, n: Option<u32>) -> Self {
+        self.no_repeat_ngram = n.map(|n| n.max(2) as usize);
+        self
+    }
+
+    /// Tokens that would complete an n-gram already in the history.
+    fn repeating(&self) -> Vec<u32> {
+        let Some(n) = self.no_repeat_ngram else {
+            return Vec::new();
+        };
+        if self.history.len() < n {
+            return Vec::new();
+        }
+        let tail = &self.history[self.history.len() - (n - 1)..];
+        self.history
+            .windows(n)
+            .filter(|window| &window[..n - 1] == tail)
+            .map(|window| window[n - 1])
+            .collect()
+    }
+
     /// Picks a token among those `allowed`; `None` when nothing is allowed.
     pub(super) fn sample(&mut self, logits: &[f32], allowed: impl Fn(u32) -> bool) -> Option<u32> {
+        let repeating = self.repeating();
+        let token = if repeating.is_empty() {
+            self.pick(logits, &allowed)
+        } else {
+            self.pick(logits, |token| {
+                allowed(token) && !repeating.contains(&token)
+            })
+            .or_else(|| self.pick(logits, &allowed))
+        }?;
+        *self.generated.entry(token).or_default() += 1;
+        self.history.push(token);
+        Some(token)
+    }
+
+    fn pick(&mut self, logits: &[f32], allowed: impl Fn(u32) -> bool) -> Option<u32> {
         let penalty = |token: u32| {
             self.generated
                 .get(&token)
@@ -42,16 +84,14 @@ impl Sampler {
             .map(|token| (token, logits[token as usize] - penalty(token)))
             .filter(|(_, logit)| logit.is_finite())
             .collect();
-        let token = if self.temperature <= 0.0 {
+        if self.temperature <= 0.0 {
             candidates
                 .iter()
                 .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
                 .map(|&(token, _)| token)
         } else {
             self.draw(candidates)
-        }?;
-        *self.generated.entry(token).or_default() += 1;
-        Some(token)
+        }
     }
 
     fn draw(&mut self, candidates: Vec<(u32, f32)>) -> Option<u32> {
@@ -140,6 +180,26 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn repeated_ngrams_are_avoided_unless_nothing_else_is_allowed() {
+        let mut sampler = Sampler::new(0.0, 1.0, 0.0, 1).avoiding_repeated_ngrams(Some(2));
+        let logits = [0.0, 1.0, 2.0];
+        // 2, then 2 again would repeat the bigram (2, 2) only once it exists.
+        assert_eq!(sampler.sample(&logits, |_| true), Some(2));
+        assert_eq!(sampler.sample(&logits, |_| true), Some(2));
+        assert_eq!(
+            sampler.sample(&logits, |_| true),
+            Some(1),
+            "(2, 2) is taken"
+        );
+        assert_eq!(sampler.sample(&logits, |_| true), Some(2));
+        assert_eq!(
+            sampler.sample(&logits, |token| token == 1),
+            Some(1),
+            "(2, 1) repeats, but it is the only allowed token"
+        );
     }
 
     #[test]
