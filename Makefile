@@ -27,5 +27,4 @@ test: setup lint
 	$(CARGO) test --locked --all-targets
 
 bench: setup
-	$(CARGO) bench --locked --bench token_relay
-	$(CARGO) bench --locked --bench embedded
+	$(CARGO) bench --locked --bench inference

@@ -1,11 +1,14 @@
-//! The embedded engine against llama.cpp's own server (PyPI xllamacpp) on the
-//! same GGUF with the same thread count, in one run: single-stream prefill and
-//! decode, aggregate decode at 1/4/8 streams (with batched answers checked
-//! against solo ones), time to first token of the last of 4 simultaneous
-//! requests vs one after another, EnhanceTask with and without the cached
-//! prompt prefix, the cost of schema enforcement, and peak memory.
+//! Inference figures in one run, against llama.cpp's own server (PyPI
+//! xllamacpp) on the same GGUF with the same thread count:
+//! - the embedded engine: single-stream prefill and decode, aggregate decode at
+//!   1/4/8 streams (batched answers checked against solo ones), time to first
+//!   token of the last of 4 simultaneous requests vs one after another,
+//!   EnhanceTask with and without the cached prompt prefix, the cost of schema
+//!   enforcement, and peak memory;
+//! - the OpenAI-compatible backend: what relaying through the service costs
+//!   against calling the same llama.cpp server directly.
 //!
-//! Run: `make bench` (or `cargo bench --bench embedded` with build.env sourced).
+//! Run: `make bench` (or `cargo bench --bench inference` with build.env sourced).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -21,7 +24,7 @@ use rigger_inference::proto::{
     inference_service_client::InferenceServiceClient,
 };
 use serde_json::json;
-use support::{LlamaServer, MODEL_ALIAS, free_port, model_path};
+use support::{LlamaServer, MODEL_ALIAS, TestServer, config, free_port, model_path};
 use tonic::transport::Channel;
 
 const THREADS: &str = "1";
@@ -98,7 +101,16 @@ async fn grpc_run(client: &mut InferenceServiceClient<Channel>, request: Generat
     }
 }
 
-async fn direct_run(http: &reqwest::Client, base: &str, prompt: &str, max_tokens: u32) -> Run {
+/// A generation straight from the llama.cpp server. `cache_prompt` as our
+/// openai backend leaves it (llama.cpp's default: on) for the relay
+/// comparison, off to measure prefill.
+async fn direct_run(
+    http: &reqwest::Client,
+    base: &str,
+    prompt: &str,
+    max_tokens: u32,
+    cache_prompt: bool,
+) -> Run {
     let started = Instant::now();
     let response = http
         .post(format!("{base}/chat/completions"))
@@ -106,7 +118,7 @@ async fn direct_run(http: &reqwest::Client, base: &str, prompt: &str, max_tokens
             "model": MODEL_ALIAS,
             "messages": [{"role": "user", "content": prompt}],
             "stream": true, "stream_options": {"include_usage": true},
-            "max_tokens": max_tokens, "temperature": 0.0, "cache_prompt": false,
+            "max_tokens": max_tokens, "temperature": 0.0, "cache_prompt": cache_prompt,
         }))
         .send()
         .await
@@ -227,6 +239,53 @@ async fn aggregate_decode(
     )
 }
 
+/// Generate through the openai backend vs the same llama.cpp server directly.
+async fn relay_overhead(http: &reqwest::Client, base: &str, rounds: usize) {
+    let relay =
+        TestServer::start(config(&["--backend", "openai", "--openai-base-url", base])).await;
+    let mut client = relay.client().await;
+    grpc_run(&mut client, generation("Warm up.", 4)).await;
+    let (mut relayed, mut direct) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        relayed.push(
+            grpc_run(
+                &mut client,
+                generation(&long_prompt(round + 200), DECODE_TOKENS),
+            )
+            .await,
+        );
+        direct.push(direct_run(http, base, &long_prompt(round + 300), DECODE_TOKENS, true).await);
+    }
+    println!(
+        "token relay, openai backend vs llama.cpp server called directly, medians of {rounds}"
+    );
+    println!(
+        "{:<44} {:>12} {:>12} {:>7}",
+        "", "relayed", "direct", "ratio"
+    );
+    let decode = |runs: &[Run]| median(runs.iter().map(Run::decode_rate).collect());
+    let ttft = |runs: &[Run]| {
+        median(
+            runs.iter()
+                .map(|run| run.first_token.as_secs_f64() * 1000.0)
+                .collect(),
+        )
+    };
+    let (a, b) = (decode(&relayed), decode(&direct));
+    println!(
+        "{:<44} {a:>12.1} {b:>12.1} {:>7.3}",
+        "decode tokens/s",
+        a / b
+    );
+    let (a, b) = (ttft(&relayed), ttft(&direct));
+    println!(
+        "{:<44} {a:>9.1} ms {b:>9.1} ms {:>7.3}",
+        "time to first token",
+        a / b
+    );
+    println!();
+}
+
 #[tokio::main]
 async fn main() {
     let rounds = 3;
@@ -236,11 +295,22 @@ async fn main() {
     let base = llama.openai_url();
 
     grpc_run(&mut client, generation("Warm up.", 4)).await;
-    direct_run(&http, &base, "Warm up.", 4).await;
+    direct_run(&http, &base, "Warm up.", 4, false).await;
+    relay_overhead(&http, &base, rounds).await;
+
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         ours.push(grpc_run(&mut client, generation(&long_prompt(round), DECODE_TOKENS)).await);
-        theirs.push(direct_run(&http, &base, &long_prompt(round + 100), DECODE_TOKENS).await);
+        theirs.push(
+            direct_run(
+                &http,
+                &base,
+                &long_prompt(round + 100),
+                DECODE_TOKENS,
+                false,
+            )
+            .await,
+        );
     }
     let rate = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
     println!(
