@@ -24,7 +24,7 @@ lint: setup
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 test: setup lint
-	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked --lib --bins --tests
 
 bench: setup
 	$(CARGO) bench --locked --bench inference

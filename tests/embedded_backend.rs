@@ -286,3 +286,37 @@ async fn a_shared_prompt_prefix_is_read_once_and_changes_no_answer() {
         "a cached prefix changes no answer"
     );
 }
+
+#[tokio::test]
+async fn decompositions_do_not_repeat_a_title_on_the_embedded_engine() {
+    use rigger_inference::proto::{DecomposeTaskRequest, Task};
+    let server = embedded(&[]).await;
+    let mut client = server.client().await;
+    // Greedy SmolLM2-135M repeats one subtask until the list is full unless
+    // repeated n-grams are avoided while sampling (it did on this task).
+    let response = client
+        .decompose_task(DecomposeTaskRequest {
+            task: Some(rigger_inference::proto::Task {
+                title: "Set up CI for the repository".into(),
+                ..Task::default()
+            }),
+            sampling: Some(SamplingOptions {
+                temperature: Some(0.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("a decomposition with distinct subtasks")
+        .into_inner();
+    let mut titles: Vec<String> = response
+        .subtasks
+        .iter()
+        .map(|s| s.title.to_lowercase())
+        .collect();
+    assert!(titles.len() >= 3, "{titles:?}");
+    titles.sort();
+    titles.dedup();
+    assert_eq!(titles.len(), response.subtasks.len(), "distinct titles");
+    assert!(!titles.contains(&"set up ci for the repository".to_owned()));
+}

@@ -66,11 +66,18 @@ pub struct Sampling {
     /// Penalty on tokens in proportion to how often they already appeared
     /// (OpenAI's `frequency_penalty`, which Ollama accepts too).
     pub frequency_penalty: Option<f32>,
-    /// Avoid a token that would repeat an n-gram of this size already in the
-    /// answer, whenever another token is allowed. Set by the task layer for
-    /// structured answers; the embedded engine honors it, HTTP runtimes have
-    /// no such option.
-    pub no_repeat_ngram: Option<u32>,
+    /// Set by the task layer for structured answers; the embedded engine
+    /// honors it, HTTP runtimes have no such option.
+    pub no_repeat: Option<NoRepeat>,
+}
+
+/// Avoid a token that would repeat an n-gram of `ngram` tokens already in the
+/// answer, or complete one of the `already_said` texts whole, whenever
+/// another token is allowed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NoRepeat {
+    pub ngram: u32,
+    pub already_said: Vec<String>,
 }
 
 /// One generation, already validated.

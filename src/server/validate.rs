@@ -293,7 +293,7 @@ fn sampling(
         top_p: options.top_p,
         seed: options.seed,
         frequency_penalty: options.frequency_penalty,
-        no_repeat_ngram: None,
+        no_repeat: None,
     })
 }
 

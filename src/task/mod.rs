@@ -20,8 +20,8 @@ pub use enhance::{EnhanceRequest, Enhancement, EnhancementKind};
 
 use crate::{
     backend::{
-        Backend, BackendError, Chunk, FinishReason, GenerationRequest, Message, Role, Sampling,
-        StreamClock,
+        Backend, BackendError, Chunk, FinishReason, GenerationRequest, Message, NoRepeat, Role,
+        Sampling, StreamClock,
     },
     json_schema::OutputSchema,
 };
@@ -77,8 +77,9 @@ pub struct Answered<T> {
 /// models otherwise repeat one subtask or criterion until the list is full.
 const DEFAULT_TASK_FREQUENCY_PENALTY: f32 = 0.5;
 
-/// Structured answers avoid repeating any 4 tokens in a row: small models
-/// otherwise copy one subtask title until the list is full. Keys and
+/// Structured answers avoid repeating any 4 tokens in a row of their own, and
+/// a decomposition avoids restating the parent task's title whole: small
+/// models otherwise copy one title until the list is full. Keys and
 /// punctuation the schema forces are exempt (a ban never empties the choice).
 const NO_REPEAT_NGRAM: u32 = 4;
 
@@ -106,6 +107,7 @@ impl TaskRunner {
         self.answer(
             backend,
             Structured {
+                already_said: Vec::new(),
                 model: request.model,
                 sampling: request.sampling,
                 messages,
@@ -128,6 +130,7 @@ impl TaskRunner {
         self.answer(
             backend,
             Structured {
+                already_said: vec![request.task.title.clone()],
                 model: request.model.clone(),
                 sampling: request.sampling.clone(),
                 messages,
@@ -146,7 +149,10 @@ impl TaskRunner {
         parse: impl Fn(serde_json::Value) -> Result<T, String>,
         started: Instant,
     ) -> Result<Answered<T>, TaskError> {
-        job.sampling.no_repeat_ngram = Some(NO_REPEAT_NGRAM);
+        job.sampling.no_repeat = Some(NoRepeat {
+            ngram: NO_REPEAT_NGRAM,
+            already_said: job.already_said.clone(),
+        });
         job.sampling.frequency_penalty = job
             .sampling
             .frequency_penalty
@@ -215,6 +221,8 @@ impl TaskRunner {
 }
 
 struct Structured {
+    /// Text the answer should not repeat, beyond itself.
+    already_said: Vec<String>,
     model: Option<String>,
     sampling: Sampling,
     messages: Vec<Message>,

@@ -227,7 +227,7 @@ async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) ->
             top_p: body.options.top_p,
             seed: body.options.seed,
             frequency_penalty: body.options.frequency_penalty,
-            no_repeat_ngram: None,
+            no_repeat: None,
         },
         stop: body.options.stop,
         json_schema,

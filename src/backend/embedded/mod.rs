@@ -299,7 +299,21 @@ impl Backend for EmbeddedBackend {
                 sampling.frequency_penalty.unwrap_or(0.0),
                 sampling.seed.unwrap_or_else(fresh_seed),
             )
-            .avoiding_repeated_ngrams(sampling.no_repeat_ngram),
+            .avoiding_repeated_ngrams(sampling.no_repeat.as_ref().map(|rule| {
+                let said = rule
+                    .already_said
+                    .iter()
+                    .map(|text| {
+                        self.model
+                            .vocab()
+                            .tokenize(text.as_bytes(), false, false)
+                            .into_iter()
+                            .map(|token| token.0 as u32)
+                            .collect()
+                    })
+                    .collect();
+                (rule.ngram, said)
+            })),
             matcher,
             text: TextAssembler::new(request.stop),
             model: self.model_name.clone(),

@@ -18,6 +18,7 @@ pub(super) struct Sampler {
     generated: HashMap<u32, u32>,
     history: Vec<u32>,
     no_repeat_ngram: Option<usize>,
+    said: Vec<Vec<u32>>,
     rng: SplitMix64,
 }
 
@@ -30,31 +31,45 @@ impl Sampler {
             generated: HashMap::new(),
             history: Vec::new(),
             no_repeat_ngram: None,
+            said: Vec::new(),
             rng: SplitMix64(seed),
         }
     }
 
     /// Avoids tokens that would repeat an n-gram of size `n` already drawn,
-    /// unless nothing else is allowed.
-    pub(super) fn avoiding_repeated_ngrams(mut self, n: Option<u32>) -> Self {
-        self.no_repeat_ngram = n.map(|n| n.max(2) as usize);
+    /// or complete one of the `said` token sequences whole, unless nothing
+    /// else is allowed.
+    pub(super) fn avoiding_repeated_ngrams(mut self, rule: Option<(u32, Vec<Vec<u32>>)>) -> Self {
+        if let Some((n, said)) = rule {
+            self.no_repeat_ngram = Some(n.max(2) as usize);
+            self.said = said
+                .into_iter()
+                .filter(|tokens| tokens.len() >= 2)
+                .collect();
+        }
         self
     }
 
-    /// Tokens that would complete an n-gram already in the history.
+    /// Tokens that would complete an n-gram already drawn, or a said sequence.
     fn repeating(&self) -> Vec<u32> {
         let Some(n) = self.no_repeat_ngram else {
             return Vec::new();
         };
-        if self.history.len() < n {
-            return Vec::new();
+        let completing_said = self.said.iter().filter_map(|tokens| {
+            let (last, start) = tokens.split_last()?;
+            self.history.ends_with(start).then_some(*last)
+        });
+        let mut repeating: Vec<u32> = completing_said.collect();
+        if self.history.len() >= n {
+            let tail = &self.history[self.history.len() - (n - 1)..];
+            repeating.extend(
+                self.history
+                    .windows(n)
+                    .filter(|window| &window[..n - 1] == tail)
+                    .map(|window| window[n - 1]),
+            );
         }
-        let tail = &self.history[self.history.len() - (n - 1)..];
-        self.history
-            .windows(n)
-            .filter(|window| &window[..n - 1] == tail)
-            .map(|window| window[n - 1])
-            .collect()
+        repeating
     }
 
     /// Picks a token among those `allowed`; `None` when nothing is allowed.
@@ -184,7 +199,8 @@ mod tests {
 
     #[test]
     fn repeated_ngrams_are_avoided_unless_nothing_else_is_allowed() {
-        let mut sampler = Sampler::new(0.0, 1.0, 0.0, 1).avoiding_repeated_ngrams(Some(2));
+        let mut sampler =
+            Sampler::new(0.0, 1.0, 0.0, 1).avoiding_repeated_ngrams(Some((2, vec![])));
         let logits = [0.0, 1.0, 2.0];
         // 2, then 2 again would repeat the bigram (2, 2) only once it exists.
         assert_eq!(sampler.sample(&logits, |_| true), Some(2));
@@ -199,6 +215,20 @@ mod tests {
             sampler.sample(&logits, |token| token == 1),
             Some(1),
             "(2, 1) repeats, but it is the only allowed token"
+        );
+    }
+
+    #[test]
+    fn text_already_said_is_not_repeated_whole() {
+        let logits = [0.0, 1.0, 2.0];
+        let mut sampler =
+            Sampler::new(0.0, 1.0, 0.0, 1).avoiding_repeated_ngrams(Some((4, vec![vec![2, 2, 2]])));
+        assert_eq!(sampler.sample(&logits, |_| true), Some(2));
+        assert_eq!(sampler.sample(&logits, |_| true), Some(2));
+        assert_eq!(
+            sampler.sample(&logits, |_| true),
+            Some(1),
+            "2, 2, 2 was said"
         );
     }
 
