@@ -9,10 +9,9 @@ use std::time::Duration;
 use futures_util::{StreamExt, future::join_all};
 use rigger_inference::proto::{
     FinishReason, GenerateRequest, GetStatusRequest, SamplingOptions, SchemaSupport,
-    generate_response::Event, inference_service_client::InferenceServiceClient,
 };
-use support::{TestServer, config};
-use tonic::{Code, transport::Channel};
+use support::{Generated, TestServer, config, generate};
+use tonic::Code;
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
@@ -34,26 +33,11 @@ fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
     }
 }
 
-async fn generate(
-    client: &mut InferenceServiceClient<Channel>,
-    request: GenerateRequest,
-) -> Result<(String, rigger_inference::proto::GenerationSummary), tonic::Status> {
-    let mut stream = client.generate(request).await?.into_inner();
-    let mut text = String::new();
-    while let Some(message) = stream.next().await {
-        match message?.event.expect("event") {
-            Event::Text(piece) => text.push_str(&piece),
-            Event::Summary(summary) => return Ok((text, summary)),
-        }
-    }
-    panic!("no summary");
-}
-
 #[tokio::test]
 async fn streams_with_usage_and_reports_itself() {
     let server = embedded(&[]).await;
     let mut client = server.client().await;
-    let (text, summary) = generate(
+    let Generated { text, summary, .. } = generate(
         &mut client,
         greedy("Write a long story about a lighthouse.", 16),
     )
@@ -95,9 +79,9 @@ async fn a_seed_fixes_a_sampled_answer() {
         }),
         ..Default::default()
     };
-    let first = generate(&mut client, sampled(11)).await.unwrap().0;
-    let again = generate(&mut client, sampled(11)).await.unwrap().0;
-    let other = generate(&mut client, sampled(12)).await.unwrap().0;
+    let first = generate(&mut client, sampled(11)).await.unwrap().text;
+    let again = generate(&mut client, sampled(11)).await.unwrap().text;
+    let other = generate(&mut client, sampled(12)).await.unwrap().text;
     assert_eq!(first, again);
     assert_ne!(first, other);
 }
@@ -114,11 +98,21 @@ async fn batched_answers_equal_solo_answers() {
     ];
     let mut solo = Vec::new();
     for prompt in prompts {
-        solo.push(generate(&mut client, greedy(prompt, 40)).await.unwrap().0);
+        solo.push(
+            generate(&mut client, greedy(prompt, 40))
+                .await
+                .unwrap()
+                .text,
+        );
     }
     let together = join_all(prompts.iter().map(|prompt| {
         let mut client = client.clone();
-        async move { generate(&mut client, greedy(prompt, 40)).await.unwrap().0 }
+        async move {
+            generate(&mut client, greedy(prompt, 40))
+                .await
+                .unwrap()
+                .text
+        }
     }))
     .await;
     assert_eq!(together, solo);
@@ -139,7 +133,7 @@ async fn schemas_are_enforced_while_decoding() {
         "additionalProperties": false
     });
     for seed in 0..3 {
-        let (text, summary) = generate(
+        let Generated { text, summary, .. } = generate(
             &mut client,
             GenerateRequest {
                 prompt: "Describe a cat.".into(),

@@ -3,38 +3,9 @@
 
 mod support;
 
-use futures_util::StreamExt;
-use rigger_inference::proto::{
-    self, ChatMessage, FinishReason, GenerateRequest, GenerateResponse, Role, SamplingOptions,
-    generate_response::Event,
-};
-use support::{MODEL_ALIAS, TestServer, openai_config};
+use rigger_inference::proto::{ChatMessage, FinishReason, GenerateRequest, Role, SamplingOptions};
+use support::{MODEL_ALIAS, TestServer, collect, openai_config};
 use tonic::Code;
-
-/// Collects a Generate stream into its text and its summary.
-async fn collect(
-    stream: tonic::Streaming<GenerateResponse>,
-) -> Result<(String, proto::GenerationSummary, usize), tonic::Status> {
-    let mut stream = stream;
-    let mut text = String::new();
-    let mut pieces = 0;
-    while let Some(message) = stream.next().await {
-        match message?.event.expect("every message carries an event") {
-            Event::Text(piece) => {
-                text.push_str(&piece);
-                pieces += 1;
-            }
-            Event::Summary(summary) => {
-                assert!(
-                    stream.next().await.is_none(),
-                    "the summary is the last message"
-                );
-                return Ok((text, summary, pieces));
-            }
-        }
-    }
-    panic!("stream ended without a summary");
-}
 
 fn greedy(max_tokens: u32) -> Option<SamplingOptions> {
     Some(SamplingOptions {
@@ -67,7 +38,11 @@ async fn streams_text_then_one_summary_with_usage_and_timings() {
         .await
         .expect("Generate accepted")
         .into_inner();
-    let (text, summary, pieces) = collect(stream).await.expect("generation succeeded");
+    let support::Generated {
+        text,
+        summary,
+        pieces,
+    } = collect(stream).await.expect("generation succeeded");
     assert!(!text.trim().is_empty());
     assert!(pieces > 1, "text arrives in several messages, got {pieces}");
     let meta = summary.meta.expect("summary has meta");
@@ -100,8 +75,15 @@ async fn same_seed_same_text_and_stop_sequences_end_the_output() {
     let second = collect(client.generate(request.clone()).await.unwrap().into_inner())
         .await
         .unwrap();
-    assert_eq!(first.0, second.0, "same request, same seed: same text");
-    assert!(first.0.contains('5'), "the model counts: {:?}", first.0);
+    assert_eq!(
+        first.text, second.text,
+        "same request, same seed: same text"
+    );
+    assert!(
+        first.text.contains('5'),
+        "the model counts: {:?}",
+        first.text
+    );
 
     let stopped = collect(
         client
@@ -115,8 +97,8 @@ async fn same_seed_same_text_and_stop_sequences_end_the_output() {
     )
     .await
     .unwrap();
-    assert!(!stopped.0.contains('5'), "{:?}", stopped.0);
-    assert_eq!(stopped.1.finish_reason, FinishReason::Stop as i32);
+    assert!(!stopped.text.contains('5'), "{:?}", stopped.text);
+    assert_eq!(stopped.summary.finish_reason, FinishReason::Stop as i32);
 }
 
 #[tokio::test]
@@ -142,7 +124,8 @@ async fn json_schema_output_is_valid_json_of_that_schema() {
         .await
         .unwrap()
         .into_inner();
-    let (text, summary, _) = collect(stream).await.expect("schema-valid output");
+    let support::Generated { text, summary, .. } =
+        collect(stream).await.expect("schema-valid output");
     assert_eq!(summary.finish_reason, FinishReason::Stop as i32);
     let value: serde_json::Value = serde_json::from_str(&text).expect("JSON output");
     assert!(

@@ -18,9 +18,16 @@ use std::{
 };
 
 use clap::Parser;
-use rigger_inference::{config::Config, proto::inference_service_client::InferenceServiceClient};
+use futures_util::StreamExt;
+use rigger_inference::{
+    config::Config,
+    proto::{
+        GenerateRequest, GenerateResponse, GenerationSummary, generate_response::Event,
+        inference_service_client::InferenceServiceClient,
+    },
+};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tonic::transport::Channel;
+use tonic::{Status, Streaming, transport::Channel};
 
 /// Name under which the llama.cpp server serves the default model.
 pub const MODEL_ALIAS: &str = "smollm2-135m-instruct";
@@ -234,4 +241,47 @@ impl Drop for TestServer {
             let _ = shutdown.send(());
         }
     }
+}
+
+/// A Generate stream read to its end.
+#[derive(Debug)]
+pub struct Generated {
+    pub text: String,
+    pub summary: GenerationSummary,
+    /// Text messages that carried the text.
+    pub pieces: usize,
+}
+
+/// Reads a Generate stream to its end, checking the summary comes last.
+pub async fn collect(mut stream: Streaming<GenerateResponse>) -> Result<Generated, Status> {
+    let mut text = String::new();
+    let mut pieces = 0;
+    while let Some(message) = stream.next().await {
+        match message?.event.expect("every message carries an event") {
+            Event::Text(piece) => {
+                text.push_str(&piece);
+                pieces += 1;
+            }
+            Event::Summary(summary) => {
+                assert!(
+                    stream.next().await.is_none(),
+                    "the summary is the last message"
+                );
+                return Ok(Generated {
+                    text,
+                    summary,
+                    pieces,
+                });
+            }
+        }
+    }
+    panic!("stream ended without a summary");
+}
+
+/// Calls Generate and reads the stream to its end.
+pub async fn generate(
+    client: &mut InferenceServiceClient<Channel>,
+    request: GenerateRequest,
+) -> Result<Generated, Status> {
+    collect(client.generate(request).await?.into_inner()).await
 }
