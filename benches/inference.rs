@@ -24,7 +24,7 @@ use rigger_inference::proto::{
     inference_service_client::InferenceServiceClient,
 };
 use serde_json::json;
-use support::{LlamaServer, MODEL_ALIAS, TestServer, config, free_port, model_path};
+use support::{LlamaServer, MODEL_ALIAS, TestServer, config, free_port, greedy, model_path};
 use tonic::transport::Channel;
 
 const THREADS: &str = "1";
@@ -57,18 +57,6 @@ fn long_prompt(round: usize) -> String {
          and reconciles settlements nightly. "
             .repeat(6)
     )
-}
-
-fn generation(prompt: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt: prompt.into(),
-        sampling: Some(SamplingOptions {
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 async fn grpc_run(client: &mut InferenceServiceClient<Channel>, request: GenerateRequest) -> Run {
@@ -229,7 +217,7 @@ async fn aggregate_decode(
     let started = Instant::now();
     let runs = join_all(prompts.iter().map(|prompt| {
         let mut client = client.clone();
-        async move { grpc_run(&mut client, generation(prompt, DECODE_TOKENS)).await }
+        async move { grpc_run(&mut client, greedy(prompt, DECODE_TOKENS)).await }
     }))
     .await;
     let tokens: u32 = runs.iter().map(|run| run.tokens).sum();
@@ -244,13 +232,13 @@ async fn relay_overhead(http: &reqwest::Client, base: &str, rounds: usize) {
     let relay =
         TestServer::start(config(&["--backend", "openai", "--openai-base-url", base])).await;
     let mut client = relay.client().await;
-    grpc_run(&mut client, generation("Warm up.", 4)).await;
+    grpc_run(&mut client, greedy("Warm up.", 4)).await;
     let (mut relayed, mut direct) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         relayed.push(
             grpc_run(
                 &mut client,
-                generation(&long_prompt(round + 200), DECODE_TOKENS),
+                greedy(&long_prompt(round + 200), DECODE_TOKENS),
             )
             .await,
         );
@@ -294,13 +282,13 @@ async fn main() {
     let http = reqwest::Client::new();
     let base = llama.openai_url();
 
-    grpc_run(&mut client, generation("Warm up.", 4)).await;
+    grpc_run(&mut client, greedy("Warm up.", 4)).await;
     direct_run(&http, &base, "Warm up.", 4, false).await;
     relay_overhead(&http, &base, rounds).await;
 
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for round in 0..rounds {
-        ours.push(grpc_run(&mut client, generation(&long_prompt(round), DECODE_TOKENS)).await);
+        ours.push(grpc_run(&mut client, greedy(&long_prompt(round), DECODE_TOKENS)).await);
         theirs.push(
             direct_run(
                 &http,
@@ -332,7 +320,7 @@ async fn main() {
     for i in 0..4 {
         let prompt = format!("Tell story number {i} about a lighthouse.");
         solo.push(
-            grpc_run(&mut client, generation(&prompt, DECODE_TOKENS))
+            grpc_run(&mut client, greedy(&prompt, DECODE_TOKENS))
                 .await
                 .text,
         );
@@ -370,17 +358,13 @@ async fn main() {
     let serial_started = Instant::now();
     let mut serial_last = Duration::ZERO;
     for prompt in &prompts {
-        let run = grpc_run(&mut client, generation(prompt, 32)).await;
+        let run = grpc_run(&mut client, greedy(prompt, 32)).await;
         serial_last = serial_started.elapsed() - run.total + run.first_token;
     }
     let together = join_all(prompts.iter().map(|prompt| {
         let mut client = client.clone();
         let prompt = format!("{prompt} (again)");
-        async move {
-            grpc_run(&mut client, generation(&prompt, 32))
-                .await
-                .first_token
-        }
+        async move { grpc_run(&mut client, greedy(&prompt, 32)).await.first_token }
     }))
     .await;
     let together_last = together.into_iter().max().unwrap_or_default();
@@ -453,11 +437,11 @@ async fn main() {
     for round in 0..rounds {
         let prompt = format!("Story {round}: write a long story about the sea as JSON.");
         free.push(
-            grpc_run(&mut client, generation(&prompt, DECODE_TOKENS))
+            grpc_run(&mut client, greedy(&prompt, DECODE_TOKENS))
                 .await
                 .decode_rate(),
         );
-        let mut request = generation(&prompt, DECODE_TOKENS);
+        let mut request = greedy(&prompt, DECODE_TOKENS);
         request.json_schema = schema.to_string();
         constrained.push(grpc_run(&mut client, request).await.decode_rate());
     }

@@ -10,7 +10,7 @@ use futures_util::{StreamExt, future::join_all};
 use rigger_inference::proto::{
     FinishReason, GenerateRequest, GetStatusRequest, SamplingOptions, SchemaSupport,
 };
-use support::{Generated, TestServer, config, generate};
+use support::{Generated, TestServer, config, generate, greedy};
 use tonic::Code;
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
@@ -19,18 +19,6 @@ async fn embedded(flags: &[&str]) -> TestServer {
     let mut all = vec!["--backend", "embedded"];
     all.extend_from_slice(flags);
     TestServer::start(config(&all)).await
-}
-
-fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt: prompt.into(),
-        sampling: Some(SamplingOptions {
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 #[tokio::test]

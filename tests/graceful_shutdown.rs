@@ -12,16 +12,17 @@ use std::{
 use futures_util::StreamExt;
 use rigger_inference::{
     proto::{
-        FinishReason, GenerateRequest, SamplingOptions, generate_response::Event,
-        inference_service_client::InferenceServiceClient,
+        FinishReason, generate_response::Event, inference_service_client::InferenceServiceClient,
     },
     server::health::INFERENCE_SERVICE,
 };
-use support::{free_port, llama};
+use support::{free_port, greedy, llama};
 use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
+
+const STORY: &str = "Write a long story about a lighthouse keeper.";
 
 struct Binary {
     child: Child,
@@ -71,18 +72,6 @@ impl Binary {
     }
 }
 
-fn long_generation(max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt: "Write a long story about a lighthouse keeper.".into(),
-        sampling: Some(SamplingOptions {
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn sigterm_drains_open_streams_and_refuses_new_calls() {
     let binary = Binary::start("30s");
@@ -103,7 +92,7 @@ async fn sigterm_drains_open_streams_and_refuses_new_calls() {
         }
     }
     let mut stream = inference
-        .generate(long_generation(120))
+        .generate(greedy(STORY, 120))
         .await
         .unwrap()
         .into_inner();
@@ -125,7 +114,7 @@ async fn sigterm_drains_open_streams_and_refuses_new_calls() {
     );
 
     let refused = inference
-        .generate(long_generation(4))
+        .generate(greedy(STORY, 4))
         .await
         .expect_err("no new calls while draining");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
@@ -148,7 +137,7 @@ async fn streams_past_the_grace_period_end_as_cancelled() {
     let binary = Binary::start("500ms");
     let mut inference = InferenceServiceClient::new(binary.channel().await);
     let mut stream = inference
-        .generate(long_generation(4000))
+        .generate(greedy(STORY, 4000))
         .await
         .unwrap()
         .into_inner();

@@ -11,7 +11,7 @@ use rigger_inference::proto::{
     EnhanceTaskRequest, GenerateRequest, SamplingOptions, Task, generate_response::Event,
 };
 use support::{
-    TestServer, config, llama,
+    TestServer, config, greedy, llama,
     ollama::{MODEL, OllamaStandIn},
 };
 use tonic::Code;
@@ -26,25 +26,13 @@ async fn serve_with(stand_in: &OllamaStandIn) -> TestServer {
     .await
 }
 
-fn prompt(text: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt: text.into(),
-        sampling: Some(SamplingOptions {
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn generate_streams_ollama_lines_and_reports_its_statistics() {
     let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
     let server = serve_with(&stand_in).await;
     let mut client = server.client().await;
     let mut stream = client
-        .generate(prompt("Name a fruit.", 10))
+        .generate(greedy("Name a fruit.", 10))
         .await
         .expect("Generate accepted")
         .into_inner();
@@ -108,7 +96,7 @@ async fn a_model_ollama_has_not_pulled_is_not_found() {
     let status = client
         .generate(GenerateRequest {
             model: "llama3.1".into(),
-            ..prompt("Hi", 4)
+            ..greedy("Hi", 4)
         })
         .await
         .expect_err("llama3.1 is not pulled");
@@ -126,7 +114,7 @@ async fn a_busy_ollama_is_unavailable() {
     stand_in.controls.busy.store(true, Ordering::SeqCst);
     let server = serve_with(&stand_in).await;
     let mut client = server.client().await;
-    let status = client.generate(prompt("Hi", 4)).await.expect_err("busy");
+    let status = client.generate(greedy("Hi", 4)).await.expect_err("busy");
     assert_eq!(status.code(), Code::Unavailable);
     assert!(
         status
@@ -144,7 +132,7 @@ async fn an_error_line_mid_stream_ends_the_stream_with_that_error() {
     let server = serve_with(&stand_in).await;
     let mut client = server.client().await;
     let mut stream = client
-        .generate(prompt("Tell a story.", 30))
+        .generate(greedy("Tell a story.", 30))
         .await
         .unwrap()
         .into_inner();
@@ -179,7 +167,7 @@ async fn a_client_that_goes_away_drops_the_request_to_ollama() {
     let server = serve_with(&stand_in).await;
     let mut client = server.client().await;
     let mut stream = client
-        .generate(prompt("Write a long essay about rivers.", 2000))
+        .generate(greedy("Write a long essay about rivers.", 2000))
         .await
         .unwrap()
         .into_inner();

@@ -243,6 +243,19 @@ impl Drop for TestServer {
     }
 }
 
+/// A Generate request decoding greedily, so its answer is reproducible.
+pub fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.into(),
+        sampling: Some(rigger_inference::proto::SamplingOptions {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A Generate stream read to its end.
 #[derive(Debug)]
 pub struct Generated {
