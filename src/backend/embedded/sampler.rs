@@ -19,6 +19,8 @@ pub(super) struct Sampler {
     history: Vec<u32>,
     no_repeat_ngram: Option<usize>,
     said: Vec<Vec<u32>>,
+    /// Logits after penalties, kept to reuse its allocation every step.
+    adjusted: Vec<f32>,
     rng: SplitMix64,
 }
 
@@ -32,6 +34,7 @@ impl Sampler {
             history: Vec::new(),
             no_repeat_ngram: None,
             said: Vec::new(),
+            adjusted: Vec::new(),
             rng: SplitMix64(seed),
         }
     }
@@ -89,33 +92,34 @@ impl Sampler {
     }
 
     fn pick(&mut self, logits: &[f32], allowed: impl Fn(u32) -> bool) -> Option<u32> {
-        let penalty = |token: u32| {
-            self.generated
-                .get(&token)
-                .map_or(0.0, |&count| self.frequency_penalty * count as f32)
-        };
-        let candidates: Vec<(u32, f32)> = (0..logits.len() as u32)
-            .filter(|&token| allowed(token))
-            .map(|token| (token, logits[token as usize] - penalty(token)))
-            .filter(|(_, logit)| logit.is_finite())
-            .collect();
-        if self.temperature <= 0.0 {
-            candidates
-                .iter()
-                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
-                .map(|&(token, _)| token)
-        } else {
-            self.draw(candidates)
+        // Penalties touch only the tokens drawn so far: adjust a reused copy
+        // of the logits instead of looking every vocabulary entry up.
+        let mut adjusted = std::mem::take(&mut self.adjusted);
+        adjusted.clear();
+        adjusted.extend_from_slice(logits);
+        if self.frequency_penalty != 0.0 {
+            for (&token, &count) in &self.generated {
+                if let Some(logit) = adjusted.get_mut(token as usize) {
+                    *logit -= self.frequency_penalty * count as f32;
+                }
+            }
         }
+        let token = if self.temperature <= 0.0 {
+            candidates(&adjusted, &allowed)
+                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+                .map(|(token, _)| token)
+        } else {
+            self.draw(&adjusted, &allowed)
+        };
+        self.adjusted = adjusted;
+        token
     }
 
-    fn draw(&mut self, candidates: Vec<(u32, f32)>) -> Option<u32> {
-        let max = candidates
-            .iter()
-            .map(|&(_, logit)| logit)
+    fn draw(&mut self, logits: &[f32], allowed: &impl Fn(u32) -> bool) -> Option<u32> {
+        let max = candidates(logits, allowed)
+            .map(|(_, logit)| logit)
             .fold(f32::NEG_INFINITY, f32::max);
-        let mut weighted: Vec<(u32, f32)> = candidates
-            .into_iter()
+        let mut weighted: Vec<(u32, f32)> = candidates(logits, allowed)
             .map(|(token, logit)| (token, ((logit - max) / self.temperature).exp()))
             .filter(|&(_, weight)| weight >= NEGLIGIBLE_RELATIVE_PROBABILITY)
             .collect();
@@ -142,6 +146,18 @@ impl Sampler {
         }
         weighted.last().map(|&(token, _)| token)
     }
+}
+
+/// The allowed tokens with a finite logit, as (token, logit).
+fn candidates<'a>(
+    logits: &'a [f32],
+    allowed: &'a impl Fn(u32) -> bool,
+) -> impl Iterator<Item = (u32, f32)> + 'a {
+    logits
+        .iter()
+        .enumerate()
+        .map(|(token, &logit)| (token as u32, logit))
+        .filter(move |&(token, logit)| logit.is_finite() && allowed(token))
 }
 
 /// A small, fast, seedable generator (Steele, Lea and Flood's SplitMix64).
