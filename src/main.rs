@@ -4,15 +4,19 @@ use clap::Parser;
 use rigger_inference::{config::Config, server};
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() {
     let config = Config::parse();
     server::init_tracing(config.log_format);
-    match server::run(config).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let code = match server::run(config).await {
+        Ok(()) => 0,
         Err(error) => {
             tracing::error!(%error, "rigger-inference stopped");
             eprintln!("rigger-inference: {error}");
-            std::process::ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Exits here rather than by returning: dropping the runtime would wait
+    // for a model load still running on a blocking thread after an early
+    // shutdown.
+    std::process::exit(code);
 }

@@ -212,3 +212,65 @@ async fn auto_falls_back_to_the_embedded_engine_when_no_runtime_answers() {
         "ready once loaded"
     );
 }
+
+/// A model "file" that is a named pipe: loading blocks on it until the test
+/// writes, so the test sees the server while its model loads, for sure.
+#[cfg(unix)]
+#[tokio::test]
+async fn health_answers_while_the_model_loads_and_a_corrupt_model_stops_startup() {
+    let fifo = std::env::temp_dir().join(format!("rigger-loading-{}.gguf", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success());
+    let server = TestServer::spawn(config(&[
+        "--backend",
+        "embedded",
+        "--model-path",
+        fifo.to_str().unwrap(),
+    ]))
+    .await;
+
+    let mut health = HealthClient::new(server.channel().await);
+    assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
+    assert_eq!(
+        check(&mut health, INFERENCE_SERVICE).await,
+        ServingStatus::NotServing,
+        "not ready while the model loads"
+    );
+    let mut backend_watch = health
+        .watch(HealthCheckRequest {
+            service: "rigger.backend.embedded".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next_status(&mut backend_watch).await,
+        ServingStatus::ServiceUnknown,
+        "backend entries exist once the backends do"
+    );
+    let refused = server
+        .client()
+        .await
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert!(refused.message().contains("starting"), "{refused:?}");
+
+    let writer = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || std::fs::write(fifo, b"not a model")
+    });
+    let error = server.exited().await.expect_err("startup fails");
+    writer.join().unwrap().expect("wrote the pipe");
+    let _ = std::fs::remove_file(&fifo);
+    let message = error.to_string();
+    assert!(
+        message.contains(fifo.to_str().unwrap()) && message.contains("GGUF"),
+        "{message}"
+    );
+}

@@ -2,11 +2,13 @@
 //! by a background prober.
 //!
 //! Entries: `""` (the process is up), the inference service (ready: the
-//! active backend answered its last probe) and `rigger.backend.<name>` per
-//! configured backend. Implemented here rather than with tonic-health's
-//! reporter to follow the protocol where that one does not: Watch on an
-//! unknown service answers SERVICE_UNKNOWN (not an error) and stays open, an
-//! entry is re-sent only when its status changes, and on shutdown every Watch
+//! active backend answered its last probe; NOT_SERVING while backends are
+//! still being selected or a model loads) and `rigger.backend.<name>` per
+//! configured backend, added once the backends exist. Implemented here rather
+//! than with tonic-health's reporter to follow the protocol where that one
+//! does not: Watch on an unknown service answers SERVICE_UNKNOWN (not an
+//! error) and stays open, following the entry if it appears later; an entry
+//! is re-sent only when its status changes; and on shutdown every Watch
 //! stream gets NOT_SERVING and then ends instead of holding the drain open.
 
 use std::{
@@ -41,36 +43,53 @@ pub fn backend_service(name: &str) -> String {
     format!("rigger.backend.{name}")
 }
 
+type Entries = RwLock<HashMap<String, watch::Sender<ServingStatus>>>;
+
 /// Current status of every health entry, and its watchers.
 pub struct HealthBoard {
-    entries: RwLock<HashMap<String, watch::Sender<ServingStatus>>>,
+    entries: Arc<Entries>,
+    /// Bumped when entries are added, so Watch streams of services unknown
+    /// so far can pick them up.
+    added: watch::Sender<()>,
     /// Ends Watch streams of unknown services at shutdown.
     closing: CancellationToken,
 }
 
 impl HealthBoard {
-    /// The entries of a server over `registry`: the process SERVING, the
-    /// inference service NOT_SERVING until its backend answers a probe.
-    pub(super) fn new(registry: &BackendRegistry) -> Arc<Self> {
-        let mut entries = HashMap::new();
-        let mut add = |service: String, status| {
-            entries.insert(service, watch::Sender::new(status));
-        };
-        add(String::new(), ServingStatus::Serving);
-        add(INFERENCE_SERVICE.to_owned(), ServingStatus::NotServing);
-        for snapshot in registry.snapshots() {
-            add(
-                backend_service(snapshot.name),
-                serving_status(snapshot.health),
-            );
-        }
-        let board = Arc::new(Self {
-            entries: RwLock::new(entries),
+    /// The entries of a starting server: the process SERVING, the inference
+    /// service NOT_SERVING until its backend exists and answers a probe.
+    pub(super) fn starting() -> Arc<Self> {
+        let entries = HashMap::from([
+            (String::new(), watch::Sender::new(ServingStatus::Serving)),
+            (
+                INFERENCE_SERVICE.to_owned(),
+                watch::Sender::new(ServingStatus::NotServing),
+            ),
+        ]);
+        Arc::new(Self {
+            entries: Arc::new(RwLock::new(entries)),
+            added: watch::Sender::new(()),
             closing: CancellationToken::new(),
-        });
-        // `auto` selection has probed already: start from what it learned.
-        board.publish(&registry.snapshots());
-        board
+        })
+    }
+
+    /// Adds an entry per backend of `registry` and publishes what selection
+    /// learned (`auto` has probed them already).
+    pub(super) fn register(&self, registry: &BackendRegistry) {
+        let snapshots = registry.snapshots();
+        {
+            let mut entries = self
+                .entries
+                .write()
+                .unwrap_or_else(|poison| poison.into_inner());
+            for snapshot in &snapshots {
+                entries
+                    .entry(backend_service(snapshot.name))
+                    .or_insert_with(|| watch::Sender::new(serving_status(snapshot.health)));
+            }
+        }
+        self.added.send_replace(());
+        self.publish(&snapshots);
     }
 
     fn status(&self, service: &str) -> Option<ServingStatus> {
@@ -162,26 +181,41 @@ impl Health for HealthBoard {
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let service = request.into_inner().service;
-        let receiver = {
-            let entries = self
-                .entries
-                .read()
-                .unwrap_or_else(|poison| poison.into_inner());
-            entries.get(&service).map(watch::Sender::subscribe)
-        };
         let closing = self.closing.clone();
-        let stream: HealthStream = match receiver {
+        // Subscribed before the lookup, so an entry added in between is seen.
+        let mut added = self.added.subscribe();
+        let stream: HealthStream = match subscribe(&self.entries, &service) {
             Some(receiver) => Box::pin(watch_changes(receiver, closing)),
-            // The set of entries is fixed for the life of the process, so an
-            // unknown service stays unknown: one message, then quiet.
-            None => Box::pin(
-                stream::once(async { Ok(response(ServingStatus::ServiceUnknown)) })
-                    .chain(stream::pending())
-                    .take_until(closing.cancelled_owned()),
-            ),
+            None => {
+                let entries = self.entries.clone();
+                let stopping = closing.clone();
+                let appeared = async move {
+                    loop {
+                        tokio::select! {
+                            changed = added.changed() => changed.ok()?,
+                            () = stopping.cancelled() => return None,
+                        }
+                        if let Some(receiver) = subscribe(&entries, &service) {
+                            return Some(receiver);
+                        }
+                    }
+                };
+                Box::pin(
+                    stream::once(async { Ok(response(ServingStatus::ServiceUnknown)) }).chain(
+                        stream::once(appeared)
+                            .filter_map(|receiver| async move { receiver })
+                            .flat_map(move |receiver| watch_changes(receiver, closing.clone())),
+                    ),
+                )
+            }
         };
         Ok(Response::new(stream))
     }
+}
+
+fn subscribe(entries: &Entries, service: &str) -> Option<watch::Receiver<ServingStatus>> {
+    let entries = entries.read().unwrap_or_else(|poison| poison.into_inner());
+    entries.get(service).map(watch::Sender::subscribe)
 }
 
 /// The current status, then each change, until shutdown. A change made just
@@ -233,5 +267,56 @@ pub(super) async fn probe_until(
             snapshots = registry.probe_all() => snapshots,
         };
         board.publish(&snapshots);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{
+        BackendRegistry,
+        ollama::{OllamaBackend, OllamaSettings},
+    };
+
+    async fn next(stream: &mut HealthStream) -> ServingStatus {
+        let message = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a message")
+            .expect("the stream is open")
+            .expect("no error");
+        ServingStatus::try_from(message.status).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_watch_on_an_entry_added_later_follows_it() {
+        let board = HealthBoard::starting();
+        let mut watch = board
+            .watch(Request::new(HealthCheckRequest {
+                service: backend_service("ollama"),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(next(&mut watch).await, ServingStatus::ServiceUnknown);
+
+        let ollama = OllamaBackend::new(
+            reqwest::Client::new(),
+            OllamaSettings {
+                host: "http://127.0.0.1:9".into(),
+                model: None,
+                keep_alive: None,
+                probe_timeout: Duration::from_secs(1),
+            },
+        );
+        let registry = BackendRegistry::new(vec![Arc::new(ollama)], 0, Duration::from_secs(1));
+        board.register(&registry);
+        assert_eq!(
+            next(&mut watch).await,
+            ServingStatus::Unknown,
+            "not probed yet"
+        );
+        board.shutting_down();
+        assert_eq!(next(&mut watch).await, ServingStatus::NotServing);
+        assert!(watch.next().await.is_none(), "ends at shutdown");
     }
 }

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
+use service::Backends;
 pub use service::InferenceApi;
 pub use validate::{Limits, ValidationError};
 
@@ -94,31 +95,23 @@ async fn termination() {
 
 /// Serves on `listener` until `shutdown` completes, then drains: health goes
 /// NOT_SERVING, new calls are refused, open calls get the grace period.
+///
+/// Health and reflection answer from the start; the backends are selected
+/// (and the embedded model loaded) meanwhile, with readiness NOT_SERVING
+/// and inference calls refused with UNAVAILABLE until that is done. A
+/// selection that fails stops the server with its error.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let registry = Arc::new(BackendRegistry::from_config(&config).await?);
-    serve_registry(listener, config, registry, shutdown).await
-}
-
-/// [`serve`] over an already built set of backends.
-pub async fn serve_registry(
-    listener: TcpListener,
-    config: Config,
-    registry: Arc<BackendRegistry>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServerError> {
-    let board = health::HealthBoard::new(&registry);
-    let stop_probing = CancellationToken::new();
-    let prober = tokio::spawn(health::probe_until(
-        registry.clone(),
-        board.clone(),
-        config.probe_interval,
-        stop_probing.clone(),
-    ));
-
+    let selecting = {
+        let config = config.clone();
+        async move { BackendRegistry::from_config(&config).await.map(Arc::new) }
+    };
+    tokio::pin!(shutdown);
+    let board = health::HealthBoard::starting();
+    let backends: Backends = Arc::default();
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -126,7 +119,7 @@ pub async fn serve_registry(
     };
     let drain = drain::Drain::default();
     let api = InferenceApi::new(
-        registry,
+        backends.clone(),
         TaskRunner::new(config.task_attempts),
         Limits {
             default_max_tokens: config.default_max_tokens,
@@ -150,12 +143,39 @@ pub async fn serve_registry(
         );
     tokio::pin!(server);
 
+    let selected = tokio::select! {
+        result = &mut server => return result.map_err(ServerError::from),
+        () = &mut shutdown => None,
+        selected = selecting => Some(selected),
+    };
+    let registry = match selected {
+        Some(Ok(registry)) => registry,
+        unfinished => {
+            board.shutting_down();
+            stop_transport.cancel();
+            let _ = tokio::time::timeout(CUT_FLUSH, &mut server).await;
+            return match unfinished {
+                Some(Err(error)) => Err(error.into()),
+                _ => Ok(()),
+            };
+        }
+    };
+    board.register(&registry);
+    let _ = backends.set(registry.clone());
+    let stop_probing = CancellationToken::new();
+    let prober = tokio::spawn(health::probe_until(
+        registry,
+        board.clone(),
+        config.probe_interval,
+        stop_probing.clone(),
+    ));
+
     tokio::select! {
         result = &mut server => {
             stop_probing.cancel();
             return result.map_err(ServerError::from);
         }
-        () = shutdown => {}
+        () = &mut shutdown => {}
     }
     stop_probing.cancel();
     let _ = prober.await;

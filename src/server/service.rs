@@ -1,7 +1,10 @@
 //! The `InferenceService` handlers: validate, hand to the task layer or the
 //! backend, and relay the answer.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -11,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     drain::Drain,
-    status::schema_violation,
+    status::{schema_violation, starting},
     validate::{self, Limits},
 };
 use crate::{
@@ -25,8 +28,12 @@ use crate::{
 /// by backpressure instead of buffering without bound.
 const RELAY_BUFFER: usize = 32;
 
+/// The backends, once selected (and the embedded model loaded): calls
+/// arriving before that get UNAVAILABLE.
+pub(super) type Backends = Arc<OnceLock<Arc<BackendRegistry>>>;
+
 pub struct InferenceApi {
-    registry: Arc<BackendRegistry>,
+    registry: Backends,
     runner: TaskRunner,
     limits: Limits,
     drain: Drain,
@@ -34,7 +41,7 @@ pub struct InferenceApi {
 
 impl InferenceApi {
     pub(super) fn new(
-        registry: Arc<BackendRegistry>,
+        registry: Backends,
         runner: TaskRunner,
         limits: Limits,
         drain: Drain,
@@ -45,6 +52,10 @@ impl InferenceApi {
             limits,
             drain,
         }
+    }
+
+    fn registry(&self) -> Result<&BackendRegistry, Status> {
+        self.registry.get().map(Arc::as_ref).ok_or_else(starting)
     }
 }
 
@@ -57,7 +68,7 @@ impl InferenceService for InferenceApi {
         let started = Instant::now();
         let _open = self.drain.admit()?;
         let request = validate::enhance(request.into_inner(), &self.limits)?;
-        let backend = self.registry.active();
+        let backend = self.registry()?.active();
         let answer = self
             .runner
             .enhance(backend.as_ref(), request, started)
@@ -81,7 +92,7 @@ impl InferenceService for InferenceApi {
         let started = Instant::now();
         let _open = self.drain.admit()?;
         let request = validate::decompose(request.into_inner(), &self.limits)?;
-        let backend = self.registry.active();
+        let backend = self.registry()?.active();
         let answer = self
             .runner
             .decompose(backend.as_ref(), request, started)
@@ -111,7 +122,7 @@ impl InferenceService for InferenceApi {
         let started = Instant::now();
         let open = self.drain.admit()?;
         let (request, schema) = validate::generate(request.into_inner(), &self.limits)?;
-        let backend = self.registry.active();
+        let backend = self.registry()?.active();
         let requested_model = request.model.clone().unwrap_or_default();
         let stream = backend.generate(request).await?;
         let (sender, receiver) = mpsc::channel(RELAY_BUFFER);
@@ -134,7 +145,7 @@ impl InferenceService for InferenceApi {
         &self,
         _request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
-        let snapshots = self.registry.snapshots();
+        let snapshots = self.registry()?.snapshots();
         let active = snapshots.iter().find(|snapshot| snapshot.active);
         Ok(Response::new(proto::GetStatusResponse {
             active_backend: active

@@ -40,3 +40,11 @@ pub(super) fn schema_violation(problem: &str) -> Status {
         "generated output does not satisfy json_schema: {problem}"
     ))
 }
+
+/// A call that arrives while the backends are still being selected or the
+/// embedded model loads.
+pub(super) fn starting() -> Status {
+    Status::unavailable(
+        "rigger-inference is starting: its backend is being selected or its model loaded; retry shortly",
+    )
+}

@@ -22,8 +22,8 @@ use futures_util::StreamExt;
 use rigger_inference::{
     config::Config,
     proto::{
-        GenerateRequest, GenerateResponse, GenerationSummary, generate_response::Event,
-        inference_service_client::InferenceServiceClient,
+        GenerateRequest, GenerateResponse, GenerationSummary, GetStatusRequest,
+        generate_response::Event, inference_service_client::InferenceServiceClient,
     },
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -189,7 +189,27 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// Starts a server and waits until its backends are selected (and the
+    /// embedded model loaded), as a client retrying UNAVAILABLE would.
     pub async fn start(config: Config) -> Self {
+        let server = Self::spawn(config).await;
+        let mut client = server.client().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match client.get_status(GetStatusRequest {}).await {
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => return server,
+            }
+        }
+    }
+
+    /// Starts a server without waiting for its backends.
+    pub async fn spawn(config: Config) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -220,6 +240,15 @@ impl TestServer {
 
     pub async fn client(&self) -> InferenceServiceClient<Channel> {
         InferenceServiceClient::new(self.channel().await)
+    }
+
+    /// Waits for the server to stop by itself and returns how `serve` ended.
+    pub async fn exited(mut self) -> Result<(), rigger_inference::server::ServerError> {
+        let handle = self.handle.take().expect("stopped once");
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("the server stopped by itself")
+            .expect("server task did not panic")
     }
 
     /// Stops the server and returns how `serve` ended.

@@ -12,9 +12,11 @@
 use std::{
     num::NonZeroU32,
     sync::{
+        Arc,
         atomic::{AtomicBool, Ordering},
-        mpsc::{Receiver, Sender, TryRecvError},
+        mpsc::{Receiver, Sender, SyncSender, TryRecvError, TrySendError, sync_channel},
     },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -100,31 +102,98 @@ fn context_params(shape: EngineShape) -> LlamaContextParams {
         .with_n_threads_batch(shape.threads)
 }
 
+/// The running engine thread. Dropping it ends the engine after its current
+/// step and waits for it: a process that exits while llama.cpp is in the
+/// middle of a decode crashes in llama.cpp's exit handlers.
+pub(super) struct EngineThread {
+    jobs: Option<SyncSender<Job>>,
+    stop: Arc<AtomicBool>,
+    alive: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineThread {
+    /// Starts the engine with room for `queue` waiting jobs, and waits for
+    /// its context and warm-up; returns how long the warm-up took.
+    pub(super) fn start(
+        model: Arc<LlamaModel>,
+        llama: &'static LlamaBackend,
+        shape: EngineShape,
+        queue: usize,
+    ) -> Result<(Self, Duration), String> {
+        let (jobs, waiting) = sync_channel(queue);
+        let (ready, warmed) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let alive = Arc::new(AtomicBool::new(true));
+        let thread = {
+            let (stop, alive) = (stop.clone(), alive.clone());
+            std::thread::Builder::new()
+                .name("rigger-engine".into())
+                .spawn(move || {
+                    serve_jobs(&model, llama, shape, &waiting, &stop, &ready);
+                    alive.store(false, Ordering::SeqCst);
+                })
+                .map_err(|error| format!("engine thread: {error}"))?
+        };
+        let engine = Self {
+            jobs: Some(jobs),
+            stop,
+            alive,
+            thread: Some(thread),
+        };
+        let warm_up = warmed
+            .recv()
+            .map_err(|_| "the engine thread stopped during start-up".to_owned())??;
+        Ok((engine, warm_up))
+    }
+
+    pub(super) fn submit(&self, job: Job) -> Result<(), TrySendError<Job>> {
+        match &self.jobs {
+            Some(jobs) => jobs.try_send(job),
+            None => Err(TrySendError::Disconnected(job)),
+        }
+    }
+
+    pub(super) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes an idle engine waiting for a job.
+        self.jobs.take();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the engine thread panicked");
+        }
+    }
+}
+
 /// Body of the engine thread: creates the context, warms it up, reports
-/// the outcome on `ready`, then serves jobs until every job sender is gone.
-/// `alive` turns false when it stops.
-pub(super) fn start(
+/// the outcome on `ready`, then serves jobs until `stop` or until every job
+/// sender is gone.
+fn serve_jobs(
     model: &LlamaModel,
     llama: &LlamaBackend,
     shape: EngineShape,
-    jobs: Receiver<Job>,
-    alive: &AtomicBool,
+    jobs: &Receiver<Job>,
+    stop: &AtomicBool,
     ready: &Sender<Result<Duration, String>>,
 ) {
-    let started = warm_context(model, llama, shape);
-    let mut context = match started {
+    let mut context = match warm_context(model, llama, shape) {
         Ok((context, warm_up)) => {
             let _ = ready.send(Ok(warm_up));
             context
         }
         Err(error) => {
-            alive.store(false, Ordering::SeqCst);
             let _ = ready.send(Err(error));
             return;
         }
     };
-    run(model, &mut context, shape, &jobs);
-    alive.store(false, Ordering::SeqCst);
+    run(model, &mut context, shape, jobs, stop);
 }
 
 fn warm_context<'m>(
@@ -144,6 +213,7 @@ fn run(
     context: &mut LlamaContext<'_>,
     shape: EngineShape,
     jobs: &Receiver<Job>,
+    stop: &AtomicBool,
 ) {
     let mut engine = Engine {
         model,
@@ -152,7 +222,7 @@ fn run(
         cached: (0..shape.parallel).map(|_| Vec::new()).collect(),
         shape,
     };
-    while engine.admit(jobs, context) {
+    while !stop.load(Ordering::SeqCst) && engine.admit(jobs, context) {
         engine.drop_abandoned();
         if let Err(error) = engine.step(context) {
             engine.fail_all(context, &error);

@@ -15,8 +15,8 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc::{SyncSender, TrySendError, sync_channel},
+        atomic::{AtomicU64, Ordering},
+        mpsc::TrySendError,
     },
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
@@ -32,7 +32,11 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 pub use engine::EngineShape;
 
-use self::{engine::Job, sampler::Sampler, text::TextAssembler};
+use self::{
+    engine::{EngineThread, Job},
+    sampler::Sampler,
+    text::TextAssembler,
+};
 use super::{
     Backend, BackendError, Capabilities, ChunkStream, GenerationRequest, ProbeReport, SchemaSupport,
 };
@@ -58,8 +62,7 @@ pub struct EmbeddedBackend {
     model_path: PathBuf,
     template: LlamaChatTemplate,
     grammars: ParserFactory,
-    jobs: SyncSender<Job>,
-    alive: Arc<AtomicBool>,
+    engine: EngineThread,
     shape: EngineShape,
     queue: usize,
 }
@@ -119,21 +122,9 @@ impl EmbeddedBackend {
             )
         });
 
-        let (jobs, queue) = sync_channel(settings.queue);
-        let (ready, warmed) = std::sync::mpsc::channel();
-        let alive = Arc::new(AtomicBool::new(true));
         let shape = settings.shape;
-        {
-            let (model, alive) = (model.clone(), alive.clone());
-            std::thread::Builder::new()
-                .name("rigger-engine".into())
-                .spawn(move || engine::start(&model, llama, shape, queue, &alive, &ready))
-                .map_err(|error| fail(format!("engine thread: {error}")))?;
-        }
-        let warm_up = warmed
-            .recv()
-            .map_err(|_| fail("the engine thread stopped during start-up".to_owned()))?
-            .map_err(&fail)?;
+        let (engine, warm_up) =
+            EngineThread::start(model.clone(), llama, shape, settings.queue).map_err(&fail)?;
         tracing::info!(
             path = %path.display(),
             model = %model_name,
@@ -154,8 +145,7 @@ impl EmbeddedBackend {
             model_path: path,
             template,
             grammars,
-            jobs,
-            alive,
+            engine,
             shape,
             queue: settings.queue,
         })
@@ -260,7 +250,7 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
-        if !self.alive.load(Ordering::SeqCst) {
+        if !self.engine.is_alive() {
             return Err(BackendError::Unavailable {
                 backend: NAME,
                 endpoint: self.endpoint(),
@@ -319,7 +309,7 @@ impl Backend for EmbeddedBackend {
             model: self.model_name.clone(),
             output,
         };
-        match self.jobs.try_send(job) {
+        match self.engine.submit(job) {
             Ok(()) => Ok(Box::pin(UnboundedReceiverStream::new(chunks))),
             Err(TrySendError::Full(_)) => Err(BackendError::Overloaded {
                 backend: NAME,
