@@ -9,7 +9,7 @@ export RIGGER_CACHE_DIR ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cac
 # cmake and libclang for llama.cpp's build, from scripts/setup-build.sh.
 CARGO := source "$(RIGGER_CACHE_DIR)/build.env" && cargo
 
-.PHONY: run test setup lint bench
+.PHONY: run test setup lint bench eval
 
 setup:
 	scripts/setup-python.sh >/dev/null
@@ -28,3 +28,7 @@ test: setup lint
 
 bench: setup
 	$(CARGO) bench --locked --bench inference
+
+# Options after `--`, e.g. make eval EVAL_ARGS="--backends embedded --limit 10"
+eval: setup
+	$(CARGO) bench --locked --bench eval -- $(EVAL_ARGS)

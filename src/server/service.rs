@@ -285,6 +285,7 @@ impl Relay {
             time_to_first_token: duration(self.clock.time_to_first_token()),
             total_time: duration(self.clock.elapsed()),
             attempts: 1,
+            repaired: Vec::new(),
             backend_prompt_time: completion
                 .and_then(|completion| completion.engine_timings)
                 .and_then(|timings| duration(timings.prompt)),
@@ -315,6 +316,14 @@ fn answer_meta(stats: &AnswerStats) -> proto::ResponseMeta {
         attempts: stats.attempts,
         backend_prompt_time: None,
         backend_generation_time: None,
+        repaired: stats
+            .repaired
+            .iter()
+            .map(|violation| proto::Violation {
+                rule: violation.rule.name().to_owned(),
+                detail: violation.detail.clone(),
+            })
+            .collect(),
     }
 }
 

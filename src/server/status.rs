@@ -1,6 +1,6 @@
 //! The one place where errors of every layer become gRPC status codes.
 
-use tonic::{Code, Status};
+use tonic::{Code, Status, metadata::MetadataValue};
 
 use super::validate::ValidationError;
 use crate::{backend::BackendError, task::TaskError};
@@ -25,11 +25,21 @@ impl From<BackendError> for Status {
     }
 }
 
+/// Trailer naming the rule an answer that stayed invalid broke last.
+pub const VIOLATION_TRAILER: &str = "rigger-violation";
+
 impl From<TaskError> for Status {
     fn from(error: TaskError) -> Self {
         match error {
             TaskError::Backend(error) => error.into(),
-            TaskError::InvalidAnswer { .. } => Status::internal(error.to_string()),
+            TaskError::InvalidAnswer { ref violation, .. } => {
+                let mut status = Status::internal(error.to_string());
+                status.metadata_mut().insert(
+                    VIOLATION_TRAILER,
+                    MetadataValue::from_static(violation.rule.name()),
+                );
+                status
+            }
         }
     }
 }

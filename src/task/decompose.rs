@@ -1,12 +1,17 @@
 //! DecomposeTask: its request, its typed answer and the rules an answer
-//! obeys: count of distinct subtasks in range, non-blank fields, complexity
-//! 1–10 and at most the parent's when known, dependencies on existing
-//! siblings without cycles.
+//! obeys: count of distinct subtasks in range, non-blank fields, a
+//! description that says more than its title, complexity 1–10 and below
+//! the parent's when known, dependencies on existing siblings without cycles.
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{ProjectContext, TaskSpec, enhance::non_blank};
+use super::{
+    ProjectContext, TaskSpec,
+    enhance::non_blank,
+    schema::subtask_complexity_ceiling,
+    violation::{Rule, Violation, same_meaning},
+};
 use crate::backend::Sampling;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -39,41 +44,51 @@ struct Answer {
 /// Reads a schema-valid answer and checks what the schema cannot say.
 ///
 /// Repeats are removed before the rules are checked: a subtask whose title
-/// restates the parent task or an earlier sibling adds nothing, so dropping
-/// it loses nothing (dependencies on a dropped repeat move to its original).
-/// Only what remains must satisfy the requested count.
-pub(super) fn parse(value: Value, request: &DecomposeRequest) -> Result<Vec<Subtask>, String> {
-    let Answer { subtasks } = serde_json::from_value(value)
-        .map_err(|error| format!("unexpected answer shape: {error}"))?;
+/// restates the parent task or an earlier sibling (`same_meaning`) adds
+/// nothing, so dropping it loses nothing (dependencies on a dropped repeat
+/// move to its original). Only what remains must satisfy the requested count.
+pub(super) fn parse(value: Value, request: &DecomposeRequest) -> Result<Vec<Subtask>, Violation> {
+    let Answer { subtasks } = serde_json::from_value(value).map_err(|error| {
+        Violation::new(Rule::Schema, format!("unexpected answer shape: {error}"))
+    })?;
     let given = subtasks.len();
-    let parent_title = normalized(&request.task.title);
     let mut kept: Vec<Subtask> = Vec::with_capacity(given);
-    let mut kept_titles: Vec<String> = Vec::with_capacity(given);
     // Position in the answer -> position among the kept subtasks, if any.
     let mut moved_to: Vec<Option<usize>> = Vec::with_capacity(given);
     for (index, subtask) in subtasks.into_iter().enumerate() {
         let field = |name: &str| format!("subtasks[{index}].{name}");
         let title = non_blank(&field("title"), &subtask.title)?;
-        let key = normalized(&title);
-        if key == parent_title {
+        if same_meaning(&title, &request.task.title) {
             moved_to.push(None);
             continue;
         }
-        if let Some(original) = kept_titles.iter().position(|seen| *seen == key) {
+        if let Some(original) = kept
+            .iter()
+            .position(|seen| same_meaning(&seen.title, &title))
+        {
             moved_to.push(Some(original));
             continue;
         }
-        if !(1..=10).contains(&subtask.complexity) {
-            return Err(format!("{} must be 1 to 10", field("complexity")));
+        let description = non_blank(&field("description"), &subtask.description)?;
+        if same_meaning(&description, &title) {
+            return Err(Violation::new(
+                Rule::VagueDescription,
+                format!("{} only restates the title {title:?}", field("description")),
+            ));
         }
-        if let Some(parent) = request.task.complexity
-            && parent > 1
-            && subtask.complexity > parent
-        {
-            return Err(format!(
-                "{} is {}, above the parent's {parent}",
-                field("complexity"),
-                subtask.complexity
+        let ceiling = subtask_complexity_ceiling(request.task.complexity);
+        if !(1..=ceiling).contains(&subtask.complexity) {
+            let why = match request.task.complexity {
+                Some(parent) => format!("below the parent's {parent}"),
+                None => "1 to 10".to_owned(),
+            };
+            return Err(Violation::new(
+                Rule::Complexity,
+                format!(
+                    "{} is {}; it must be {why}",
+                    field("complexity"),
+                    subtask.complexity
+                ),
             ));
         }
         if let Some(bad) = subtask
@@ -81,16 +96,18 @@ pub(super) fn parse(value: Value, request: &DecomposeRequest) -> Result<Vec<Subt
             .iter()
             .find(|&&dependency| dependency as usize >= given || dependency as usize == index)
         {
-            return Err(format!(
-                "{} names {bad}, which is not another subtask",
-                field("depends_on")
+            return Err(Violation::new(
+                Rule::Dependency,
+                format!(
+                    "{} names {bad}, which is not another subtask",
+                    field("depends_on")
+                ),
             ));
         }
         moved_to.push(Some(kept.len()));
-        kept_titles.push(key);
         kept.push(Subtask {
             title,
-            description: non_blank(&field("description"), &subtask.description)?,
+            description,
             complexity: subtask.complexity,
             depends_on: subtask.depends_on,
             reasoning: non_blank(&field("reasoning"), &subtask.reasoning)?,
@@ -110,33 +127,31 @@ pub(super) fn parse(value: Value, request: &DecomposeRequest) -> Result<Vec<Subt
     }
     let range = request.min_subtasks as usize..=request.max_subtasks as usize;
     if !range.contains(&kept.len()) {
+        let wanted = format!("between {} and {} are wanted", range.start(), range.end());
         let repeats = given - kept.len();
-        let repeated = if repeats > 0 {
-            format!(" ({repeats} of {given} repeated the task or an earlier subtask)")
+        return Err(if repeats > 0 {
+            Violation::new(
+                Rule::DuplicateSubtasks,
+                format!(
+                    "{} distinct subtasks given ({repeats} of {given} repeated the task or an \
+                     earlier subtask); {wanted}",
+                    kept.len()
+                ),
+            )
         } else {
-            String::new()
-        };
-        return Err(format!(
-            "{} distinct subtasks given{repeated}; between {} and {} are wanted",
-            kept.len(),
-            range.start(),
-            range.end()
-        ));
+            Violation::new(
+                Rule::SubtaskCount,
+                format!("{} subtasks given; {wanted}", kept.len()),
+            )
+        });
     }
     if let Some(cycle) = find_cycle(&kept) {
-        return Err(format!("dependencies form a cycle through subtask {cycle}"));
+        return Err(Violation::new(
+            Rule::DependencyCycle,
+            format!("dependencies form a cycle through subtask {cycle}"),
+        ));
     }
     Ok(kept)
-}
-
-fn normalized(title: &str) -> String {
-    title
-        .split_whitespace()
-        .map(str::to_lowercase)
-        .collect::<Vec<_>>()
-        .join(" ")
-        .trim_end_matches('.')
-        .to_owned()
 }
 
 /// A subtask on a dependency cycle, if there is one.
@@ -216,46 +231,102 @@ mod tests {
         let cases = [
             (
                 vec![subtask("Only one", 2, &[])],
-                "1 distinct subtasks given; between 2 and 4",
+                Rule::SubtaskCount,
+                "1 subtasks given; between 2 and 4",
             ),
             (
                 vec![subtask("Design", 2, &[]), subtask(" design ", 2, &[])],
+                Rule::DuplicateSubtasks,
                 "1 distinct subtasks given (1 of 2 repeated the task or an earlier subtask)",
             ),
             (
                 vec![
-                    subtask("Build a login page.", 2, &[]),
+                    subtask("Design the form", 2, &[]),
+                    subtask("Design form.", 2, &[0]),
+                    subtask("Design the FORM", 2, &[]),
+                ],
+                Rule::DuplicateSubtasks,
+                "(2 of 3 repeated",
+            ),
+            (
+                vec![
+                    subtask("Build the login page.", 2, &[]),
                     subtask("Other", 2, &[]),
                 ],
+                Rule::DuplicateSubtasks,
                 "1 distinct subtasks given (1 of 2 repeated",
             ),
             (
                 vec![subtask("A", 2, &[1]), subtask("B", 2, &[0])],
+                Rule::DependencyCycle,
                 "dependencies form a cycle",
             ),
             (
                 vec![subtask("A", 2, &[1]), subtask("B", 2, &[1])],
+                Rule::Dependency,
                 "subtasks[1].depends_on names 1",
             ),
             (
                 vec![subtask("A", 2, &[7]), subtask("B", 2, &[])],
+                Rule::Dependency,
                 "subtasks[0].depends_on names 7",
             ),
             (
                 vec![subtask("A", 9, &[]), subtask("B", 2, &[])],
-                "subtasks[0].complexity is 9, above the parent's 6",
+                Rule::Complexity,
+                "subtasks[0].complexity is 9; it must be below the parent's 6",
             ),
             (
-                vec![subtask("A", 0, &[]), subtask("B", 2, &[])],
-                "subtasks[0].complexity must be 1 to 10",
+                vec![subtask("A", 6, &[]), subtask("B", 2, &[])],
+                Rule::Complexity,
+                "subtasks[0].complexity is 6; it must be below the parent's 6",
+            ),
+            (
+                vec![
+                    subtask("A", 2, &[]),
+                    json!({
+                        "title": "Write the form", "description": "Write the form.",
+                        "complexity": 2, "depends_on": [], "reasoning": "Needed."
+                    }),
+                ],
+                Rule::VagueDescription,
+                "subtasks[1].description only restates the title",
+            ),
+            (
+                vec![
+                    subtask("A", 2, &[]),
+                    json!({
+                        "title": "B", "description": "Do B well.",
+                        "complexity": 2, "depends_on": [], "reasoning": " "
+                    }),
+                ],
+                Rule::BlankField,
+                "subtasks[1].reasoning is blank",
             ),
         ];
-        for (subtasks, expected) in cases {
-            let error = parse(answer(subtasks), &request()).unwrap_err();
+        for (subtasks, rule, expected) in cases {
+            let violation = parse(answer(subtasks), &request()).unwrap_err();
+            assert_eq!(violation.rule, rule, "{violation:?}");
             assert!(
-                error.contains(expected),
-                "{error:?} should contain {expected:?}"
+                violation.detail.contains(expected),
+                "{violation:?} should contain {expected:?}"
             );
         }
+    }
+
+    #[test]
+    fn near_duplicates_are_dropped_and_their_dependents_follow_the_original() {
+        let parsed = parse(
+            answer(vec![
+                subtask("Design the form", 2, &[]),
+                subtask("Design form", 2, &[]),
+                subtask("Wire the API", 3, &[1]),
+            ]),
+            &request(),
+        )
+        .unwrap();
+        let titles: Vec<&str> = parsed.iter().map(|s| s.title.as_str()).collect();
+        assert_eq!(titles, ["Design the form", "Wire the API"]);
+        assert_eq!(parsed[1].depends_on, vec![0]);
     }
 }

@@ -3,7 +3,10 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{ProjectContext, TaskSpec};
+use super::{
+    ProjectContext, TaskSpec,
+    violation::{Rule, Violation, same_meaning},
+};
 use crate::backend::Sampling;
 
 /// How an enhancement changed the task.
@@ -49,31 +52,62 @@ pub struct Enhancement {
     pub acceptance_criteria: Vec<String>,
 }
 
-/// Reads a schema-valid answer and checks what the schema cannot say.
-pub(super) fn parse(value: Value, wanted: Option<EnhancementKind>) -> Result<Enhancement, String> {
-    let mut answer: Enhancement = serde_json::from_value(value)
-        .map_err(|error| format!("unexpected answer shape: {error}"))?;
-    if let Some(wanted) = wanted
+/// Reads a schema-valid answer and checks what the schema cannot say:
+/// non-blank fields, the requested kind, distinct acceptance criteria, and
+/// that it says more than the task it enhances.
+pub(super) fn parse(value: Value, request: &EnhanceRequest) -> Result<Enhancement, Violation> {
+    let mut answer: Enhancement = serde_json::from_value(value).map_err(|error| {
+        Violation::new(Rule::Schema, format!("unexpected answer shape: {error}"))
+    })?;
+    if let Some(wanted) = request.kind
         && answer.kind != wanted
     {
-        return Err(format!("kind must be {:?}", wanted.as_str()));
+        return Err(Violation::new(
+            Rule::WrongKind,
+            format!("kind must be {:?}", wanted.as_str()),
+        ));
     }
     answer.title = non_blank("title", &answer.title)?;
     answer.description = non_blank("description", &answer.description)?;
-    answer.acceptance_criteria = answer
-        .acceptance_criteria
-        .iter()
-        .enumerate()
-        .map(|(index, criterion)| non_blank(&format!("acceptance_criteria[{index}]"), criterion))
-        .collect::<Result<_, _>>()?;
+    let restated_description = request
+        .task
+        .description
+        .as_deref()
+        .is_none_or(|original| same_meaning(original, &answer.description));
+    if same_meaning(&request.task.title, &answer.title)
+        && (restated_description || same_meaning(&answer.title, &answer.description))
+    {
+        return Err(Violation::new(
+            Rule::RestatesTask,
+            "the title and description restate the task without adding anything",
+        ));
+    }
+    let mut criteria: Vec<String> = Vec::with_capacity(answer.acceptance_criteria.len());
+    for (index, criterion) in answer.acceptance_criteria.iter().enumerate() {
+        let criterion = non_blank(&format!("acceptance_criteria[{index}]"), criterion)?;
+        if let Some(earlier) = criteria
+            .iter()
+            .position(|seen| same_meaning(seen, &criterion))
+        {
+            return Err(Violation::new(
+                Rule::DuplicateCriteria,
+                format!("acceptance_criteria[{index}] repeats acceptance_criteria[{earlier}]"),
+            ));
+        }
+        criteria.push(criterion);
+    }
+    answer.acceptance_criteria = criteria;
     Ok(answer)
 }
 
-/// The trimmed text, or an error when nothing but whitespace is left.
-pub(super) fn non_blank(field: &str, text: &str) -> Result<String, String> {
+/// The trimmed text, or a violation when nothing but whitespace is left.
+pub(super) fn non_blank(field: &str, text: &str) -> Result<String, Violation> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
-        Err(format!("{field} is blank"))
+        Err(Violation::new(
+            Rule::BlankField,
+            format!("{field} is blank"),
+        ))
     } else {
         Ok(trimmed.to_owned())
     }
@@ -85,31 +119,73 @@ mod tests {
 
     use super::*;
 
+    fn request(kind: Option<EnhancementKind>) -> EnhanceRequest {
+        EnhanceRequest {
+            task: TaskSpec {
+                title: "Add login".into(),
+                description: Some("Users need to log in.".into()),
+                ..TaskSpec::default()
+            },
+            context: ProjectContext::default(),
+            kind,
+            model: None,
+            sampling: Sampling::default(),
+        }
+    }
+
+    fn answer(title: &str, description: &str, criteria: &[&str]) -> Value {
+        json!({
+            "kind": "clarify", "title": title, "description": description,
+            "acceptance_criteria": criteria
+        })
+    }
+
     #[test]
-    fn blank_fields_are_violations() {
-        let answer = json!({
-            "kind": "clarify", "title": "Add login", "description": "   ",
-            "acceptance_criteria": ["works"]
-        });
-        assert_eq!(parse(answer, None).unwrap_err(), "description is blank");
-        let answer = json!({
-            "kind": "clarify", "title": "Add login", "description": "Add a login form.",
-            "acceptance_criteria": ["works", " \n"]
-        });
-        assert_eq!(
-            parse(answer, None).unwrap_err(),
-            "acceptance_criteria[1] is blank"
-        );
+    fn each_rule_names_its_violation() {
+        let cases = [
+            (
+                answer("Add login", "   ", &["works"]),
+                Rule::BlankField,
+                "description is blank",
+            ),
+            (
+                answer("Add login", "Add a login form.", &["works", " \n"]),
+                Rule::BlankField,
+                "acceptance_criteria[1] is blank",
+            ),
+            (
+                answer(
+                    "Add login",
+                    "Add a login form.",
+                    &["A user can log in", "Users can log in."],
+                ),
+                Rule::DuplicateCriteria,
+                "acceptance_criteria[1] repeats acceptance_criteria[0]",
+            ),
+            (
+                answer(
+                    "Add the login",
+                    "Users need to log in",
+                    &["A user can log in"],
+                ),
+                Rule::RestatesTask,
+                "restate the task",
+            ),
+        ];
+        for (answer, rule, expected) in cases {
+            let violation = parse(answer, &request(None)).unwrap_err();
+            assert_eq!(violation.rule, rule, "{violation:?}");
+            assert!(violation.detail.contains(expected), "{violation:?}");
+        }
     }
 
     #[test]
     fn a_kind_other_than_the_requested_one_is_a_violation() {
-        let answer = json!({
-            "kind": "clarify", "title": "Add login", "description": "Add a login form.",
-            "acceptance_criteria": ["A user can log in"]
-        });
-        assert!(parse(answer.clone(), Some(EnhancementKind::Specify)).is_err());
-        let parsed = parse(answer, Some(EnhancementKind::Clarify)).unwrap();
+        let answer = answer("Add login", "Add a login form.", &["A user can log in"]);
+        let violation =
+            parse(answer.clone(), &request(Some(EnhancementKind::Specify))).unwrap_err();
+        assert_eq!(violation.rule, Rule::WrongKind);
+        let parsed = parse(answer, &request(Some(EnhancementKind::Clarify))).unwrap();
         assert_eq!(parsed.title, "Add login");
     }
 }

@@ -10,6 +10,7 @@ mod decompose;
 mod enhance;
 pub mod prompt;
 pub mod schema;
+mod violation;
 
 use std::time::{Duration, Instant};
 
@@ -17,11 +18,12 @@ use futures_util::StreamExt;
 
 pub use decompose::{DecomposeRequest, Subtask};
 pub use enhance::{EnhanceRequest, Enhancement, EnhancementKind};
+pub use violation::{Rule, Violation};
 
 use crate::{
     backend::{
-        Backend, BackendError, Chunk, FinishReason, GenerationRequest, Message, NoRepeat, Role,
-        Sampling, StreamClock,
+        Backend, BackendError, Chunk, FinishReason, GenerationRequest, Message, NoRepeat, Sampling,
+        StreamClock,
     },
     json_schema::OutputSchema,
 };
@@ -50,8 +52,8 @@ pub struct ProjectContext {
 pub enum TaskError {
     #[error(transparent)]
     Backend(#[from] BackendError),
-    #[error("the model gave no valid answer in {attempts} attempt(s); last problem: {reason}")]
-    InvalidAnswer { attempts: u32, reason: String },
+    #[error("the model gave no valid answer in {attempts} attempt(s); last problem: {violation}")]
+    InvalidAnswer { attempts: u32, violation: Violation },
 }
 
 /// Provenance and cost of an answer.
@@ -65,6 +67,8 @@ pub struct AnswerStats {
     pub time_to_first_token: Duration,
     pub total_time: Duration,
     pub attempts: u32,
+    /// Why each earlier attempt was rejected, in order.
+    pub repaired: Vec<Violation>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -76,6 +80,17 @@ pub struct Answered<T> {
 /// Frequency penalty of structured answers when the caller sets none: small
 /// models otherwise repeat one subtask or criterion until the list is full.
 const DEFAULT_TASK_FREQUENCY_PENALTY: f32 = 0.5;
+
+/// Temperature of structured answers when the caller sets none: greedy, so
+/// the same request gives the same answer (and can be served from cache).
+const DEFAULT_TASK_TEMPERATURE: f32 = 0.0;
+
+/// A repair attempt of a call that left temperature unset samples at this
+/// temperature, seeded from the attempt number: a greedy model told what
+/// was wrong mostly repeats its answer, while a sampled one finds another,
+/// and the seed keeps the call reproducible.
+const REPAIR_TEMPERATURE: f32 = 0.7;
+const REPAIR_SEED: u64 = 0x5eed;
 
 /// Structured answers avoid repeating any 4 tokens in a row of their own, and
 /// a decomposition avoids restating the parent task's title whole: small
@@ -108,12 +123,12 @@ impl TaskRunner {
             backend,
             Structured {
                 already_said: Vec::new(),
-                model: request.model,
-                sampling: request.sampling,
+                model: request.model.clone(),
+                sampling: request.sampling.clone(),
                 messages,
                 schema,
             },
-            |value| enhance::parse(value, request.kind),
+            |value| enhance::parse(value, &request),
             started,
         )
         .await
@@ -125,8 +140,19 @@ impl TaskRunner {
         request: DecomposeRequest,
         started: Instant,
     ) -> Result<Answered<Vec<Subtask>>, TaskError> {
-        let schema = schema::decomposition(request.min_subtasks, request.max_subtasks);
-        let messages = prompt::decompose(&request);
+        // One subtask more than the minimum is asked for where the range
+        // allows: a subtask restating the task or a sibling is dropped, and
+        // the answer can still have enough.
+        let asked = DecomposeRequest {
+            min_subtasks: (request.min_subtasks + 1).min(request.max_subtasks),
+            ..request.clone()
+        };
+        let schema = schema::decomposition(
+            asked.min_subtasks,
+            asked.max_subtasks,
+            asked.task.complexity,
+        );
+        let messages = prompt::decompose(&asked);
         self.answer(
             backend,
             Structured {
@@ -146,7 +172,7 @@ impl TaskRunner {
         &self,
         backend: &dyn Backend,
         mut job: Structured,
-        parse: impl Fn(serde_json::Value) -> Result<T, String>,
+        parse: impl Fn(serde_json::Value) -> Result<T, Violation>,
         started: Instant,
     ) -> Result<Answered<T>, TaskError> {
         job.sampling.no_repeat = Some(NoRepeat {
@@ -157,19 +183,28 @@ impl TaskRunner {
             .sampling
             .frequency_penalty
             .or(Some(DEFAULT_TASK_FREQUENCY_PENALTY));
+        let repair_sampling = repair_sampling(&job.sampling);
+        job.sampling.temperature = job.sampling.temperature.or(Some(DEFAULT_TASK_TEMPERATURE));
         let schema = OutputSchema::compile(job.schema)
             .expect("the task schemas are fixed and valid JSON Schema");
         let mut prompt_tokens = 0;
         let mut completion_tokens = 0;
         let mut cached_prompt_tokens = 0;
-        let mut reason = String::new();
+        let mut repaired: Vec<Violation> = Vec::new();
         for attempt in 1..=self.attempts {
+            let (messages, sampling) = match repaired.last() {
+                None => (job.messages.clone(), job.sampling.clone()),
+                Some(violation) => (
+                    prompt::corrected(&job.messages, violation),
+                    repair_sampling(attempt),
+                ),
+            };
             let generation = generate_text(
                 backend,
                 GenerationRequest {
                     model: job.model.clone(),
-                    messages: job.messages.clone(),
-                    sampling: job.sampling.clone(),
+                    messages,
+                    sampling,
                     stop: Vec::new(),
                     json_schema: Some(schema.schema().clone()),
                 },
@@ -180,12 +215,18 @@ impl TaskRunner {
             completion_tokens += generation.completion_tokens;
             cached_prompt_tokens += generation.cached_prompt_tokens;
             let outcome = if generation.finish_reason == FinishReason::Length {
-                Err(format!(
-                    "the answer was cut off at max_tokens={} before the JSON was complete",
-                    job.sampling.max_tokens
+                Err(Violation::new(
+                    Rule::Truncated,
+                    format!(
+                        "the answer was cut off at max_tokens={} before the JSON was complete",
+                        job.sampling.max_tokens
+                    ),
                 ))
             } else {
-                schema.check(&generation.text).and_then(&parse)
+                schema
+                    .check(&generation.text)
+                    .map_err(|problem| Violation::new(Rule::Schema, problem))
+                    .and_then(&parse)
             };
             match outcome {
                 Ok(value) => {
@@ -200,23 +241,41 @@ impl TaskRunner {
                             time_to_first_token: generation.time_to_first_token,
                             total_time: started.elapsed(),
                             attempts: attempt,
+                            repaired,
                         },
                     });
                 }
-                Err(problem) => {
-                    tracing::warn!(attempt, %problem, "model answer rejected");
-                    job.messages
-                        .push(Message::new(Role::Assistant, generation.text));
-                    job.messages
-                        .push(Message::new(Role::User, prompt::correction(&problem)));
-                    reason = problem;
+                Err(violation) => {
+                    tracing::warn!(attempt, %violation, "model answer rejected");
+                    tracing::debug!(answer = %generation.text, "rejected answer");
+                    repaired.push(violation);
                 }
             }
         }
         Err(TaskError::InvalidAnswer {
             attempts: self.attempts,
-            reason,
+            violation: repaired.pop().expect("at least one attempt was made"),
         })
+    }
+}
+
+/// Sampling of repair attempt `attempt` (2, 3, ...): the caller's, with
+/// [`REPAIR_TEMPERATURE`] where the caller left temperature unset, and the
+/// seed moved on by the attempt number where one applies.
+fn repair_sampling(first: &Sampling) -> impl Fn(u32) -> Sampling + use<> {
+    let first = first.clone();
+    move |attempt| {
+        let mut sampling = first.clone();
+        let step = u64::from(attempt - 1);
+        match (first.temperature, first.seed) {
+            (None, seed) => {
+                sampling.temperature = Some(REPAIR_TEMPERATURE);
+                sampling.seed = Some(seed.unwrap_or(REPAIR_SEED).wrapping_add(step));
+            }
+            (Some(_), Some(seed)) => sampling.seed = Some(seed.wrapping_add(step)),
+            (Some(_), None) => {}
+        }
+        sampling
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use super::{DecomposeRequest, EnhanceRequest, ProjectContext, TaskSpec};
+use super::{DecomposeRequest, EnhanceRequest, ProjectContext, TaskSpec, Violation};
 use crate::backend::{Message, Role};
 
 const ENHANCE_SYSTEM: &str = "You improve software tasks so a developer can start at once. \
@@ -65,9 +65,19 @@ pub fn decompose(request: &DecomposeRequest) -> Vec<Message> {
     ]
 }
 
-/// The follow-up that tells the model what was wrong with its last answer.
-pub fn correction(problem: &str) -> String {
-    format!("That answer is invalid: {problem}. Answer again with corrected JSON.")
+/// The messages of a repair attempt: the first request, its task message
+/// extended with what was wrong with the rejected answer. The rejected
+/// answer itself is not shown: small models copy what they see.
+pub fn corrected(first: &[Message], violation: &Violation) -> Vec<Message> {
+    let mut messages = first.to_vec();
+    if let Some(last) = messages.last_mut() {
+        let _ = write!(
+            last.content,
+            "\nA previous answer was rejected: {}. Avoid that mistake.",
+            violation.detail
+        );
+    }
+    messages
 }
 
 fn render_task(task: &TaskSpec, context: &ProjectContext) -> String {
@@ -144,7 +154,7 @@ mod tests {
     #[test]
     fn worked_examples_obey_their_own_schemas_and_rules() {
         use crate::{json_schema::OutputSchema, task::schema};
-        OutputSchema::compile(schema::decomposition(3, 4))
+        OutputSchema::compile(schema::decomposition(3, 4, Some(5)))
             .unwrap()
             .check(DECOMPOSE_EXAMPLE_ANSWER)
             .unwrap();

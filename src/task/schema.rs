@@ -9,6 +9,9 @@ use super::EnhancementKind;
 pub const TITLE_MAX_CHARS: usize = 120;
 pub const ENHANCED_DESCRIPTION_MAX_CHARS: usize = 800;
 pub const SUBTASK_DESCRIPTION_MAX_CHARS: usize = 400;
+/// Long enough that a description must say more than its title: small
+/// models otherwise copy the title into it.
+pub const SUBTASK_DESCRIPTION_MIN_CHARS: usize = 40;
 pub const REASONING_MAX_CHARS: usize = 240;
 pub const CRITERION_MAX_CHARS: usize = 160;
 pub const MAX_CRITERIA: usize = 6;
@@ -42,11 +45,21 @@ pub fn enhancement(kind: Option<EnhancementKind>) -> Value {
     })
 }
 
-/// Schema of a decomposition into `min..=max` subtasks. Each position has
-/// its own item schema so that `depends_on` can only name earlier positions:
-/// the dependency graph is acyclic by construction.
-pub fn decomposition(min: u32, max: u32) -> Value {
-    let positions: Vec<Value> = (0..max).map(subtask).collect();
+/// Highest complexity a subtask may have: below its parent's when the parent
+/// has one (1 stays 1), else the top of the scale.
+pub fn subtask_complexity_ceiling(parent: Option<u8>) -> u8 {
+    parent.map_or(10, |parent| parent.saturating_sub(1).max(1))
+}
+
+/// Schema of a decomposition into `min..=max` subtasks of a task whose
+/// complexity is `parent_complexity`. Each position has its own item schema
+/// so that `depends_on` can only name earlier positions: the dependency
+/// graph is acyclic by construction.
+pub fn decomposition(min: u32, max: u32, parent_complexity: Option<u8>) -> Value {
+    let ceiling = subtask_complexity_ceiling(parent_complexity);
+    let positions: Vec<Value> = (0..max)
+        .map(|position| subtask(position, ceiling))
+        .collect();
     json!({
         "type": "object",
         "properties": {
@@ -62,15 +75,17 @@ pub fn decomposition(min: u32, max: u32) -> Value {
     })
 }
 
-fn subtask(position: u32) -> Value {
+fn subtask(position: u32, complexity_ceiling: u8) -> Value {
     json!({
         "type": "object",
         "properties": {
             "title": { "type": "string", "minLength": 3, "maxLength": TITLE_MAX_CHARS },
             "description": {
-                "type": "string", "minLength": 10, "maxLength": SUBTASK_DESCRIPTION_MAX_CHARS
+                "type": "string",
+                "minLength": SUBTASK_DESCRIPTION_MIN_CHARS,
+                "maxLength": SUBTASK_DESCRIPTION_MAX_CHARS
             },
-            "complexity": { "type": "integer", "minimum": 1, "maximum": 10 },
+            "complexity": { "type": "integer", "minimum": 1, "maximum": complexity_ceiling },
             "depends_on": {
                 "type": "array",
                 "items": { "type": "integer", "minimum": 0, "maximum": position.saturating_sub(1) },
@@ -93,17 +108,19 @@ mod tests {
         for kind in [None].into_iter().chain(EnhancementKind::ALL.map(Some)) {
             OutputSchema::compile(enhancement(kind)).unwrap();
         }
-        for (min, max) in [(2, 2), (3, 6), (12, 12)] {
-            OutputSchema::compile(decomposition(min, max)).unwrap();
+        for (min, max, parent) in [(2, 2, None), (3, 6, Some(1)), (12, 12, Some(10))] {
+            OutputSchema::compile(decomposition(min, max, parent)).unwrap();
         }
     }
 
     #[test]
     fn dependencies_can_only_point_backwards() {
-        let schema = OutputSchema::compile(decomposition(2, 3)).unwrap();
+        let schema = OutputSchema::compile(decomposition(2, 3, None)).unwrap();
         let subtask = |depends_on: &[u32]| {
             json!({
-                "title": "Do a thing", "description": "Do the thing well.", "complexity": 2,
+                "title": "Do a thing",
+                "description": "Do the thing well, with tests and a short note.",
+                "complexity": 2,
                 "depends_on": depends_on, "reasoning": "Needed."
             })
         };
@@ -125,6 +142,18 @@ mod tests {
         );
         let four = vec![subtask(&[]), subtask(&[0]), subtask(&[1]), subtask(&[2])];
         assert!(schema.check(&answer(four)).is_err(), "maxItems holds");
+    }
+
+    #[test]
+    fn subtasks_are_simpler_than_their_parent() {
+        assert_eq!(subtask_complexity_ceiling(Some(6)), 5);
+        assert_eq!(subtask_complexity_ceiling(Some(1)), 1);
+        assert_eq!(subtask_complexity_ceiling(None), 10);
+        let schema = decomposition(2, 3, Some(6));
+        assert_eq!(
+            schema["properties"]["subtasks"]["prefixItems"][2]["properties"]["complexity"]["maximum"],
+            json!(5)
+        );
     }
 
     #[test]

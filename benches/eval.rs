@@ -1,0 +1,379 @@
+//! Evaluation of EnhanceTask and DecomposeTask over a corpus of realistic
+//! tasks (`eval/tasks.json`: one-liners, features with context, vague epics),
+//! on each backend that can run here, through the gRPC API as a caller uses
+//! it, with the service's default sampling.
+//!
+//! Prints per backend and RPC: answers given, schema-valid rate of the
+//! model's outputs, rule violations of first answers and after repair (by
+//! rule), repair rate, mean subtasks, p50/p95 latency and tokens per answer;
+//! writes the same as JSON (`--report`).
+//!
+//! Run: `make eval` (or `cargo bench --bench eval -- --help` with build.env
+//! sourced for the options).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use rigger_inference::proto::{
+    DecomposeTaskRequest, EnhanceTaskRequest, EnhancementKind, ResponseMeta, Task, TaskContext,
+    inference_service_client::InferenceServiceClient,
+};
+use serde::{Deserialize, Serialize};
+use support::{TestServer, config, openai_config, repo_path};
+use tonic::{Code, Status, transport::Channel};
+
+#[derive(Parser)]
+struct Args {
+    /// Backends to evaluate: `embedded` (in-process llama.cpp) and `openai`
+    /// (a llama.cpp server started for the run), both on the default model.
+    #[arg(long, value_delimiter = ',', default_values = ["embedded", "openai"])]
+    backends: Vec<String>,
+    #[arg(long, default_value_os_t = repo_path("eval/tasks.json"))]
+    corpus: PathBuf,
+    #[arg(long, default_value_os_t = repo_path("eval/report.json"))]
+    report: PathBuf,
+    /// Evaluate only the first N tasks.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Only this RPC: `decompose` or `enhance`.
+    #[arg(long)]
+    only: Option<String>,
+    /// Print each answer's outcome, and the service's log (filtered by
+    /// RUST_LOG; `rigger_inference::task=debug` shows rejected answers).
+    #[arg(long)]
+    verbose: bool,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Deserialize)]
+struct CorpusTask {
+    id: String,
+    size: String,
+    title: String,
+    description: Option<String>,
+    complexity: Option<u32>,
+    project: Option<String>,
+    prd: Option<String>,
+    #[serde(default)]
+    context_files: Vec<String>,
+    #[serde(default)]
+    dependencies: Vec<String>,
+}
+
+impl CorpusTask {
+    fn task(&self) -> Task {
+        Task {
+            id: self.id.clone(),
+            title: self.title.clone(),
+            description: self.description.clone(),
+            complexity: self.complexity,
+            context_files: self.context_files.clone(),
+            dependencies: self.dependencies.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn context(&self) -> Option<TaskContext> {
+        (self.project.is_some() || self.prd.is_some()).then(|| TaskContext {
+            project: self.project.clone().unwrap_or_default(),
+            prd_excerpt: self.prd.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// One call's outcome.
+struct Outcome {
+    latency: Duration,
+    /// Rules broken by rejected attempts, then by the last one if it failed.
+    broken: Vec<String>,
+    attempts: u32,
+    failure: Option<String>,
+    completion_tokens: u32,
+    subtasks: Option<usize>,
+}
+
+impl Outcome {
+    fn answered(latency: Duration, meta: Option<ResponseMeta>, subtasks: Option<usize>) -> Self {
+        let meta = meta.unwrap_or_default();
+        Self {
+            latency,
+            broken: meta.repaired.into_iter().map(|v| v.rule).collect(),
+            attempts: meta.attempts,
+            failure: None,
+            completion_tokens: meta.completion_tokens,
+            subtasks,
+        }
+    }
+
+    fn failed(latency: Duration, status: &Status, attempts: u32) -> Self {
+        let rule = status
+            .metadata()
+            .get("rigger-violation")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let failure = match (&rule, status.code()) {
+            (Some(rule), Code::Internal) => rule.clone(),
+            _ => format!("{:?}: {}", status.code(), status.message()),
+        };
+        Self {
+            latency,
+            broken: rule.into_iter().collect(),
+            attempts,
+            failure: Some(failure),
+            completion_tokens: 0,
+            subtasks: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Summary {
+    backend: String,
+    rpc: &'static str,
+    answers: usize,
+    answered: usize,
+    /// Share of model outputs (every attempt) that were valid JSON under the schema.
+    schema_valid_rate: f64,
+    /// Share of calls whose first answer broke a rule, by rule.
+    first_answer_violations: BTreeMap<String, f64>,
+    first_answer_violation_rate: f64,
+    /// Share of calls answered after at least one repair.
+    repair_rate: f64,
+    /// Share of calls that failed with a rule still broken, by rule.
+    violations_after_repair: BTreeMap<String, f64>,
+    violation_rate_after_repair: f64,
+    /// Calls that failed for another reason than a broken rule.
+    other_failures: Vec<String>,
+    mean_subtasks: Option<f64>,
+    latency_p50_ms: f64,
+    latency_p95_ms: f64,
+    mean_completion_tokens: f64,
+}
+
+fn percentile(values: &[f64], share: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let index = ((sorted.len() as f64 - 1.0) * share).round() as usize;
+    sorted.get(index).copied().unwrap_or(f64::NAN)
+}
+
+fn summarize(backend: &str, rpc: &'static str, outcomes: &[Outcome]) -> Summary {
+    let calls = outcomes.len() as f64;
+    let share = |count: usize| count as f64 / calls;
+    let attempts: u32 = outcomes.iter().map(|o| o.attempts.max(1)).sum();
+    let schema_broken = outcomes
+        .iter()
+        .flat_map(|o| &o.broken)
+        .filter(|rule| *rule == "schema" || *rule == "truncated")
+        .count();
+    let mut first = BTreeMap::new();
+    let mut after = BTreeMap::new();
+    for outcome in outcomes {
+        if let Some(rule) = outcome.broken.first() {
+            *first.entry(rule.clone()).or_insert(0) += 1;
+        }
+        if outcome.failure.is_some()
+            && let Some(rule) = outcome.broken.last()
+        {
+            *after.entry(rule.clone()).or_insert(0) += 1;
+        }
+    }
+    let answered: Vec<&Outcome> = outcomes.iter().filter(|o| o.failure.is_none()).collect();
+    let latencies: Vec<f64> = outcomes
+        .iter()
+        .map(|o| o.latency.as_secs_f64() * 1000.0)
+        .collect();
+    let subtasks: Vec<usize> = answered.iter().filter_map(|o| o.subtasks).collect();
+    Summary {
+        backend: backend.to_owned(),
+        rpc,
+        answers: outcomes.len(),
+        answered: answered.len(),
+        schema_valid_rate: 1.0 - schema_broken as f64 / f64::from(attempts.max(1)),
+        first_answer_violation_rate: share(
+            outcomes.iter().filter(|o| !o.broken.is_empty()).count(),
+        ),
+        first_answer_violations: first.into_iter().map(|(k, v)| (k, share(v))).collect(),
+        repair_rate: share(answered.iter().filter(|o| o.attempts > 1).count()),
+        violation_rate_after_repair: share(after.values().sum()),
+        violations_after_repair: after.into_iter().map(|(k, v)| (k, share(v))).collect(),
+        other_failures: outcomes
+            .iter()
+            .filter_map(|o| o.failure.clone())
+            .filter(|failure| failure.contains(": "))
+            .collect(),
+        mean_subtasks: (!subtasks.is_empty())
+            .then(|| subtasks.iter().sum::<usize>() as f64 / subtasks.len() as f64),
+        latency_p50_ms: percentile(&latencies, 0.5),
+        latency_p95_ms: percentile(&latencies, 0.95),
+        mean_completion_tokens: answered
+            .iter()
+            .map(|o| f64::from(o.completion_tokens))
+            .sum::<f64>()
+            / answered.len().max(1) as f64,
+    }
+}
+
+const KINDS: [EnhancementKind; 4] = [
+    EnhancementKind::Unspecified,
+    EnhancementKind::Clarify,
+    EnhancementKind::Specify,
+    EnhancementKind::Context,
+];
+
+async fn decompose(
+    client: &mut InferenceServiceClient<Channel>,
+    item: &CorpusTask,
+    attempts: u32,
+) -> Outcome {
+    let started = Instant::now();
+    let result = client
+        .decompose_task(DecomposeTaskRequest {
+            task: Some(item.task()),
+            context: item.context(),
+            ..Default::default()
+        })
+        .await;
+    match result {
+        Ok(response) => {
+            let response = response.into_inner();
+            Outcome::answered(
+                started.elapsed(),
+                response.meta,
+                Some(response.subtasks.len()),
+            )
+        }
+        Err(status) => Outcome::failed(started.elapsed(), &status, attempts),
+    }
+}
+
+async fn enhance(
+    client: &mut InferenceServiceClient<Channel>,
+    item: &CorpusTask,
+    index: usize,
+    attempts: u32,
+) -> Outcome {
+    let started = Instant::now();
+    let result = client
+        .enhance_task(EnhanceTaskRequest {
+            task: Some(item.task()),
+            context: item.context(),
+            kind: KINDS[index % KINDS.len()] as i32,
+            ..Default::default()
+        })
+        .await;
+    match result {
+        Ok(response) => Outcome::answered(started.elapsed(), response.into_inner().meta, None),
+        Err(status) => Outcome::failed(started.elapsed(), &status, attempts),
+    }
+}
+
+fn print_summary(summary: &Summary) {
+    let rates = |rates: &BTreeMap<String, f64>| {
+        rates
+            .iter()
+            .map(|(rule, rate)| format!("{rule} {:.0}%", rate * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "| {} | {} | {}/{} | {:.0}% | {:.0}% ({}) | {:.0}% | {:.1}% ({}) | {} | {:.0} / {:.0} | {:.0} |",
+        summary.backend,
+        summary.rpc,
+        summary.answered,
+        summary.answers,
+        summary.schema_valid_rate * 100.0,
+        summary.first_answer_violation_rate * 100.0,
+        rates(&summary.first_answer_violations),
+        summary.repair_rate * 100.0,
+        summary.violation_rate_after_repair * 100.0,
+        rates(&summary.violations_after_repair),
+        summary
+            .mean_subtasks
+            .map_or_else(|| "–".to_owned(), |mean| format!("{mean:.1}")),
+        summary.latency_p50_ms,
+        summary.latency_p95_ms,
+        summary.mean_completion_tokens,
+    );
+    for failure in &summary.other_failures {
+        println!("  other failure: {failure}");
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    if args.verbose {
+        rigger_inference::server::init_tracing(rigger_inference::config::LogFormat::Text);
+    }
+    let corpus: Vec<CorpusTask> =
+        serde_json::from_slice(&std::fs::read(&args.corpus).expect("read the corpus"))
+            .expect("a JSON list of tasks");
+    let corpus = &corpus[..args.limit.unwrap_or(corpus.len()).min(corpus.len())];
+    let sizes = corpus.iter().fold(BTreeMap::new(), |mut sizes, item| {
+        *sizes.entry(item.size.as_str()).or_insert(0) += 1;
+        sizes
+    });
+    println!("corpus: {} tasks {sizes:?}", corpus.len());
+    let attempts = config(&[]).task_attempts;
+    let mut summaries = Vec::new();
+    for backend in &args.backends {
+        let server = match backend.as_str() {
+            "embedded" => TestServer::start(config(&["--backend", "embedded"])).await,
+            "openai" => TestServer::start(openai_config()).await,
+            other => panic!("unknown backend {other:?}: embedded or openai"),
+        };
+        let mut client = server.client().await;
+        let rpcs: &[&'static str] = match args.only.as_deref() {
+            Some("decompose") => &["decompose"],
+            Some("enhance") => &["enhance"],
+            _ => &["decompose", "enhance"],
+        };
+        for &rpc in rpcs {
+            let mut outcomes = Vec::with_capacity(corpus.len());
+            for (index, item) in corpus.iter().enumerate() {
+                let outcome = match rpc {
+                    "decompose" => decompose(&mut client, item, attempts).await,
+                    _ => enhance(&mut client, item, index, attempts).await,
+                };
+                if args.verbose {
+                    println!(
+                        "{backend} {rpc} {}: attempts {} broken {:?} failure {:?} in {:?}",
+                        item.id, outcome.attempts, outcome.broken, outcome.failure, outcome.latency
+                    );
+                }
+                outcomes.push(outcome);
+            }
+            summaries.push(summarize(backend, rpc, &outcomes));
+        }
+        let _ = server.stop().await;
+    }
+    println!();
+    println!(
+        "| backend | RPC | answered | schema-valid outputs | first answers breaking a rule | repaired | rule broken after repair | mean subtasks | latency p50 / p95 ms | tokens per answer |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for summary in &summaries {
+        print_summary(summary);
+    }
+    let report = serde_json::json!({
+        "corpus": args.corpus.file_name().map(|name| name.to_string_lossy().into_owned()),
+        "tasks": corpus.len(),
+        "results": summaries,
+    });
+    std::fs::write(
+        &args.report,
+        serde_json::to_string_pretty(&report).expect("serializable") + "\n",
+    )
+    .expect("write the report");
+    println!("\nreport: {}", args.report.display());
+}
