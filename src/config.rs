@@ -140,6 +140,15 @@ pub struct Config {
     #[arg(long, env = "RIGGER_TASK_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=5))]
     pub task_attempts: u32,
 
+    /// EnhanceTask/DecomposeTask answers kept per RPC for identical
+    /// reproducible requests (greedy or seeded); 0 turns the cache off.
+    #[arg(long, env = "RIGGER_TASK_CACHE_ENTRIES", default_value_t = 1024)]
+    pub task_cache_entries: usize,
+
+    /// How long a cached answer may be served.
+    #[arg(long, env = "RIGGER_TASK_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "10m")]
+    pub task_cache_ttl: Duration,
+
     /// Log format.
     #[arg(long, env = "RIGGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, ignore_case = true)]
     pub log_format: LogFormat,

@@ -69,9 +69,8 @@ async fn enhance_returns_a_typed_enhancement_of_the_requested_kind() {
     assert!(meta.attempts >= 1 && meta.completion_tokens > 0, "{meta:?}");
 }
 
-// SmolLM2-135M often repeats one subtask until the list is full; the service
-// then answers INTERNAL naming the rule (see the next test). This task is one
-// the model decomposes correctly under greedy decoding.
+// Rules and repairs are pinned by the validator's unit tests and, over many
+// tasks, by tests/task_quality.rs; here the shape through llama.cpp's server.
 #[tokio::test]
 async fn decompose_returns_subtasks_within_the_range_and_rules() {
     let server = TestServer::start(openai_config()).await;
@@ -91,7 +90,7 @@ async fn decompose_returns_subtasks_within_the_range_and_rules() {
         .expect("DecomposeTask succeeded")
         .into_inner();
     let subtasks = response.subtasks;
-    assert!((3..=4).contains(&subtasks.len()), "{subtasks:?}");
+    assert!((3..=6).contains(&subtasks.len()), "{subtasks:?}");
     let mut titles: Vec<String> = subtasks.iter().map(|s| s.title.to_lowercase()).collect();
     titles.sort();
     titles.dedup();
@@ -128,37 +127,15 @@ async fn a_token_budget_too_small_for_any_answer_is_an_error_not_an_invention() 
         .expect_err("eight tokens cannot hold three subtasks");
     assert_eq!(status.code(), tonic::Code::Internal);
     assert!(
-        status.message().contains("max_tokens=8"),
+        status.message().contains("max_tokens=8") && status.message().contains("3 attempt(s)"),
         "{}",
         status.message()
     );
-}
-
-#[tokio::test]
-async fn a_decomposition_that_breaks_the_rules_is_an_error_naming_the_rule() {
-    let server = TestServer::start(openai_config()).await;
-    let mut client = server.client().await;
-    // Greedy SmolLM2-135M answers this with one subtask repeated six times.
-    let status = client
-        .decompose_task(DecomposeTaskRequest {
-            task: Some(Task {
-                title: "Set up CI for the repository".into(),
-                ..Default::default()
-            }),
-            sampling: greedy(),
-            ..Default::default()
-        })
-        .await
-        .expect_err("repeated subtasks are not an answer");
-    assert_eq!(status.code(), tonic::Code::Internal);
-    assert!(
-        status.message().contains("3 attempt(s)"),
-        "{}",
-        status.message()
-    );
-    assert!(
-        status.message().contains("distinct subtasks given"),
-        "{}",
-        status.message()
+    assert_eq!(
+        status
+            .metadata()
+            .get("rigger-violation")
+            .map(|rule| rule.to_str().unwrap()),
+        Some("truncated")
     );
 }

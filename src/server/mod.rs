@@ -25,7 +25,7 @@ use crate::{
     backend::{BackendRegistry, SelectionError},
     config::{Config, LogFormat},
     proto::{self, inference_service_server::InferenceServiceServer},
-    task::TaskRunner,
+    task::{CacheSettings, TaskRunner},
 };
 
 /// How long open streams get to send their cancellation summary after the
@@ -120,7 +120,13 @@ pub async fn serve(
     let drain = drain::Drain::default();
     let api = InferenceApi::new(
         backends.clone(),
-        TaskRunner::new(config.task_attempts),
+        TaskRunner::new(
+            config.task_attempts,
+            CacheSettings {
+                entries: config.task_cache_entries,
+                ttl: config.task_cache_ttl,
+            },
+        ),
         Limits {
             default_max_tokens: config.default_max_tokens,
             task_max_tokens: config.task_max_tokens,

@@ -21,7 +21,7 @@ use crate::{
     backend::{BackendHealth, BackendRegistry, Chunk, ChunkStream, FinishReason, StreamClock},
     json_schema::OutputSchema,
     proto::{self, inference_service_server::InferenceService},
-    task::{AnswerStats, EnhancementKind, TaskRunner},
+    task::{AnswerStats, EnhancementKind, TaskRunner, cache::CacheStats},
 };
 
 /// Generated text waiting for a slow client; beyond it the backend is paused
@@ -146,6 +146,7 @@ impl InferenceService for InferenceApi {
         _request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
         let snapshots = self.registry()?.snapshots();
+        let caches = self.runner.cache_stats();
         let active = snapshots.iter().find(|snapshot| snapshot.active);
         Ok(Response::new(proto::GetStatusResponse {
             active_backend: active
@@ -188,6 +189,8 @@ impl InferenceService for InferenceApi {
                 })
                 .collect(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            enhance_cache: caches.map(|(enhance, _)| cache_status(enhance)),
+            decompose_cache: caches.map(|(_, decompose)| cache_status(decompose)),
         }))
     }
 }
@@ -286,6 +289,7 @@ impl Relay {
             total_time: duration(self.clock.elapsed()),
             attempts: 1,
             repaired: Vec::new(),
+            cached: false,
             backend_prompt_time: completion
                 .and_then(|completion| completion.engine_timings)
                 .and_then(|timings| duration(timings.prompt)),
@@ -316,6 +320,7 @@ fn answer_meta(stats: &AnswerStats) -> proto::ResponseMeta {
         attempts: stats.attempts,
         backend_prompt_time: None,
         backend_generation_time: None,
+        cached: stats.cached,
         repaired: stats
             .repaired
             .iter()
@@ -324,6 +329,15 @@ fn answer_meta(stats: &AnswerStats) -> proto::ResponseMeta {
                 detail: violation.detail.clone(),
             })
             .collect(),
+    }
+}
+
+fn cache_status(stats: CacheStats) -> proto::ResultCacheStatus {
+    proto::ResultCacheStatus {
+        entries: stats.entries as u64,
+        capacity: stats.capacity as u64,
+        hits: stats.hits,
+        misses: stats.misses,
     }
 }
 

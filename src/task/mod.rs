@@ -6,19 +6,26 @@
 //! a bounded number of times, telling the model what was wrong; after that
 //! the caller gets an error that names the violation. Nothing is invented.
 
+pub mod cache;
 mod decompose;
 mod enhance;
 pub mod prompt;
 pub mod schema;
 mod violation;
 
-use std::time::{Duration, Instant};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures_util::StreamExt;
 
 pub use decompose::{DecomposeRequest, Subtask};
 pub use enhance::{EnhanceRequest, Enhancement, EnhancementKind};
 pub use violation::{Rule, Violation};
+
+use self::cache::{CacheKey, CacheStats, ResultCache, cacheable};
 
 use crate::{
     backend::{
@@ -69,6 +76,9 @@ pub struct AnswerStats {
     pub attempts: u32,
     /// Why each earlier attempt was rejected, in order.
     pub repaired: Vec<Violation>,
+    /// Served from the result cache: counts and attempts are those of the
+    /// original answer, times those of this call.
+    pub cached: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -98,20 +108,57 @@ const REPAIR_SEED: u64 = 0x5eed;
 /// punctuation the schema forces are exempt (a ban never empties the choice).
 const NO_REPEAT_NGRAM: u32 = 4;
 
-/// Runs structured tasks against a backend with bounded retries.
+/// Size and age bounds of the result caches; 0 entries turns them off.
 #[derive(Clone, Copy, Debug)]
+pub struct CacheSettings {
+    pub entries: usize,
+    pub ttl: Duration,
+}
+
+impl CacheSettings {
+    fn build<V: Clone>(self) -> Option<Arc<ResultCache<V>>> {
+        (self.entries > 0).then(|| Arc::new(ResultCache::new(self.entries, self.ttl)))
+    }
+}
+
+/// Runs structured tasks against a backend with bounded retries, answering
+/// repeated reproducible requests from a cache.
+#[derive(Clone)]
 pub struct TaskRunner {
     attempts: u32,
+    enhancements: Option<Arc<ResultCache<Answered<Enhancement>>>>,
+    decompositions: Option<Arc<ResultCache<Answered<Vec<Subtask>>>>>,
 }
 
 impl TaskRunner {
-    pub fn new(attempts: u32) -> Self {
+    pub fn new(attempts: u32, cache: CacheSettings) -> Self {
         Self {
             attempts: attempts.max(1),
+            enhancements: cache.build(),
+            decompositions: cache.build(),
         }
     }
 
+    /// Hits, misses and size of the EnhanceTask and DecomposeTask caches.
+    pub fn cache_stats(&self) -> Option<(CacheStats, CacheStats)> {
+        Some((
+            self.enhancements.as_ref()?.stats(),
+            self.decompositions.as_ref()?.stats(),
+        ))
+    }
+
     pub async fn enhance(
+        &self,
+        backend: &dyn Backend,
+        request: EnhanceRequest,
+        started: Instant,
+    ) -> Result<Answered<Enhancement>, TaskError> {
+        let key = cache_key("enhance", backend, &request.sampling, &request);
+        let generate = self.generate_enhancement(backend, request, started);
+        remembered(self.enhancements.as_deref(), key, started, generate).await
+    }
+
+    async fn generate_enhancement(
         &self,
         backend: &dyn Backend,
         request: EnhanceRequest,
@@ -135,6 +182,17 @@ impl TaskRunner {
     }
 
     pub async fn decompose(
+        &self,
+        backend: &dyn Backend,
+        request: DecomposeRequest,
+        started: Instant,
+    ) -> Result<Answered<Vec<Subtask>>, TaskError> {
+        let key = cache_key("decompose", backend, &request.sampling, &request);
+        let generate = self.generate_decomposition(backend, request, started);
+        remembered(self.decompositions.as_deref(), key, started, generate).await
+    }
+
+    async fn generate_decomposition(
         &self,
         backend: &dyn Backend,
         request: DecomposeRequest,
@@ -242,6 +300,7 @@ impl TaskRunner {
                             total_time: started.elapsed(),
                             attempts: attempt,
                             repaired,
+                            cached: false,
                         },
                     });
                 }
@@ -257,6 +316,44 @@ impl TaskRunner {
             violation: repaired.pop().expect("at least one attempt was made"),
         })
     }
+}
+
+/// The cache key of a reproducible request to `backend`; `None` for one
+/// that asks for a fresh random answer.
+fn cache_key(
+    rpc: &str,
+    backend: &dyn Backend,
+    sampling: &Sampling,
+    request: &impl std::fmt::Debug,
+) -> Option<CacheKey> {
+    cacheable(sampling).then(|| {
+        CacheKey::new(&format!(
+            "{rpc} {} {} {request:?}",
+            backend.name(),
+            backend.endpoint()
+        ))
+    })
+}
+
+/// The cached answer of `key`, else the generated one, kept when valid.
+async fn remembered<T: Clone>(
+    cache: Option<&ResultCache<Answered<T>>>,
+    key: Option<CacheKey>,
+    started: Instant,
+    generate: impl Future<Output = Result<Answered<T>, TaskError>>,
+) -> Result<Answered<T>, TaskError> {
+    let Some((cache, key)) = cache.zip(key) else {
+        return generate.await;
+    };
+    if let Some(mut answer) = cache.get(key) {
+        answer.stats.cached = true;
+        answer.stats.time_to_first_token = started.elapsed();
+        answer.stats.total_time = answer.stats.time_to_first_token;
+        return Ok(answer);
+    }
+    let answer = generate.await?;
+    cache.insert(key, answer.clone());
+    Ok(answer)
 }
 
 /// Sampling of repair attempt `attempt` (2, 3, ...): the caller's, with

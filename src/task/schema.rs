@@ -11,7 +11,7 @@ pub const ENHANCED_DESCRIPTION_MAX_CHARS: usize = 800;
 pub const SUBTASK_DESCRIPTION_MAX_CHARS: usize = 400;
 /// Long enough that a description must say more than its title: small
 /// models otherwise copy the title into it.
-pub const SUBTASK_DESCRIPTION_MIN_CHARS: usize = 40;
+pub const SUBTASK_DESCRIPTION_MIN_CHARS: usize = 50;
 pub const REASONING_MAX_CHARS: usize = 240;
 pub const CRITERION_MAX_CHARS: usize = 160;
 pub const MAX_CRITERIA: usize = 6;
@@ -119,7 +119,7 @@ mod tests {
         let subtask = |depends_on: &[u32]| {
             json!({
                 "title": "Do a thing",
-                "description": "Do the thing well, with tests and a short note.",
+                "description": "Do the thing well, with tests and a short note for the team.",
                 "complexity": 2,
                 "depends_on": depends_on, "reasoning": "Needed."
             })

@@ -102,6 +102,13 @@ fn context_params(shape: EngineShape) -> LlamaContextParams {
         .with_n_threads_batch(shape.threads)
 }
 
+/// Why a job was not taken.
+pub(super) enum Refused {
+    /// Every sequence is busy and the queue is full.
+    Full,
+    Stopped,
+}
+
 /// The running engine thread. Dropping it ends the engine after its current
 /// step and waits for it: a process that exits while llama.cpp is in the
 /// middle of a decode crashes in llama.cpp's exit handlers.
@@ -147,11 +154,12 @@ impl EngineThread {
         Ok((engine, warm_up))
     }
 
-    pub(super) fn submit(&self, job: Job) -> Result<(), TrySendError<Job>> {
-        match &self.jobs {
-            Some(jobs) => jobs.try_send(job),
-            None => Err(TrySendError::Disconnected(job)),
-        }
+    pub(super) fn submit(&self, job: Job) -> Result<(), Refused> {
+        let jobs = self.jobs.as_ref().ok_or(Refused::Stopped)?;
+        jobs.try_send(job).map_err(|error| match error {
+            TrySendError::Full(_) => Refused::Full,
+            TrySendError::Disconnected(_) => Refused::Stopped,
+        })
     }
 
     pub(super) fn is_alive(&self) -> bool {

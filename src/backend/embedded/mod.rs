@@ -16,7 +16,6 @@ use std::{
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
-        mpsc::TrySendError,
     },
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
@@ -33,7 +32,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 pub use engine::EngineShape;
 
 use self::{
-    engine::{EngineThread, Job},
+    engine::{EngineThread, Job, Refused},
     sampler::Sampler,
     text::TextAssembler,
 };
@@ -311,14 +310,14 @@ impl Backend for EmbeddedBackend {
         };
         match self.engine.submit(job) {
             Ok(()) => Ok(Box::pin(UnboundedReceiverStream::new(chunks))),
-            Err(TrySendError::Full(_)) => Err(BackendError::Overloaded {
+            Err(Refused::Full) => Err(BackendError::Overloaded {
                 backend: NAME,
                 reason: format!(
                     "all {} sequences are busy and {} requests already wait",
                     self.shape.parallel, self.queue
                 ),
             }),
-            Err(TrySendError::Disconnected(_)) => Err(BackendError::Unavailable {
+            Err(Refused::Stopped) => Err(BackendError::Unavailable {
                 backend: NAME,
                 endpoint: self.endpoint(),
                 reason: "the engine thread stopped".to_owned(),

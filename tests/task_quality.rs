@@ -1,0 +1,191 @@
+//! EnhanceTask/DecomposeTask answers on the default model in the embedded
+//! engine: rule-abiding over many tasks, reproducible, cached.
+
+mod support;
+
+use rigger_inference::proto::{
+    DecomposeTaskRequest, DecomposeTaskResponse, EnhanceTaskRequest, GetStatusRequest,
+    SamplingOptions, Subtask, Task, inference_service_client::InferenceServiceClient,
+};
+use serde::Deserialize;
+use support::{TestServer, config, repo_path};
+use tonic::transport::Channel;
+
+async fn embedded(flags: &[&str]) -> (TestServer, InferenceServiceClient<Channel>) {
+    let mut all = vec!["--backend", "embedded"];
+    all.extend_from_slice(flags);
+    let server = TestServer::start(config(&all)).await;
+    let client = server.client().await;
+    (server, client)
+}
+
+#[derive(Deserialize)]
+struct CorpusTask {
+    title: String,
+    description: Option<String>,
+    complexity: Option<u32>,
+}
+
+fn words(text: &str) -> Vec<String> {
+    let mut words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|word| !word.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    words.sort();
+    words.dedup();
+    words
+}
+
+/// The rules of a decomposition, checked here independently of the service.
+fn assert_sound(task: &Task, subtasks: &[Subtask]) {
+    assert!((3..=6).contains(&subtasks.len()), "{subtasks:#?}");
+    let mut titles: Vec<Vec<String>> = vec![words(&task.title)];
+    for (index, subtask) in subtasks.iter().enumerate() {
+        let title = words(&subtask.title);
+        assert!(!title.is_empty(), "{subtask:?}");
+        assert!(
+            !titles.contains(&title),
+            "subtask {index} repeats the task or a sibling: {subtasks:#?}"
+        );
+        titles.push(title);
+        assert!(
+            subtask.description.trim().chars().count() >= 50,
+            "{subtask:?}"
+        );
+        assert!(!subtask.reasoning.trim().is_empty(), "{subtask:?}");
+        let ceiling = task.complexity.map_or(10, |parent| (parent - 1).max(1));
+        assert!((1..=ceiling).contains(&subtask.complexity), "{subtask:?}");
+        assert!(
+            subtask
+                .depends_on
+                .iter()
+                .all(|&dependency| (dependency as usize) < index),
+            "{subtask:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn twenty_everyday_tasks_decompose_into_sound_subtasks() {
+    let corpus: Vec<CorpusTask> =
+        serde_json::from_slice(&std::fs::read(repo_path("eval/tasks.json")).unwrap()).unwrap();
+    let (_server, mut client) = embedded(&[]).await;
+    let mut repaired = 0;
+    for item in corpus.iter().take(20) {
+        let task = Task {
+            title: item.title.clone(),
+            description: item.description.clone(),
+            complexity: item.complexity,
+            ..Default::default()
+        };
+        let response = client
+            .decompose_task(DecomposeTaskRequest {
+                task: Some(task.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|status| panic!("{:?}: {status:?}", item.title))
+            .into_inner();
+        assert_sound(&task, &response.subtasks);
+        let meta = response.meta.unwrap();
+        assert_eq!(meta.attempts as usize, meta.repaired.len() + 1, "{meta:?}");
+        repaired += meta.repaired.len();
+    }
+    println!("repair attempts over 20 tasks: {repaired}");
+}
+
+fn decompose_request(sampling: Option<SamplingOptions>) -> DecomposeTaskRequest {
+    DecomposeTaskRequest {
+        task: Some(Task {
+            title: "Add two-factor authentication".into(),
+            complexity: Some(6),
+            ..Default::default()
+        }),
+        sampling,
+        ..Default::default()
+    }
+}
+
+async fn decompose(
+    client: &mut InferenceServiceClient<Channel>,
+    request: DecomposeTaskRequest,
+) -> DecomposeTaskResponse {
+    client.decompose_task(request).await.unwrap().into_inner()
+}
+
+#[tokio::test]
+async fn identical_reproducible_requests_are_answered_from_the_cache() {
+    let (_server, mut client) = embedded(&[]).await;
+    let first = decompose(&mut client, decompose_request(None)).await;
+    let again = decompose(&mut client, decompose_request(None)).await;
+    assert!(!first.meta.as_ref().unwrap().cached);
+    let again_meta = again.meta.as_ref().unwrap();
+    assert!(again_meta.cached, "{again_meta:?}");
+    assert_eq!(again.subtasks, first.subtasks);
+    assert_eq!(
+        again_meta.completion_tokens,
+        first.meta.as_ref().unwrap().completion_tokens
+    );
+
+    // A sampled request without a seed asks for a fresh answer each time:
+    // it is neither looked up nor kept (the counts below stay at 1 and 1),
+    // whether the model's answer passes the rules or not.
+    let sampled = decompose_request(Some(SamplingOptions {
+        temperature: Some(0.8),
+        ..Default::default()
+    }));
+    for _ in 0..2 {
+        let _ = client.decompose_task(sampled.clone()).await;
+    }
+    let enhance = || EnhanceTaskRequest {
+        task: Some(Task {
+            title: "Add dark mode".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    client.enhance_task(enhance()).await.unwrap();
+    let enhanced = client.enhance_task(enhance()).await.unwrap().into_inner();
+    assert!(enhanced.meta.unwrap().cached);
+
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let decompose_cache = status.decompose_cache.unwrap();
+    assert_eq!(
+        (
+            decompose_cache.hits,
+            decompose_cache.misses,
+            decompose_cache.entries
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(decompose_cache.capacity, 1024);
+    let enhance_cache = status.enhance_cache.unwrap();
+    assert_eq!((enhance_cache.hits, enhance_cache.misses), (1, 1));
+}
+
+#[tokio::test]
+async fn a_seed_fixes_a_sampled_decomposition_and_the_cache_can_be_turned_off() {
+    let (_server, mut client) = embedded(&["--task-cache-entries", "0"]).await;
+    let seeded = || {
+        decompose_request(Some(SamplingOptions {
+            temperature: Some(0.8),
+            seed: Some(42),
+            ..Default::default()
+        }))
+    };
+    let first = decompose(&mut client, seeded()).await;
+    let again = decompose(&mut client, seeded()).await;
+    assert!(!again.meta.as_ref().unwrap().cached, "the cache is off");
+    assert_eq!(again.subtasks, first.subtasks, "same seed, same answer");
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.decompose_cache, None);
+}
