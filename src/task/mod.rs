@@ -272,21 +272,7 @@ impl TaskRunner {
             prompt_tokens += generation.prompt_tokens;
             completion_tokens += generation.completion_tokens;
             cached_prompt_tokens += generation.cached_prompt_tokens;
-            let outcome = if generation.finish_reason == FinishReason::Length {
-                Err(Violation::new(
-                    Rule::Truncated,
-                    format!(
-                        "the answer was cut off at max_tokens={} before the JSON was complete",
-                        job.sampling.max_tokens
-                    ),
-                ))
-            } else {
-                schema
-                    .check(&generation.text)
-                    .map_err(|problem| Violation::new(Rule::Schema, problem))
-                    .and_then(&parse)
-            };
-            match outcome {
+            match judge(&generation, job.sampling.max_tokens, &schema, &parse) {
                 Ok(value) => {
                     return Ok(Answered {
                         value,
@@ -316,6 +302,28 @@ impl TaskRunner {
             violation: repaired.pop().expect("at least one attempt was made"),
         })
     }
+}
+
+/// Reads a generated answer: complete, valid under the schema, then
+/// obeying the rules `parse` checks.
+fn judge<T>(
+    generation: &GeneratedText,
+    max_tokens: u32,
+    schema: &OutputSchema,
+    parse: impl Fn(serde_json::Value) -> Result<T, Violation>,
+) -> Result<T, Violation> {
+    if generation.finish_reason == FinishReason::Length {
+        return Err(Violation::new(
+            Rule::Truncated,
+            format!(
+                "the answer was cut off at max_tokens={max_tokens} before the JSON was complete"
+            ),
+        ));
+    }
+    schema
+        .check(&generation.text)
+        .map_err(|problem| Violation::new(Rule::Schema, problem))
+        .and_then(parse)
 }
 
 /// The cache key of a reproducible request to `backend`; `None` for one
@@ -426,4 +434,109 @@ async fn generate_text(
         backend: backend.name(),
         reason: "the generation stream ended without completion".to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decompose_request() -> DecomposeRequest {
+        DecomposeRequest {
+            task: TaskSpec {
+                title: "Add two-factor authentication".into(),
+                complexity: Some(6),
+                ..TaskSpec::default()
+            },
+            context: ProjectContext::default(),
+            min_subtasks: 3,
+            max_subtasks: 4,
+            model: None,
+            sampling: Sampling::default(),
+        }
+    }
+
+    /// A crafted model output, judged as the runner judges a real one.
+    fn judged(text: &str, finish_reason: FinishReason) -> Result<Vec<Subtask>, Violation> {
+        let request = decompose_request();
+        let schema = OutputSchema::compile(schema::decomposition(3, 4, Some(6))).unwrap();
+        let generation = GeneratedText {
+            text: text.to_owned(),
+            model: "m".into(),
+            finish_reason,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_prompt_tokens: 0,
+            time_to_first_token: Duration::ZERO,
+        };
+        judge(&generation, 256, &schema, |value| {
+            decompose::parse(value, &request)
+        })
+    }
+
+    fn subtask(title: &str, depends_on: &[u32]) -> serde_json::Value {
+        serde_json::json!({
+            "title": title,
+            "description": "Carry out this part of the work and check that it behaves as expected.",
+            "complexity": 3, "depends_on": depends_on, "reasoning": "It is a distinct step."
+        })
+    }
+
+    fn answer(subtasks: &[serde_json::Value]) -> String {
+        serde_json::json!({ "subtasks": subtasks }).to_string()
+    }
+
+    #[test]
+    fn crafted_bad_outputs_are_rejected_with_their_rule() {
+        let sound = answer(&[
+            subtask("Choose the second factor", &[]),
+            subtask("Store the enrolled secrets", &[0]),
+            subtask("Ask for the code at login", &[1]),
+        ]);
+        assert_eq!(judged(&sound, FinishReason::Stop).unwrap().len(), 3);
+
+        let cases = [
+            (
+                sound[..sound.len() / 2].to_owned(),
+                FinishReason::Length,
+                Rule::Truncated,
+            ),
+            (
+                sound[..sound.len() / 2].to_owned(),
+                FinishReason::Stop,
+                Rule::Schema,
+            ),
+            (
+                answer(&[
+                    subtask("Choose the second factor", &[]),
+                    subtask("Choose the second factors", &[]),
+                    subtask("choose THE second factor.", &[]),
+                ]),
+                FinishReason::Stop,
+                Rule::DuplicateSubtasks,
+            ),
+            (
+                answer(&[
+                    subtask("Add two-factor authentication", &[]),
+                    subtask("Store the enrolled secrets", &[0]),
+                    subtask("Ask for the code at login", &[1]),
+                ]),
+                FinishReason::Stop,
+                Rule::DuplicateSubtasks,
+            ),
+            (
+                answer(&[
+                    subtask("Choose the second factor", &[1]),
+                    subtask("Store the enrolled secrets", &[0]),
+                    subtask("Ask for the code at login", &[]),
+                ]),
+                FinishReason::Stop,
+                // The schema lets a subtask name earlier siblings only.
+                Rule::Schema,
+            ),
+        ];
+        for (text, finish_reason, rule) in cases {
+            let violation = judged(&text, finish_reason).unwrap_err();
+            assert_eq!(violation.rule, rule, "{text}: {violation:?}");
+        }
+    }
 }
