@@ -6,7 +6,8 @@
 //! Prints per backend and RPC: answers given, schema-valid rate of the
 //! model's outputs, rule violations of first answers and after repair (by
 //! rule), repair rate, mean subtasks, p50/p95 latency and tokens per answer;
-//! writes the same as JSON (`--report`).
+//! writes the same as JSON (`--report`), keeping the rows of backends not
+//! evaluated in this run.
 //!
 //! Run: `make eval` (or `cargo bench --bench eval -- --help` with build.env
 //! sourced for the options).
@@ -365,10 +366,30 @@ async fn main() {
     for summary in &summaries {
         print_summary(summary);
     }
+    // Rows of backends not evaluated in this run are kept from the last
+    // report, so one backend can be evaluated again on its own.
+    let mut results: Vec<serde_json::Value> = std::fs::read(&args.report)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .and_then(|report| report["results"].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|row| {
+            row["tasks"] == corpus.len()
+                && !args
+                    .backends
+                    .iter()
+                    .any(|backend| row["backend"] == backend.as_str())
+        })
+        .collect();
+    results.extend(summaries.iter().map(|summary| {
+        let mut row = serde_json::to_value(summary).expect("serializable");
+        row["tasks"] = corpus.len().into();
+        row
+    }));
     let report = serde_json::json!({
         "corpus": args.corpus.file_name().map(|name| name.to_string_lossy().into_owned()),
-        "tasks": corpus.len(),
-        "results": summaries,
+        "results": results,
     });
     std::fs::write(
         &args.report,

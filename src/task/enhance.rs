@@ -69,14 +69,15 @@ pub(super) fn parse(value: Value, request: &EnhanceRequest) -> Result<Enhancemen
     }
     answer.title = non_blank("title", &answer.title)?;
     answer.description = non_blank("description", &answer.description)?;
+    // Keeping the title is fine when the description adds something: it
+    // must neither repeat the task's description nor the title.
     let restated_description = request
         .task
         .description
         .as_deref()
-        .is_none_or(|original| same_meaning(original, &answer.description));
-    if same_meaning(&request.task.title, &answer.title)
-        && (restated_description || same_meaning(&answer.title, &answer.description))
-    {
+        .is_some_and(|original| same_meaning(original, &answer.description))
+        || same_meaning(&answer.title, &answer.description);
+    if same_meaning(&request.task.title, &answer.title) && restated_description {
         return Err(Violation::new(
             Rule::RestatesTask,
             "the title and description restate the task without adding anything",
@@ -177,6 +178,23 @@ mod tests {
             assert_eq!(violation.rule, rule, "{violation:?}");
             assert!(violation.detail.contains(expected), "{violation:?}");
         }
+    }
+
+    #[test]
+    fn keeping_the_title_is_fine_when_the_description_adds_something() {
+        let mut request = request(None);
+        request.task.description = None;
+        let answer = answer(
+            "Add login",
+            "Add a login form with e-mail and password that starts a session.",
+            &["A user with a valid password reaches the dashboard"],
+        );
+        assert!(parse(answer, &request).is_ok());
+        let restated = super::tests::answer("Add the login", "Add login.", &["Users can log in"]);
+        assert_eq!(
+            parse(restated, &request).unwrap_err().rule,
+            Rule::RestatesTask
+        );
     }
 
     #[test]

@@ -165,6 +165,26 @@ mod tests {
     }
 
     #[test]
+    fn a_repair_repeats_the_request_and_names_the_violation_without_the_answer() {
+        let first = vec![
+            Message::new(Role::System, "system"),
+            Message::new(Role::User, "Task: Ship v2"),
+        ];
+        let violation = Violation::new(
+            crate::task::Rule::VagueDescription,
+            "subtasks[1].description only restates the title \"Ship\"",
+        );
+        let repaired = corrected(&first, &violation);
+        assert_eq!(repaired[0], first[0]);
+        assert_eq!(
+            repaired[1].content,
+            "Task: Ship v2\nA previous answer was rejected: subtasks[1].description only \
+             restates the title \"Ship\". Avoid that mistake."
+        );
+        assert_eq!(repaired.len(), first.len());
+    }
+
+    #[test]
     fn decompose_prompt_states_the_range() {
         let request = DecomposeRequest {
             task: TaskSpec {
