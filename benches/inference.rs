@@ -152,6 +152,10 @@ impl Service {
         let address = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_rigger-inference"))
             .env("RIGGER_LISTEN", &address)
+            .env("RIGGER_METRICS_LISTEN", "off")
+            // Measures the engine's prompt-prefix cache, not answers
+            // served from the result cache.
+            .env("RIGGER_TASK_CACHE_ENTRIES", "0")
             .env("INFERENCE_BACKEND", "embedded")
             .env("RIGGER_MODEL_PATH", model_path())
             .env("RIGGER_THREADS", THREADS)

@@ -110,6 +110,30 @@ pub struct Config {
     #[arg(long, env = "RIGGER_BACKEND_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "120s")]
     pub backend_idle_timeout: Duration,
 
+    /// Generations (Generate streams, Enhance/Decompose calls) running at
+    /// once; more wait in the queue. Match it to the backend's parallelism
+    /// (`--parallel` for the embedded engine, OLLAMA_NUM_PARALLEL, ...).
+    #[arg(long, env = "RIGGER_MAX_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_in_flight: u64,
+
+    /// Calls that may wait for a free generation slot (interactive ones
+    /// first); beyond it RESOURCE_EXHAUSTED with a `retry-after` hint.
+    #[arg(long, env = "RIGGER_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+
+    /// Address of the Prometheus endpoint (`/metrics`), or `off`.
+    #[arg(long, env = "RIGGER_METRICS_LISTEN", default_value = "127.0.0.1:9464", value_parser = parse_metrics_listen)]
+    pub metrics_listen: MetricsListen,
+
+    /// Deadline of calls whose client sets none; past it DEADLINE_EXCEEDED
+    /// and the backend work is stopped.
+    #[arg(long, env = "RIGGER_DEFAULT_DEADLINE", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub default_deadline: Duration,
+
+    /// Longest deadline a call gets, whatever its client asks.
+    #[arg(long, env = "RIGGER_MAX_DEADLINE", value_parser = humantime::parse_duration, default_value = "30m")]
+    pub max_deadline: Duration,
+
     /// After SIGTERM/SIGINT, how long open calls may run before they are cut.
     #[arg(long, env = "RIGGER_SHUTDOWN_GRACE", value_parser = humantime::parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
@@ -152,6 +176,22 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "RIGGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, ignore_case = true)]
     pub log_format: LogFormat,
+}
+
+/// Where metrics are served; `None` when turned off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+fn parse_metrics_listen(value: &str) -> Result<MetricsListen, String> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(MetricsListen(None));
+    }
+    value
+        .parse()
+        .map(|address| MetricsListen(Some(address)))
+        .map_err(|error| {
+            format!("{value:?} is neither an address (host:port) nor \"off\": {error}")
+        })
 }
 
 impl Config {
@@ -206,6 +246,18 @@ mod tests {
         for name in ["auto", "embedded", "ollama", "openai"] {
             assert!(message.contains(name), "{message}");
         }
+    }
+
+    #[test]
+    fn metrics_listen_on_loopback_by_default_and_can_be_turned_off() {
+        let config = Config::parse_from(["x"]);
+        assert_eq!(
+            config.metrics_listen,
+            MetricsListen(Some("127.0.0.1:9464".parse().unwrap()))
+        );
+        let off = Config::parse_from(["x", "--metrics-listen", "off"]);
+        assert_eq!(off.metrics_listen, MetricsListen(None));
+        assert!(Config::try_parse_from(["x", "--metrics-listen", "nowhere"]).is_err());
     }
 
     #[test]

@@ -1,9 +1,6 @@
-//! The client's gRPC deadline bounds the call, streams included: past it the
-//! call ends and the backend request is dropped.
-//!
-//! tonic clients enforce their own deadline and report it as CANCELLED
-//! "Timeout expired" (tonic maps its TimeoutExpired so); other gRPC clients
-//! report DEADLINE_EXCEEDED.
+//! The client's gRPC deadline (or the server's default) bounds the call,
+//! streams included: past it the call ends with DEADLINE_EXCEEDED and the
+//! backend request is dropped.
 
 mod support;
 
@@ -15,8 +12,8 @@ use support::{TestServer, config, llama, ollama::OllamaStandIn};
 use tonic::{Code, Request};
 
 fn assert_deadline_expired(status: &tonic::Status) {
-    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
-    assert_eq!(status.message(), "Timeout expired", "{status:?}");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("deadline"), "{status:?}");
 }
 
 fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
@@ -25,16 +22,30 @@ fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
     request
 }
 
+async fn wait_until_abandoned(stand_in: &OllamaStandIn, count: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stand_in.controls.abandoned.load(Ordering::SeqCst) < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} backend requests must be dropped, saw {}",
+            stand_in.controls.abandoned.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stand_in.controls.completed.load(Ordering::SeqCst), 0);
+}
+
+async fn ollama_server(stand_in: &OllamaStandIn, flags: &[&str]) -> TestServer {
+    let host = stand_in.host();
+    let mut all = vec!["--backend", "ollama", "--ollama-host", &host];
+    all.extend_from_slice(flags);
+    TestServer::start(config(&all)).await
+}
+
 #[tokio::test]
 async fn unary_and_streaming_calls_end_at_the_deadline_and_stop_the_backend() {
     let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
-    let server = TestServer::start(config(&[
-        "--backend",
-        "ollama",
-        "--ollama-host",
-        &stand_in.host(),
-    ]))
-    .await;
+    let server = ollama_server(&stand_in, &[]).await;
     let mut client = server.client().await;
 
     let status = client
@@ -81,14 +92,56 @@ async fn unary_and_streaming_calls_end_at_the_deadline_and_stop_the_backend() {
         "ended near the deadline"
     );
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while stand_in.controls.abandoned.load(Ordering::SeqCst) < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "both backend requests must be dropped, saw {}",
-            stand_in.controls.abandoned.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(stand_in.controls.completed.load(Ordering::SeqCst), 0);
+    wait_until_abandoned(&stand_in, 2).await;
+}
+
+#[tokio::test]
+async fn calls_get_the_servers_default_deadline_and_at_most_its_maximum() {
+    let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
+    let server = ollama_server(
+        &stand_in,
+        &["--default-deadline", "400ms", "--max-deadline", "600ms"],
+    )
+    .await;
+    let mut client = server.client().await;
+    let started = tokio::time::Instant::now();
+    let mut stream = client
+        .generate(GenerateRequest {
+            prompt: "Write a very long essay about mountains.".into(),
+            sampling: Some(SamplingOptions {
+                max_tokens: Some(4000),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("the stream starts")
+        .into_inner();
+    let status = loop {
+        match stream.next().await {
+            Some(Ok(_)) => {}
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended without an error"),
+        }
+    };
+    assert_deadline_expired(&status);
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    let started = tokio::time::Instant::now();
+    let status = client
+        .decompose_task(with_deadline(
+            DecomposeTaskRequest {
+                task: Some(Task {
+                    title: "Plan a database migration".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Duration::from_secs(3600),
+        ))
+        .await
+        .expect_err("the server's maximum is shorter than a decomposition");
+    assert_deadline_expired(&status);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    wait_until_abandoned(&stand_in, 2).await;
 }

@@ -224,7 +224,8 @@ async fn a_full_engine_queues_then_refuses_and_cancelled_requests_free_their_seq
 #[tokio::test]
 async fn a_shared_prompt_prefix_is_read_once_and_changes_no_answer() {
     use rigger_inference::proto::{EnhanceTaskRequest, Task};
-    let server = embedded(&["--parallel", "2"]).await;
+    // The result cache would answer the repeated request without the engine.
+    let server = embedded(&["--parallel", "2", "--task-cache-entries", "0"]).await;
     let mut client = server.client().await;
     let enhance = |title: &str| EnhanceTaskRequest {
         task: Some(Task {

@@ -34,6 +34,7 @@ impl Binary {
         let address = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_rigger-inference"))
             .env("RIGGER_LISTEN", &address)
+            .env("RIGGER_METRICS_LISTEN", "off")
             .env("INFERENCE_BACKEND", "openai")
             .env("OPENAI_BASE_URL", llama().openai_url())
             .env("RIGGER_PROBE_INTERVAL", "200ms")

@@ -4,8 +4,11 @@
 //! [`serve`] takes a bound listener and a shutdown future, so `main` and the
 //! tests start the server the same way.
 
+mod admission;
+mod deadline;
 mod drain;
 pub mod health;
+mod metrics;
 mod service;
 mod status;
 mod validate;
@@ -17,8 +20,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use service::Backends;
+pub use admission::{AdmissionLimits, PRIORITY_HEADER, RETRY_AFTER};
+pub use deadline::DeadlinePolicy;
+use metrics::{Metrics, Snapshot};
 pub use service::InferenceApi;
+use service::{Backends, Shared};
 pub use validate::{Limits, ValidationError};
 
 use crate::{
@@ -118,23 +124,66 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let drain = drain::Drain::default();
-    let api = InferenceApi::new(
-        backends.clone(),
-        TaskRunner::new(
-            config.task_attempts,
-            CacheSettings {
-                entries: config.task_cache_entries,
-                ttl: config.task_cache_ttl,
-            },
-        ),
-        Limits {
+    let admission = admission::Admission::new(AdmissionLimits {
+        max_in_flight: config.max_in_flight as usize,
+        max_queue: config.max_queue,
+    });
+    let runner = TaskRunner::new(
+        config.task_attempts,
+        CacheSettings {
+            entries: config.task_cache_entries,
+            ttl: config.task_cache_ttl,
+        },
+    );
+    let metrics = Arc::new(Metrics::default());
+    // Stops the metrics endpoint whichever way this function returns.
+    let _stop_metrics = match config.metrics_listen.0 {
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|source| ServerError::Bind { address, source })?;
+            tracing::info!(%address, "serving metrics at /metrics");
+            let render = {
+                let (metrics, admission, backends, runner) = (
+                    metrics.clone(),
+                    admission.clone(),
+                    backends.clone(),
+                    runner.clone(),
+                );
+                Arc::new(move || {
+                    metrics.render(&Snapshot {
+                        admission: admission.stats(),
+                        backends: backends
+                            .get()
+                            .map(|registry| registry.snapshots())
+                            .unwrap_or_default(),
+                        caches: runner.cache_stats(),
+                    })
+                })
+            };
+            let stop = CancellationToken::new();
+            tokio::spawn(metrics::serve(listener, render, stop.clone()));
+            Some(stop.drop_guard())
+        }
+        None => None,
+    };
+    let api = InferenceApi::new(Shared {
+        registry: backends.clone(),
+        deadlines: DeadlinePolicy {
+            default: config.default_deadline,
+            max: config.max_deadline,
+        },
+        admission,
+        runner,
+        limits: Limits {
             default_max_tokens: config.default_max_tokens,
             task_max_tokens: config.task_max_tokens,
             max_tokens_limit: config.max_tokens_limit,
             max_prompt_bytes: config.max_prompt_bytes,
         },
-        drain.clone(),
-    );
+        drain: drain.clone(),
+        metrics,
+    });
     let stop_transport = CancellationToken::new();
     let server = Server::builder()
         .add_service(health::HealthServer::from_arc(board.clone()))

@@ -10,10 +10,13 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use super::{
+    admission::{Admission, AdmissionStats, Permit, Priority},
+    deadline::{Deadline, DeadlinePolicy},
     drain::Drain,
+    metrics::Metrics,
     status::{schema_violation, starting},
     validate::{self, Limits},
 };
@@ -32,47 +35,92 @@ const RELAY_BUFFER: usize = 32;
 /// arriving before that get UNAVAILABLE.
 pub(super) type Backends = Arc<OnceLock<Arc<BackendRegistry>>>;
 
-pub struct InferenceApi {
-    registry: Backends,
-    runner: TaskRunner,
-    limits: Limits,
-    drain: Drain,
+/// What the handlers share.
+pub(super) struct Shared {
+    pub registry: Backends,
+    pub deadlines: DeadlinePolicy,
+    pub admission: Arc<Admission>,
+    pub runner: TaskRunner,
+    pub limits: Limits,
+    pub drain: Drain,
+    pub metrics: Arc<Metrics>,
 }
 
+pub struct InferenceApi(Shared);
+
 impl InferenceApi {
-    pub(super) fn new(
-        registry: Backends,
-        runner: TaskRunner,
-        limits: Limits,
-        drain: Drain,
-    ) -> Self {
-        Self {
-            registry,
-            runner,
-            limits,
-            drain,
-        }
+    pub(super) fn new(shared: Shared) -> Self {
+        Self(shared)
     }
 
     fn registry(&self) -> Result<&BackendRegistry, Status> {
-        self.registry.get().map(Arc::as_ref).ok_or_else(starting)
+        self.0.registry.get().map(Arc::as_ref).ok_or_else(starting)
     }
-}
 
-#[tonic::async_trait]
-impl InferenceService for InferenceApi {
-    async fn enhance_task(
+    /// Name of the backend calls go to now, for metrics.
+    fn backend_name(&self) -> &'static str {
+        self.0
+            .registry
+            .get()
+            .map_or("none", |registry| registry.active().name())
+    }
+
+    fn observe<T>(&self, rpc: &'static str, result: &Result<T, Status>, started: Instant) {
+        let code = result.as_ref().err().map_or(Code::Ok, Status::code);
+        self.0
+            .metrics
+            .call_ended(rpc, self.backend_name(), code, started.elapsed());
+    }
+
+    /// Waits for a generation slot, recording the wait.
+    async fn admit(&self, priority: Priority) -> Result<Permit, Status> {
+        let asked = Instant::now();
+        let permit = self.0.admission.admit(priority).await?;
+        self.0.metrics.waited(priority.name(), asked.elapsed());
+        Ok(permit)
+    }
+
+    fn answered(&self, rpc: &'static str, stats: &AnswerStats) {
+        if !stats.cached {
+            self.0.metrics.answered(
+                rpc,
+                stats.backend,
+                stats.time_to_first_token,
+                stats.total_time,
+                stats.completion_tokens,
+            );
+        }
+    }
+
+    // The handlers' bodies; the trait methods around them record metrics.
+
+    async fn enhance_inner(
         &self,
         request: Request<proto::EnhanceTaskRequest>,
+        started: Instant,
     ) -> Result<Response<proto::EnhanceTaskResponse>, Status> {
-        let started = Instant::now();
-        let _open = self.drain.admit()?;
-        let request = validate::enhance(request.into_inner(), &self.limits)?;
+        let deadline = self.0.deadlines.of(&request);
+        let priority = Priority::of(&request)?;
+        let _open = self.0.drain.admit()?;
+        let request = validate::enhance(request.into_inner(), &self.0.limits)?;
         let backend = self.registry()?.active();
-        let answer = self
+        let answer = match self
+            .0
             .runner
-            .enhance(backend.as_ref(), request, started)
-            .await?;
+            .cached_enhancement(backend.as_ref(), &request, started)
+        {
+            Some(answer) => answer,
+            None => {
+                deadline
+                    .bound(async {
+                        let _slot = self.admit(priority).await?;
+                        let answer = self.0.runner.enhance(backend.as_ref(), request, started);
+                        Ok(answer.await?)
+                    })
+                    .await?
+            }
+        };
+        self.answered("enhance_task", &answer.stats);
         let enhancement = answer.value;
         Ok(Response::new(proto::EnhanceTaskResponse {
             enhancement: Some(proto::Enhancement {
@@ -85,18 +133,33 @@ impl InferenceService for InferenceApi {
         }))
     }
 
-    async fn decompose_task(
+    async fn decompose_inner(
         &self,
         request: Request<proto::DecomposeTaskRequest>,
+        started: Instant,
     ) -> Result<Response<proto::DecomposeTaskResponse>, Status> {
-        let started = Instant::now();
-        let _open = self.drain.admit()?;
-        let request = validate::decompose(request.into_inner(), &self.limits)?;
+        let deadline = self.0.deadlines.of(&request);
+        let priority = Priority::of(&request)?;
+        let _open = self.0.drain.admit()?;
+        let request = validate::decompose(request.into_inner(), &self.0.limits)?;
         let backend = self.registry()?.active();
-        let answer = self
+        let answer = match self
+            .0
             .runner
-            .decompose(backend.as_ref(), request, started)
-            .await?;
+            .cached_decomposition(backend.as_ref(), &request, started)
+        {
+            Some(answer) => answer,
+            None => {
+                deadline
+                    .bound(async {
+                        let _slot = self.admit(priority).await?;
+                        let answer = self.0.runner.decompose(backend.as_ref(), request, started);
+                        Ok(answer.await?)
+                    })
+                    .await?
+            }
+        };
+        self.answered("decompose_task", &answer.stats);
         Ok(Response::new(proto::DecomposeTaskResponse {
             subtasks: answer
                 .value
@@ -113,18 +176,23 @@ impl InferenceService for InferenceApi {
         }))
     }
 
-    type GenerateStream = ReceiverStream<Result<proto::GenerateResponse, Status>>;
-
-    async fn generate(
+    async fn generate_inner(
         &self,
         request: Request<proto::GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
-        let started = Instant::now();
-        let open = self.drain.admit()?;
-        let (request, schema) = validate::generate(request.into_inner(), &self.limits)?;
+        started: Instant,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let deadline = self.0.deadlines.of(&request);
+        let priority = Priority::of(&request)?;
+        let open = self.0.drain.admit()?;
+        let (request, schema) = validate::generate(request.into_inner(), &self.0.limits)?;
         let backend = self.registry()?.active();
         let requested_model = request.model.clone().unwrap_or_default();
-        let stream = backend.generate(request).await?;
+        let (slot, stream) = deadline
+            .bound(async {
+                let slot = self.admit(priority).await?;
+                Ok((slot, backend.generate(request).await?))
+            })
+            .await?;
         let (sender, receiver) = mpsc::channel(RELAY_BUFFER);
         let relay = Relay {
             sender,
@@ -132,21 +200,62 @@ impl InferenceService for InferenceApi {
             clock: StreamClock::start(started),
             backend: backend.name(),
             requested_model,
+            metrics: self.0.metrics.clone(),
         };
-        let cut = self.drain.cut();
+        let cut = self.0.drain.cut();
         tokio::spawn(async move {
-            relay.run(stream, cut).await;
+            relay.run(stream, cut, deadline).await;
+            drop(slot);
             drop(open);
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
+}
 
+type GenerateStream = ReceiverStream<Result<proto::GenerateResponse, Status>>;
+
+#[tonic::async_trait]
+impl InferenceService for InferenceApi {
+    async fn enhance_task(
+        &self,
+        request: Request<proto::EnhanceTaskRequest>,
+    ) -> Result<Response<proto::EnhanceTaskResponse>, Status> {
+        let started = Instant::now();
+        let result = self.enhance_inner(request, started).await;
+        self.observe("enhance_task", &result, started);
+        result
+    }
+
+    async fn decompose_task(
+        &self,
+        request: Request<proto::DecomposeTaskRequest>,
+    ) -> Result<Response<proto::DecomposeTaskResponse>, Status> {
+        let started = Instant::now();
+        let result = self.decompose_inner(request, started).await;
+        self.observe("decompose_task", &result, started);
+        result
+    }
+
+    type GenerateStream = GenerateStream;
+
+    /// A stream that starts is recorded by its relay when it ends.
+    async fn generate(
+        &self,
+        request: Request<proto::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let started = Instant::now();
+        let result = self.generate_inner(request, started).await;
+        if result.is_err() {
+            self.observe("generate", &result, started);
+        }
+        result
+    }
     async fn get_status(
         &self,
         _request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
         let snapshots = self.registry()?.snapshots();
-        let caches = self.runner.cache_stats();
+        let caches = self.0.runner.cache_stats();
         let active = snapshots.iter().find(|snapshot| snapshot.active);
         Ok(Response::new(proto::GetStatusResponse {
             active_backend: active
@@ -189,6 +298,7 @@ impl InferenceService for InferenceApi {
                 })
                 .collect(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            admission: Some(admission_status(self.0.admission.stats())),
             enhance_cache: caches.map(|(enhance, _)| cache_status(enhance)),
             decompose_cache: caches.map(|(_, decompose)| cache_status(decompose)),
         }))
@@ -202,21 +312,39 @@ struct Relay {
     clock: StreamClock,
     backend: &'static str,
     requested_model: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Relay {
+    /// Relays the stream to its end, then records the call.
+    async fn run(mut self, stream: ChunkStream, cut: CancellationToken, deadline: Deadline) {
+        let code = self.relay(stream, cut, deadline).await;
+        self.metrics
+            .call_ended("generate", self.backend, code, self.clock.elapsed());
+    }
+
     /// Runs until the generation ends, the client goes away (the backend
-    /// stream is dropped with this task, which drops the HTTP request) or the
-    /// shutdown grace period ends.
-    async fn run(mut self, mut stream: ChunkStream, cut: CancellationToken) {
+    /// stream is dropped with this task, which drops the HTTP request), the
+    /// call's deadline passes or the shutdown grace period ends; returns
+    /// the call's status code.
+    async fn relay(
+        &mut self,
+        mut stream: ChunkStream,
+        cut: CancellationToken,
+        deadline: Deadline,
+    ) -> Code {
         let mut output = String::new();
         loop {
             let next = tokio::select! {
-                _ = self.sender.closed() => return,
+                _ = self.sender.closed() => return Code::Cancelled,
+                () = deadline.passed() => {
+                    let _ = self.sender.send(Err(deadline.expired())).await;
+                    return Code::DeadlineExceeded;
+                }
                 _ = cut.cancelled() => {
                     let summary = self.summary(proto::FinishReason::Cancelled, None);
                     let _ = self.sender.send(Ok(summary)).await;
-                    return;
+                    return Code::Ok;
                 }
                 next = stream.next() => next,
             };
@@ -247,7 +375,16 @@ impl Relay {
                                 Err(problem) if finish_reason == proto::FinishReason::Stop => {
                                     Err(schema_violation(&problem))
                                 }
-                                _ => Ok(self.summary(finish_reason, Some(&completion))),
+                                _ => {
+                                    self.metrics.answered(
+                                        "generate",
+                                        self.backend,
+                                        self.clock.time_to_first_token(),
+                                        self.clock.elapsed(),
+                                        completion.completion_tokens,
+                                    );
+                                    Ok(self.summary(finish_reason, Some(&completion)))
+                                }
                             }
                         }
                     }
@@ -258,14 +395,18 @@ impl Relay {
                     self.backend
                 ))),
             };
-            let last = !matches!(
-                message,
+            let code = match &message {
                 Ok(proto::GenerateResponse {
-                    event: Some(proto::generate_response::Event::Text(_))
-                })
-            );
-            if self.sender.send(message).await.is_err() || last {
-                return;
+                    event: Some(proto::generate_response::Event::Text(_)),
+                }) => None,
+                Ok(_) => Some(Code::Ok),
+                Err(status) => Some(status.code()),
+            };
+            if self.sender.send(message).await.is_err() {
+                return Code::Cancelled;
+            }
+            if let Some(code) = code {
+                return code;
             }
         }
     }
@@ -329,6 +470,20 @@ fn answer_meta(stats: &AnswerStats) -> proto::ResponseMeta {
                 detail: violation.detail.clone(),
             })
             .collect(),
+    }
+}
+
+fn admission_status(stats: AdmissionStats) -> proto::AdmissionStatus {
+    let limits = stats.limits;
+    proto::AdmissionStatus {
+        in_flight: stats.in_flight as u64,
+        max_in_flight: limits.max_in_flight as u64,
+        queued_interactive: stats.queued_interactive as u64,
+        queued_batch: stats.queued_batch as u64,
+        max_queue: limits.max_queue as u64,
+        admitted: stats.admitted,
+        rejected: stats.rejected,
+        mean_wait: duration(stats.mean_wait),
     }
 }
 

@@ -81,7 +81,22 @@ impl<V: Clone> ResultCache<V> {
         }
     }
 
+    /// The value of `key`, counted as a hit or a miss.
     pub fn get(&self, key: CacheKey) -> Option<V> {
+        let found = self.find(key);
+        if found.is_none() {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// The value of `key` if there is one, counted as a hit; a caller that
+    /// finds nothing goes on to [`get`](Self::get).
+    pub fn peek(&self, key: CacheKey) -> Option<V> {
+        self.find(key)
+    }
+
+    fn find(&self, key: CacheKey) -> Option<V> {
         let mut entries = self.lock();
         let found = match entries.get_mut(&key) {
             Some(entry) if entry.stored.elapsed() <= self.ttl => {
@@ -94,12 +109,9 @@ impl<V: Clone> ResultCache<V> {
             }
             None => None,
         };
-        let counter = if found.is_some() {
-            &self.hits
-        } else {
-            &self.misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if found.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
         found
     }
 
@@ -155,6 +167,7 @@ mod tests {
         let cache = ResultCache::new(2, Duration::from_secs(60));
         let [a, b, c] = ["a", "b", "c"].map(CacheKey::new);
         assert_eq!(cache.get(a), None);
+        assert_eq!(cache.peek(b), None, "a peek counts no miss");
         cache.insert(a, 1);
         cache.insert(b, 2);
         assert_eq!(cache.get(a), Some(1), "a is now the most recently used");

@@ -139,6 +139,31 @@ impl TaskRunner {
         }
     }
 
+    /// The cached answer of an enhancement, if there is one; lets callers
+    /// skip admission for answers that cost nothing.
+    pub fn cached_enhancement(
+        &self,
+        backend: &dyn Backend,
+        request: &EnhanceRequest,
+        started: Instant,
+    ) -> Option<Answered<Enhancement>> {
+        let key = cache_key("enhance", backend, &request.sampling, request)?;
+        let answer = self.enhancements.as_deref()?.peek(key)?;
+        Some(from_cache(answer, started))
+    }
+
+    /// The cached answer of a decomposition, if there is one.
+    pub fn cached_decomposition(
+        &self,
+        backend: &dyn Backend,
+        request: &DecomposeRequest,
+        started: Instant,
+    ) -> Option<Answered<Vec<Subtask>>> {
+        let key = cache_key("decompose", backend, &request.sampling, request)?;
+        let answer = self.decompositions.as_deref()?.peek(key)?;
+        Some(from_cache(answer, started))
+    }
+
     /// Hits, misses and size of the EnhanceTask and DecomposeTask caches.
     pub fn cache_stats(&self) -> Option<(CacheStats, CacheStats)> {
         Some((
@@ -343,6 +368,13 @@ fn cache_key(
     })
 }
 
+fn from_cache<T>(mut answer: Answered<T>, started: Instant) -> Answered<T> {
+    answer.stats.cached = true;
+    answer.stats.time_to_first_token = started.elapsed();
+    answer.stats.total_time = answer.stats.time_to_first_token;
+    answer
+}
+
 /// The cached answer of `key`, else the generated one, kept when valid.
 async fn remembered<T: Clone>(
     cache: Option<&ResultCache<Answered<T>>>,
@@ -353,11 +385,8 @@ async fn remembered<T: Clone>(
     let Some((cache, key)) = cache.zip(key) else {
         return generate.await;
     };
-    if let Some(mut answer) = cache.get(key) {
-        answer.stats.cached = true;
-        answer.stats.time_to_first_token = started.elapsed();
-        answer.stats.total_time = answer.stats.time_to_first_token;
-        return Ok(answer);
+    if let Some(answer) = cache.get(key) {
+        return Ok(from_cache(answer, started));
     }
     let answer = generate.await?;
     cache.insert(key, answer.clone());

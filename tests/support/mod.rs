@@ -158,7 +158,8 @@ pub fn llama() -> &'static LlamaServer {
 }
 
 /// Configuration with the given flags on top of the defaults; probes are
-/// frequent so health tests finish quickly.
+/// frequent so health tests finish quickly, and metrics are off unless a
+/// test asks (many servers share one host).
 pub fn config(flags: &[&str]) -> Config {
     let mut args = vec![
         "rigger-inference",
@@ -166,6 +167,8 @@ pub fn config(flags: &[&str]) -> Config {
         "200ms",
         "--probe-timeout",
         "1s",
+        "--metrics-listen",
+        "off",
     ];
     args.extend_from_slice(flags);
     Config::parse_from(args)

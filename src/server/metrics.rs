@@ -1,0 +1,371 @@
+//! Prometheus metrics, served on their own listen address
+//! (`--metrics-listen`) so that scraping never competes with inference
+//! traffic for the gRPC port. Names start with `rigger_`.
+//!
+//! Events (calls, first tokens, queue waits) are recorded as they happen;
+//! states (in flight, queue depth, backend health, cache counts) are read
+//! from their owners at scrape time.
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::admission::AdmissionStats;
+use crate::{
+    backend::{BackendHealth, BackendSnapshot},
+    task::cache::CacheStats,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    rpc: &'static str,
+    backend: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    rpc: &'static str,
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PriorityLabels {
+    priority: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    rpc: &'static str,
+}
+
+/// Seconds, from 5 ms to about 80 s.
+fn latency_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+/// Tokens per second, from 1 to about 4000.
+fn rate_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    call_seconds: Family<RpcLabels, Histogram>,
+    first_token_seconds: Family<RpcLabels, Histogram>,
+    decode_tokens_per_second: Family<RpcLabels, Histogram>,
+    generated_tokens: Family<RpcLabels, Counter>,
+    queue_wait_seconds: Family<PriorityLabels, Histogram>,
+    in_flight: Gauge,
+    queued: Family<PriorityLabels, Gauge>,
+    admission_rejected: Counter,
+    backend_up: Family<BackendLabels, Gauge>,
+    backend_active: Family<BackendLabels, Gauge>,
+    cache_hits: Family<CacheLabels, Counter>,
+    cache_misses: Family<CacheLabels, Counter>,
+}
+
+/// The states read at scrape time.
+pub struct Snapshot {
+    pub admission: AdmissionStats,
+    pub backends: Vec<BackendSnapshot>,
+    pub caches: Option<(CacheStats, CacheStats)>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("rigger");
+        let metrics = Self {
+            calls: Family::default(),
+            call_seconds: Family::new_with_constructor(latency_buckets),
+            first_token_seconds: Family::new_with_constructor(latency_buckets),
+            decode_tokens_per_second: Family::new_with_constructor(rate_buckets),
+            generated_tokens: Family::default(),
+            queue_wait_seconds: Family::new_with_constructor(latency_buckets),
+            in_flight: Gauge::default(),
+            queued: Family::default(),
+            admission_rejected: Counter::default(),
+            backend_up: Family::default(),
+            backend_active: Family::default(),
+            cache_hits: Family::default(),
+            cache_misses: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "calls",
+            "Inference calls ended, by RPC, backend and gRPC status code",
+            metrics.calls.clone(),
+        );
+        registry.register(
+            "call_seconds",
+            "Duration of inference calls",
+            metrics.call_seconds.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "From receiving a call to its first generated text",
+            metrics.first_token_seconds.clone(),
+        );
+        registry.register(
+            "decode_tokens_per_second",
+            "Generated tokens per second after the first token, per call",
+            metrics.decode_tokens_per_second.clone(),
+        );
+        registry.register(
+            "generated_tokens",
+            "Tokens generated",
+            metrics.generated_tokens.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time admitted calls waited for a generation slot",
+            metrics.queue_wait_seconds.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Generations running",
+            metrics.in_flight.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Calls waiting for a generation slot",
+            metrics.queued.clone(),
+        );
+        registry.register(
+            "admission_rejected",
+            "Calls refused with RESOURCE_EXHAUSTED because the queue was full",
+            metrics.admission_rejected.clone(),
+        );
+        registry.register(
+            "backend_up",
+            "1 when the backend answered its last health probe",
+            metrics.backend_up.clone(),
+        );
+        registry.register(
+            "backend_active",
+            "1 for the backend calls go to",
+            metrics.backend_active.clone(),
+        );
+        registry.register(
+            "task_cache_hits",
+            "EnhanceTask/DecomposeTask calls answered from the result cache",
+            metrics.cache_hits.clone(),
+        );
+        registry.register(
+            "task_cache_misses",
+            "Cacheable EnhanceTask/DecomposeTask calls that were generated",
+            metrics.cache_misses.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+impl Metrics {
+    /// One inference call ended with `code` after `elapsed`.
+    pub fn call_ended(
+        &self,
+        rpc: &'static str,
+        backend: &str,
+        code: tonic::Code,
+        elapsed: Duration,
+    ) {
+        self.calls
+            .get_or_create(&CallLabels {
+                rpc,
+                backend: backend.to_owned(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.call_seconds
+            .get_or_create(&RpcLabels {
+                rpc,
+                backend: backend.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// What one answer cost: its first token and its decoding pace.
+    pub fn answered(
+        &self,
+        rpc: &'static str,
+        backend: &str,
+        first_token: Duration,
+        total: Duration,
+        completion_tokens: u32,
+    ) {
+        let labels = RpcLabels {
+            rpc,
+            backend: backend.to_owned(),
+        };
+        self.first_token_seconds
+            .get_or_create(&labels)
+            .observe(first_token.as_secs_f64());
+        self.generated_tokens
+            .get_or_create(&labels)
+            .inc_by(u64::from(completion_tokens));
+        let decoding = total.saturating_sub(first_token).as_secs_f64();
+        if completion_tokens > 1 && decoding > 0.0 {
+            self.decode_tokens_per_second
+                .get_or_create(&labels)
+                .observe(f64::from(completion_tokens - 1) / decoding);
+        }
+    }
+
+    pub fn waited(&self, priority: &'static str, wait: Duration) {
+        self.queue_wait_seconds
+            .get_or_create(&PriorityLabels { priority })
+            .observe(wait.as_secs_f64());
+    }
+
+    /// The OpenMetrics text of every metric, states as of `snapshot`.
+    pub fn render(&self, snapshot: &Snapshot) -> String {
+        let admission = &snapshot.admission;
+        self.in_flight.set(admission.in_flight as i64);
+        for (priority, depth) in [
+            ("interactive", admission.queued_interactive),
+            ("batch", admission.queued_batch),
+        ] {
+            self.queued
+                .get_or_create(&PriorityLabels { priority })
+                .set(depth as i64);
+        }
+        catch_up(&self.admission_rejected, admission.rejected);
+        for backend in &snapshot.backends {
+            let labels = BackendLabels {
+                backend: backend.name.to_owned(),
+            };
+            let up = backend.health == BackendHealth::Serving;
+            self.backend_up.get_or_create(&labels).set(i64::from(up));
+            self.backend_active
+                .get_or_create(&labels)
+                .set(i64::from(backend.active));
+        }
+        if let Some((enhance, decompose)) = snapshot.caches {
+            for (rpc, stats) in [("enhance_task", enhance), ("decompose_task", decompose)] {
+                let labels = CacheLabels { rpc };
+                catch_up(&self.cache_hits.get_or_create(&labels), stats.hits);
+                catch_up(&self.cache_misses.get_or_create(&labels), stats.misses);
+            }
+        }
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// Moves a counter up to a total its owner keeps.
+fn catch_up(counter: &Counter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
+/// Serves `GET /metrics` on `listener` until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::admission::AdmissionLimits;
+
+    #[test]
+    fn calls_states_and_caches_are_rendered_with_the_prefix() {
+        let metrics = Metrics::default();
+        metrics.call_ended(
+            "generate",
+            "embedded",
+            tonic::Code::ResourceExhausted,
+            Duration::from_millis(3),
+        );
+        metrics.answered(
+            "generate",
+            "embedded",
+            Duration::from_millis(100),
+            Duration::from_millis(1100),
+            51,
+        );
+        let snapshot = Snapshot {
+            admission: AdmissionStats {
+                limits: AdmissionLimits {
+                    max_in_flight: 4,
+                    max_queue: 8,
+                },
+                in_flight: 3,
+                queued_interactive: 2,
+                queued_batch: 1,
+                admitted: 10,
+                rejected: 4,
+                mean_wait: Duration::ZERO,
+            },
+            backends: Vec::new(),
+            caches: Some((
+                CacheStats {
+                    entries: 1,
+                    capacity: 8,
+                    hits: 5,
+                    misses: 2,
+                },
+                CacheStats::default(),
+            )),
+        };
+        let text = metrics.render(&snapshot);
+        for line in [
+            "rigger_calls_total{rpc=\"generate\",backend=\"embedded\",code=\"ResourceExhausted\"} 1",
+            "rigger_in_flight 3",
+            "rigger_queue_depth{priority=\"interactive\"} 2",
+            "rigger_admission_rejected_total 4",
+            "rigger_task_cache_hits_total{rpc=\"enhance_task\"} 5",
+            "rigger_generated_tokens_total{rpc=\"generate\",backend=\"embedded\"} 51",
+            "rigger_decode_tokens_per_second_bucket{le=\"64.0\",rpc=\"generate\",backend=\"embedded\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // Counters read from their owners never count twice.
+        assert!(
+            metrics
+                .render(&snapshot)
+                .contains("rigger_admission_rejected_total 4")
+        );
+    }
+}
