@@ -3,6 +3,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use crate::server::auth::BearerToken;
+
 use clap::{Parser, ValueEnum};
 
 /// Which backend serves requests.
@@ -173,9 +175,36 @@ pub struct Config {
     #[arg(long, env = "RIGGER_TASK_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "10m")]
     pub task_cache_ttl: Duration,
 
+    /// Bearer token every call must present (`authorization: Bearer
+    /// <token>`), except calls to exempt services; unset: no authentication.
+    #[arg(long, env = "RIGGER_AUTH_TOKEN", hide_env_values = true, value_parser = read_token)]
+    pub auth_token: Option<BearerToken>,
+
+    /// File holding the bearer token (a mounted Kubernetes Secret, say),
+    /// read once at startup; surrounding whitespace is ignored.
+    #[arg(long, env = "RIGGER_AUTH_TOKEN_FILE", conflicts_with = "auth_token")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// Services callable without the token (probes need no secret).
+    #[arg(
+        long,
+        env = "RIGGER_AUTH_EXEMPT",
+        value_delimiter = ',',
+        default_value = "grpc.health.v1.Health,grpc.reflection.v1.ServerReflection,grpc.reflection.v1alpha.ServerReflection"
+    )]
+    pub auth_exempt: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "RIGGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, ignore_case = true)]
     pub log_format: LogFormat,
+}
+
+fn read_token(value: &str) -> Result<BearerToken, String> {
+    let token = value.trim();
+    if token.is_empty() {
+        return Err("the token is empty".to_owned());
+    }
+    Ok(BearerToken::new(token))
 }
 
 /// Where metrics are served; `None` when turned off.
@@ -195,6 +224,26 @@ fn parse_metrics_listen(value: &str) -> Result<MetricsListen, String> {
 }
 
 impl Config {
+    /// The bearer token calls must present: `--auth-token`, else the
+    /// contents of `--auth-token-file`, else none.
+    pub fn bearer_token(&self) -> Result<Option<BearerToken>, String> {
+        if let Some(token) = &self.auth_token {
+            return Ok(Some(token.clone()));
+        }
+        let Some(path) = &self.auth_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            format!(
+                "cannot read the auth token file {}: {error}",
+                path.display()
+            )
+        })?;
+        read_token(&text)
+            .map(Some)
+            .map_err(|problem| format!("auth token file {}: {problem}", path.display()))
+    }
+
     /// The embedded engine's model: `--model-path`, else the cached default.
     pub fn embedded_model_path(&self) -> PathBuf {
         self.model_path

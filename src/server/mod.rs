@@ -5,6 +5,7 @@
 //! tests start the server the same way.
 
 mod admission;
+pub mod auth;
 mod deadline;
 mod drain;
 pub mod health;
@@ -51,6 +52,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`).
@@ -184,14 +187,30 @@ pub async fn serve(
         drain: drain.clone(),
         metrics,
     });
+    let token = config.bearer_token().map_err(ServerError::Auth)?;
+    let exempt = &config.auth_exempt;
     let stop_transport = CancellationToken::new();
     let server = Server::builder()
-        .add_service(health::HealthServer::from_arc(board.clone()))
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
-        .add_service(
+        .add_service(auth::guarded(
+            health::HealthServer::from_arc(board.clone()),
+            token.as_ref(),
+            exempt,
+        ))
+        .add_service(auth::guarded(
+            reflection().build_v1()?,
+            token.as_ref(),
+            exempt,
+        ))
+        .add_service(auth::guarded(
+            reflection().build_v1alpha()?,
+            token.as_ref(),
+            exempt,
+        ))
+        .add_service(auth::guarded(
             InferenceServiceServer::new(api).max_decoding_message_size(config.max_message_bytes),
-        )
+            token.as_ref(),
+            exempt,
+        ))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             stop_transport.clone().cancelled_owned(),
