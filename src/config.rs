@@ -103,6 +103,17 @@ pub struct Config {
     #[arg(long, env = "RIGGER_PROBE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "2s")]
     pub probe_timeout: Duration,
 
+    /// Readiness also needs the active backend to have completed a
+    /// generation within this interval; if none did, it must generate one
+    /// token as a test. `0s` turns the test off (readiness then follows
+    /// the cheap probes only).
+    #[arg(long, env = "RIGGER_READINESS_GENERATION_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub readiness_generation_interval: Duration,
+
+    /// How long that test generation may take.
+    #[arg(long, env = "RIGGER_READINESS_GENERATION_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub readiness_generation_timeout: Duration,
+
     /// How long connecting to a backend may take.
     #[arg(long, env = "RIGGER_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "2s")]
     pub connect_timeout: Duration,

@@ -274,3 +274,43 @@ async fn health_answers_while_the_model_loads_and_a_corrupt_model_stops_startup(
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn readiness_needs_the_backend_to_generate_not_only_to_answer_probes() {
+    use std::sync::atomic::Ordering;
+    let stand_in = support::ollama::OllamaStandIn::start(&llama().openai_url()).await;
+    let host = stand_in.host();
+    let mut settings = config(&["--backend", "ollama", "--ollama-host", &host]);
+    settings.readiness_generation_interval = Duration::from_millis(300);
+    let server = TestServer::start(settings).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut ready = health
+        .watch(HealthCheckRequest {
+            service: INFERENCE_SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch_until(&mut ready, ServingStatus::Serving).await;
+
+    // Ollama still answers /api/version and /api/tags, but every generation
+    // now fails after its first token.
+    stand_in.controls.fail_after.store(1, Ordering::SeqCst);
+    watch_until(&mut ready, ServingStatus::NotServing).await;
+    let report = server
+        .client()
+        .await
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        report.backends[0]
+            .last_error
+            .contains("test generation failed"),
+        "{report:?}"
+    );
+
+    stand_in.controls.fail_after.store(0, Ordering::SeqCst);
+    watch_until(&mut ready, ServingStatus::Serving).await;
+}

@@ -20,7 +20,9 @@ use futures_util::Stream;
 
 pub use clock::StreamClock;
 pub use error::BackendError;
-pub use registry::{BackendHealth, BackendRegistry, BackendSnapshot, SelectionError};
+pub use registry::{
+    BackendHealth, BackendRegistry, BackendSnapshot, GenerationCheck, SelectionError,
+};
 
 /// Author of a chat message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

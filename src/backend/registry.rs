@@ -5,14 +5,15 @@
 //! then the embedded engine, loaded only when chosen.
 
 use std::{
-    sync::{Arc, RwLock},
-    time::Duration,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
 };
 
-use futures_util::future::join_all;
+use futures_util::{StreamExt, future::join_all};
 
 use super::{
-    Backend, BackendError, Capabilities, ProbeReport,
+    Backend, BackendError, Capabilities, Chunk, GenerationRequest, Message, ProbeReport, Role,
+    Sampling,
     embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape, LoadError},
     ollama::{OllamaBackend, OllamaSettings},
     openai::{OpenAiBackend, OpenAiSettings},
@@ -59,6 +60,8 @@ struct ProbeState {
 struct Entry {
     backend: Arc<dyn Backend>,
     state: RwLock<ProbeState>,
+    /// When this backend last completed a generation.
+    last_generated: Mutex<Option<Instant>>,
 }
 
 impl Entry {
@@ -70,8 +73,31 @@ impl Entry {
                 report: ProbeReport::default(),
                 last_error: None,
             }),
+            last_generated: Mutex::new(None),
         }
     }
+
+    fn mark_generated(&self) {
+        *self
+            .last_generated
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(Instant::now());
+    }
+
+    fn generated_within(&self, interval: Duration) -> bool {
+        self.last_generated
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .is_some_and(|at| at.elapsed() < interval)
+    }
+}
+
+/// Readiness by generation: how often the active backend must prove it
+/// can generate, and how long the proof may take.
+#[derive(Clone, Copy, Debug)]
+pub struct GenerationCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, LoadError> {
@@ -224,6 +250,45 @@ impl BackendRegistry {
         self.snapshots()
     }
 
+    /// Records that the active backend completed a generation: proof enough
+    /// that it works, so no test generation is needed for a while.
+    pub fn generated(&self) {
+        self.entries[self.active].mark_generated();
+    }
+
+    /// Makes the active backend generate one token unless it completed a
+    /// generation within `check.interval`; a failure marks it NOT_SERVING
+    /// until a later check or probe succeeds. A backend too busy to take
+    /// the test is alive: busy is not down.
+    pub async fn check_generation(&self, check: GenerationCheck) {
+        let entry = &self.entries[self.active];
+        if entry.generated_within(check.interval) {
+            return;
+        }
+        let outcome = tokio::time::timeout(check.timeout, test_generation(entry.backend.as_ref()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(BackendError::Unavailable {
+                    backend: entry.backend.name(),
+                    endpoint: entry.backend.endpoint(),
+                    reason: format!("a one-token test generation took over {:?}", check.timeout),
+                })
+            });
+        match outcome {
+            Ok(()) => entry.mark_generated(),
+            Err(BackendError::Busy { .. } | BackendError::Overloaded { .. }) => {}
+            Err(error) => {
+                tracing::warn!(%error, "the active backend failed a test generation");
+                let mut state = entry
+                    .state
+                    .write()
+                    .unwrap_or_else(|poison| poison.into_inner());
+                state.health = BackendHealth::NotServing;
+                state.last_error = Some(format!("test generation failed: {error}"));
+            }
+        }
+    }
+
     pub fn snapshots(&self) -> Vec<BackendSnapshot> {
         self.entries
             .iter()
@@ -246,4 +311,30 @@ impl BackendRegistry {
             })
             .collect()
     }
+}
+
+/// One greedy token from the backend's default model, read to its end.
+async fn test_generation(backend: &dyn Backend) -> Result<(), BackendError> {
+    let mut stream = backend
+        .generate(GenerationRequest {
+            model: None,
+            messages: vec![Message::new(Role::User, "Say OK.")],
+            sampling: Sampling {
+                max_tokens: 1,
+                temperature: Some(0.0),
+                ..Sampling::default()
+            },
+            stop: Vec::new(),
+            json_schema: None,
+        })
+        .await?;
+    while let Some(chunk) = stream.next().await {
+        if let Chunk::Done(_) = chunk? {
+            return Ok(());
+        }
+    }
+    Err(BackendError::Protocol {
+        backend: backend.name(),
+        reason: "the test generation ended without completing".to_owned(),
+    })
 }

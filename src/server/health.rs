@@ -28,7 +28,7 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    backend::{BackendHealth, BackendRegistry, BackendSnapshot},
+    backend::{BackendHealth, BackendRegistry, BackendSnapshot, GenerationCheck},
     proto::inference_service_server::InferenceServiceServer,
 };
 
@@ -248,11 +248,13 @@ fn serving_status(health: BackendHealth) -> ServingStatus {
     }
 }
 
-/// Probes every backend each `interval` until `stop`, publishing results.
+/// Probes every backend each `interval` until `stop`, and makes the active
+/// one prove it can generate when `generation` asks, publishing results.
 pub(super) async fn probe_until(
     registry: Arc<BackendRegistry>,
     board: Arc<HealthBoard>,
     interval: Duration,
+    generation: Option<GenerationCheck>,
     stop: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(interval);
@@ -262,11 +264,17 @@ pub(super) async fn probe_until(
             _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let snapshots = tokio::select! {
-            _ = stop.cancelled() => return,
-            snapshots = registry.probe_all() => snapshots,
+        let probes = async {
+            registry.probe_all().await;
+            if let Some(check) = generation {
+                registry.check_generation(check).await;
+            }
         };
-        board.publish(&snapshots);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            () = probes => {}
+        }
+        board.publish(&registry.snapshots());
     }
 }
 

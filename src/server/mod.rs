@@ -29,7 +29,7 @@ use service::{Backends, Shared};
 pub use validate::{Limits, ValidationError};
 
 use crate::{
-    backend::{BackendRegistry, SelectionError},
+    backend::{BackendRegistry, GenerationCheck, SelectionError},
     config::{Config, LogFormat},
     proto::{self, inference_service_server::InferenceServiceServer},
     task::{CacheSettings, TaskRunner},
@@ -237,10 +237,16 @@ pub async fn serve(
     board.register(&registry);
     let _ = backends.set(registry.clone());
     let stop_probing = CancellationToken::new();
+    let generation_check =
+        (!config.readiness_generation_interval.is_zero()).then_some(GenerationCheck {
+            interval: config.readiness_generation_interval,
+            timeout: config.readiness_generation_timeout,
+        });
     let prober = tokio::spawn(health::probe_until(
         registry,
         board.clone(),
         config.probe_interval,
+        generation_check,
         stop_probing.clone(),
     ));
 

@@ -82,6 +82,9 @@ impl InferenceApi {
 
     fn answered(&self, rpc: &'static str, stats: &AnswerStats) {
         if !stats.cached {
+            if let Some(registry) = self.0.registry.get() {
+                registry.generated();
+            }
             self.0.metrics.answered(
                 rpc,
                 stats.backend,
@@ -201,6 +204,7 @@ impl InferenceApi {
             backend: backend.name(),
             requested_model,
             metrics: self.0.metrics.clone(),
+            registry: self.0.registry.get().cloned(),
         };
         let cut = self.0.drain.cut();
         tokio::spawn(async move {
@@ -313,6 +317,8 @@ struct Relay {
     backend: &'static str,
     requested_model: String,
     metrics: Arc<Metrics>,
+    /// Told when the generation completes: proof the backend works.
+    registry: Option<Arc<BackendRegistry>>,
 }
 
 impl Relay {
@@ -376,6 +382,9 @@ impl Relay {
                                     Err(schema_violation(&problem))
                                 }
                                 _ => {
+                                    if let Some(registry) = &self.registry {
+                                        registry.generated();
+                                    }
                                     self.metrics.answered(
                                         "generate",
                                         self.backend,

@@ -158,8 +158,9 @@ pub fn llama() -> &'static LlamaServer {
 }
 
 /// Configuration with the given flags on top of the defaults; probes are
-/// frequent so health tests finish quickly, and metrics are off unless a
-/// test asks (many servers share one host).
+/// frequent so health tests finish quickly; metrics are off unless a test
+/// asks (many servers share one host), and so are test generations, which
+/// would otherwise show up in what tests count.
 pub fn config(flags: &[&str]) -> Config {
     let mut args = vec![
         "rigger-inference",
@@ -169,6 +170,8 @@ pub fn config(flags: &[&str]) -> Config {
         "1s",
         "--metrics-listen",
         "off",
+        "--readiness-generation-interval",
+        "0s",
     ];
     args.extend_from_slice(flags);
     Config::parse_from(args)
