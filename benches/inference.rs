@@ -20,8 +20,8 @@ use std::{
 
 use futures_util::{StreamExt, future::join_all};
 use rigger_inference::proto::{
-    EnhanceTaskRequest, GenerateRequest, SamplingOptions, Task, generate_response::Event,
-    inference_service_client::InferenceServiceClient,
+    EnhanceTaskRequest, GenerateRequest, GetStatusRequest, SamplingOptions, Task,
+    generate_response::Event, inference_service_client::InferenceServiceClient,
 };
 use serde_json::json;
 use support::{LlamaServer, MODEL_ALIAS, TestServer, config, free_port, greedy, model_path};
@@ -166,9 +166,14 @@ impl Service {
             .expect("start rigger-inference");
         let service = Self { child };
         let endpoint = Channel::from_shared(format!("http://{address}")).unwrap();
+        // Ready once it answers GetStatus: the model loads after the port
+        // is bound, and calls meanwhile are UNAVAILABLE.
         for _ in 0..400 {
             if let Ok(channel) = endpoint.connect().await {
-                return (service, InferenceServiceClient::new(channel));
+                let mut client = InferenceServiceClient::new(channel);
+                if client.get_status(GetStatusRequest {}).await.is_ok() {
+                    return (service, client);
+                }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

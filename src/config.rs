@@ -124,10 +124,11 @@ pub struct Config {
     pub backend_idle_timeout: Duration,
 
     /// Generations (Generate streams, Enhance/Decompose calls) running at
-    /// once; more wait in the queue. Match it to the backend's parallelism
-    /// (`--parallel` for the embedded engine, OLLAMA_NUM_PARALLEL, ...).
-    #[arg(long, env = "RIGGER_MAX_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    pub max_in_flight: u64,
+    /// once; more wait in the queue. Default: `--parallel`, the embedded
+    /// engine's sequences; for Ollama or an OpenAI-compatible server match
+    /// its parallelism (OLLAMA_NUM_PARALLEL, llama.cpp's `--parallel`, ...).
+    #[arg(long, env = "RIGGER_MAX_IN_FLIGHT", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_in_flight: Option<u64>,
 
     /// Calls that may wait for a free generation slot (interactive ones
     /// first); beyond it RESOURCE_EXHAUSTED with a `retry-after` hint.
@@ -235,6 +236,11 @@ fn parse_metrics_listen(value: &str) -> Result<MetricsListen, String> {
 }
 
 impl Config {
+    /// Generations admitted at once: `--max-in-flight`, else `--parallel`.
+    pub fn admitted_generations(&self) -> usize {
+        self.max_in_flight.unwrap_or(u64::from(self.parallel)) as usize
+    }
+
     /// The bearer token calls must present: `--auth-token`, else the
     /// contents of `--auth-token-file`, else none.
     pub fn bearer_token(&self) -> Result<Option<BearerToken>, String> {

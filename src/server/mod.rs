@@ -128,7 +128,7 @@ pub async fn serve(
     };
     let drain = drain::Drain::default();
     let admission = admission::Admission::new(AdmissionLimits {
-        max_in_flight: config.max_in_flight as usize,
+        max_in_flight: config.admitted_generations(),
         max_queue: config.max_queue,
     });
     let runner = TaskRunner::new(
