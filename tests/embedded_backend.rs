@@ -190,7 +190,9 @@ async fn bad_requests_are_named() {
 
 #[tokio::test]
 async fn a_full_engine_queues_then_refuses_and_cancelled_requests_free_their_sequence() {
-    let server = embedded(&["--parallel", "1", "--queue", "1"]).await;
+    // Admission lets more calls through than the engine has sequences, so
+    // that they reach the engine's own queue.
+    let server = embedded(&["--parallel", "1", "--queue", "1", "--max-in-flight", "3"]).await;
     let mut client = server.client().await;
     let long = greedy("Write a very long story about a dragon.", 2000);
     let mut running = client.generate(long.clone()).await.unwrap().into_inner();
