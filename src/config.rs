@@ -206,6 +206,20 @@ pub struct Config {
     )]
     pub auth_exempt: Vec<String>,
 
+    /// PEM certificate (chain) of the gRPC port: with `--tls-key`, the port
+    /// speaks TLS only.
+    #[arg(long, env = "RIGGER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "RIGGER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s) that client certificates must chain to: with
+    /// it, clients without such a certificate are refused (mutual TLS).
+    #[arg(long, env = "RIGGER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "RIGGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, ignore_case = true)]
     pub log_format: LogFormat,

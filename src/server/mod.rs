@@ -19,7 +19,7 @@ use std::{future::Future, sync::Arc};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 pub use admission::{AdmissionLimits, PRIORITY_HEADER, RETRY_AFTER};
 pub use deadline::DeadlinePolicy;
@@ -54,6 +54,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     Auth(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`).
@@ -100,6 +102,22 @@ async fn termination() {
     #[cfg(not(unix))]
     let _ = interrupt.await;
     tracing::info!("shutdown requested");
+}
+
+/// The gRPC port's TLS settings, when a certificate is configured.
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path)
+            .map_err(|error| ServerError::Tls(format!("cannot read {}: {error}", path.display())))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
 }
 
 /// Serves on `listener` until `shutdown` completes, then drains: health goes
@@ -190,7 +208,13 @@ pub async fn serve(
     let token = config.bearer_token().map_err(ServerError::Auth)?;
     let exempt = &config.auth_exempt;
     let stop_transport = CancellationToken::new();
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls_config(&config)? {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|error| ServerError::Tls(error.to_string()))?;
+    }
+    let server = builder
         .add_service(auth::guarded(
             health::HealthServer::from_arc(board.clone()),
             token.as_ref(),
