@@ -144,7 +144,9 @@ struct Summary {
     answered: usize,
     /// Share of model outputs (every attempt) that were valid JSON under the schema.
     schema_valid_rate: f64,
-    /// Share of calls whose first answer broke a rule, by rule.
+    /// Share of calls whose first answer broke a rule, by rule. A call
+    /// that failed tells only its last attempt's rule (the trailer), so it
+    /// is counted under that one.
     first_answer_violations: BTreeMap<String, f64>,
     first_answer_violation_rate: f64,
     /// Share of calls answered after at least one repair.

@@ -7,27 +7,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use rigger_inference::{
-    proto::{GetStatusRequest, inference_service_client::InferenceServiceClient},
-    server::{PRIORITY_HEADER, RETRY_AFTER},
-};
-use support::{TestServer, collect, config, generate, greedy};
-use tonic::{Code, Request, transport::Channel};
-
-async fn admission(client: &mut InferenceServiceClient<Channel>) -> (u64, u64, u64) {
-    let status = client
-        .get_status(GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .admission
-        .unwrap();
-    (
-        status.in_flight,
-        status.queued_interactive + status.queued_batch,
-        status.rejected,
-    )
-}
+use rigger_inference::server::{PRIORITY_HEADER, RETRY_AFTER};
+use support::{TestServer, admission, collect, config, generate, greedy};
+use tonic::{Code, Request};
 
 #[tokio::test]
 async fn past_the_queue_calls_are_refused_at_once_and_slots_come_back() {

@@ -22,6 +22,20 @@ fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
     request
 }
 
+/// A decomposition that takes longer than the deadlines below.
+fn plan_migration(deadline: Duration) -> Request<DecomposeTaskRequest> {
+    with_deadline(
+        DecomposeTaskRequest {
+            task: Some(Task {
+                title: "Plan a database migration".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        deadline,
+    )
+}
+
 async fn wait_until_abandoned(stand_in: &OllamaStandIn, count: usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while stand_in.controls.abandoned.load(Ordering::SeqCst) < count {
@@ -49,16 +63,7 @@ async fn unary_and_streaming_calls_end_at_the_deadline_and_stop_the_backend() {
     let mut client = server.client().await;
 
     let status = client
-        .decompose_task(with_deadline(
-            DecomposeTaskRequest {
-                task: Some(Task {
-                    title: "Plan a database migration".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            Duration::from_millis(300),
-        ))
+        .decompose_task(plan_migration(Duration::from_millis(300)))
         .await
         .expect_err("a decomposition takes longer than 300 ms");
     assert_deadline_expired(&status);
@@ -129,16 +134,7 @@ async fn calls_get_the_servers_default_deadline_and_at_most_its_maximum() {
 
     let started = tokio::time::Instant::now();
     let status = client
-        .decompose_task(with_deadline(
-            DecomposeTaskRequest {
-                task: Some(Task {
-                    title: "Plan a database migration".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            Duration::from_secs(3600),
-        ))
+        .decompose_task(plan_migration(Duration::from_secs(3600)))
         .await
         .expect_err("the server's maximum is shorter than a decomposition");
     assert_deadline_expired(&status);

@@ -5,8 +5,7 @@
 mod support;
 
 use futures_util::future::join_all;
-use rigger_inference::proto::GetStatusRequest;
-use support::{TestServer, config, generate, greedy};
+use support::{TestServer, admission, config, generate, greedy};
 use tonic::Code;
 
 const CLIENTS: usize = 64;
@@ -36,23 +35,8 @@ async fn burst(server: &TestServer) -> Vec<Code> {
 }
 
 async fn assert_idle(server: &TestServer) {
-    let admission = server
-        .client()
-        .await
-        .get_status(GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .admission
-        .unwrap();
-    assert_eq!(
-        (
-            admission.in_flight,
-            admission.queued_interactive + admission.queued_batch
-        ),
-        (0, 0),
-        "{admission:?}"
-    );
+    let (in_flight, queued, _) = admission(&mut server.client().await).await;
+    assert_eq!((in_flight, queued), (0, 0));
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! backend, and relay the answer.
 
 use std::{
+    future::Future,
     sync::{Arc, OnceLock},
     time::Instant,
 };
@@ -24,7 +25,7 @@ use crate::{
     backend::{BackendHealth, BackendRegistry, Chunk, ChunkStream, FinishReason, StreamClock},
     json_schema::OutputSchema,
     proto::{self, inference_service_server::InferenceService},
-    task::{AnswerStats, EnhancementKind, TaskRunner, cache::CacheStats},
+    task::{AnswerStats, Answered, EnhancementKind, TaskError, TaskRunner, cache::CacheStats},
 };
 
 /// Generated text waiting for a slow client; beyond it the backend is paused
@@ -95,6 +96,31 @@ impl InferenceApi {
         }
     }
 
+    /// A structured answer: the cached one when there is one (no slot
+    /// needed), else `generate` run in an admitted slot within the deadline.
+    async fn structured<T>(
+        &self,
+        rpc: &'static str,
+        deadline: Deadline,
+        priority: Priority,
+        cached: Option<Answered<T>>,
+        generate: impl Future<Output = Result<Answered<T>, TaskError>>,
+    ) -> Result<Answered<T>, Status> {
+        let answer = match cached {
+            Some(answer) => answer,
+            None => {
+                deadline
+                    .bound(async {
+                        let _slot = self.admit(priority).await?;
+                        Ok(generate.await?)
+                    })
+                    .await?
+            }
+        };
+        self.answered(rpc, &answer.stats);
+        Ok(answer)
+    }
+
     // The handlers' bodies; the trait methods around them record metrics.
 
     async fn enhance_inner(
@@ -107,23 +133,12 @@ impl InferenceApi {
         let _open = self.0.drain.admit()?;
         let request = validate::enhance(request.into_inner(), &self.0.limits)?;
         let backend = self.registry()?.active();
-        let answer = match self
-            .0
-            .runner
-            .cached_enhancement(backend.as_ref(), &request, started)
-        {
-            Some(answer) => answer,
-            None => {
-                deadline
-                    .bound(async {
-                        let _slot = self.admit(priority).await?;
-                        let answer = self.0.runner.enhance(backend.as_ref(), request, started);
-                        Ok(answer.await?)
-                    })
-                    .await?
-            }
-        };
-        self.answered("enhance_task", &answer.stats);
+        let runner = &self.0.runner;
+        let cached = runner.cached_enhancement(backend.as_ref(), &request, started);
+        let generate = runner.enhance(backend.as_ref(), request, started);
+        let answer = self
+            .structured("enhance_task", deadline, priority, cached, generate)
+            .await?;
         let enhancement = answer.value;
         Ok(Response::new(proto::EnhanceTaskResponse {
             enhancement: Some(proto::Enhancement {
@@ -146,23 +161,12 @@ impl InferenceApi {
         let _open = self.0.drain.admit()?;
         let request = validate::decompose(request.into_inner(), &self.0.limits)?;
         let backend = self.registry()?.active();
-        let answer = match self
-            .0
-            .runner
-            .cached_decomposition(backend.as_ref(), &request, started)
-        {
-            Some(answer) => answer,
-            None => {
-                deadline
-                    .bound(async {
-                        let _slot = self.admit(priority).await?;
-                        let answer = self.0.runner.decompose(backend.as_ref(), request, started);
-                        Ok(answer.await?)
-                    })
-                    .await?
-            }
-        };
-        self.answered("decompose_task", &answer.stats);
+        let runner = &self.0.runner;
+        let cached = runner.cached_decomposition(backend.as_ref(), &request, started);
+        let generate = runner.decompose(backend.as_ref(), request, started);
+        let answer = self
+            .structured("decompose_task", deadline, priority, cached, generate)
+            .await?;
         Ok(Response::new(proto::DecomposeTaskResponse {
             subtasks: answer
                 .value
@@ -188,7 +192,8 @@ impl InferenceApi {
         let priority = Priority::of(&request)?;
         let open = self.0.drain.admit()?;
         let (request, schema) = validate::generate(request.into_inner(), &self.0.limits)?;
-        let backend = self.registry()?.active();
+        let registry = self.0.registry.get().cloned().ok_or_else(starting)?;
+        let backend = registry.active();
         let requested_model = request.model.clone().unwrap_or_default();
         let (slot, stream) = deadline
             .bound(async {
@@ -204,7 +209,7 @@ impl InferenceApi {
             backend: backend.name(),
             requested_model,
             metrics: self.0.metrics.clone(),
-            registry: self.0.registry.get().cloned(),
+            registry,
         };
         let cut = self.0.drain.cut();
         tokio::spawn(async move {
@@ -318,7 +323,7 @@ struct Relay {
     requested_model: String,
     metrics: Arc<Metrics>,
     /// Told when the generation completes: proof the backend works.
-    registry: Option<Arc<BackendRegistry>>,
+    registry: Arc<BackendRegistry>,
 }
 
 impl Relay {
@@ -382,9 +387,7 @@ impl Relay {
                                     Err(schema_violation(&problem))
                                 }
                                 _ => {
-                                    if let Some(registry) = &self.registry {
-                                        registry.generated();
-                                    }
+                                    self.registry.generated();
                                     self.metrics.answered(
                                         "generate",
                                         self.backend,

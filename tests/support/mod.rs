@@ -278,6 +278,22 @@ impl Drop for TestServer {
     }
 }
 
+/// Admission as GetStatus reports it: (in flight, queued, refused).
+pub async fn admission(client: &mut InferenceServiceClient<Channel>) -> (u64, u64, u64) {
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("GetStatus")
+        .into_inner()
+        .admission
+        .expect("admission status");
+    (
+        status.in_flight,
+        status.queued_interactive + status.queued_batch,
+        status.rejected,
+    )
+}
+
 /// A Generate request decoding greedily, so its answer is reproducible.
 pub fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
