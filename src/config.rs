@@ -39,6 +39,33 @@ pub struct Config {
     #[arg(long, env = "INFERENCE_BACKEND", value_enum, default_value_t = BackendChoice::Auto, ignore_case = true)]
     pub backend: BackendChoice,
 
+    /// Backends in failover order, comma-separated (`ollama,embedded`):
+    /// calls go to the first one that is up and whose circuit is closed,
+    /// and move back when an earlier one recovers. Instead of `--backend`.
+    #[arg(long, env = "RIGGER_BACKENDS", value_enum, value_delimiter = ',', ignore_case = true, conflicts_with = "backend")]
+    pub backends: Vec<BackendChoice>,
+
+    /// Consecutive failures of a backend (down, erroring, malformed
+    /// answers) that open its circuit: calls then skip it.
+    #[arg(long, env = "RIGGER_BREAKER_FAILURES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_failures: u32,
+
+    /// How long an open circuit stays open before one trial call may test
+    /// the backend again.
+    #[arg(long, env = "RIGGER_BREAKER_COOLDOWN", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub breaker_cooldown: Duration,
+
+    /// Extra attempts of a call whose backend is down or full before any
+    /// token was sent: on the next backend in order, or on the same one
+    /// after a jittered backoff. Nothing is retried once text has flowed.
+    #[arg(long, env = "RIGGER_RETRIES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=10))]
+    pub retries: u32,
+
+    /// Base of the exponential backoff before a backend that already failed
+    /// a call is tried again; each wait is drawn at random below its bound.
+    #[arg(long, env = "RIGGER_RETRY_BACKOFF", value_parser = humantime::parse_duration, default_value = "50ms")]
+    pub retry_backoff: Duration,
+
     /// Default model, used when a request names none. Empty: the backend's
     /// first listed model.
     #[arg(long, env = "RIGGER_MODEL")]
@@ -338,6 +365,18 @@ mod tests {
         let off = Config::parse_from(["x", "--metrics-listen", "off"]);
         assert_eq!(off.metrics_listen, MetricsListen(None));
         assert!(Config::try_parse_from(["x", "--metrics-listen", "nowhere"]).is_err());
+    }
+
+    #[test]
+    fn backends_list_in_order_and_excludes_backend() {
+        let config = Config::parse_from(["x", "--backends", "ollama,Embedded"]);
+        assert_eq!(
+            config.backends,
+            [BackendChoice::Ollama, BackendChoice::Embedded]
+        );
+        assert!(
+            Config::try_parse_from(["x", "--backends", "ollama", "--backend", "openai"]).is_err()
+        );
     }
 
     #[test]

@@ -43,4 +43,28 @@ pub enum BackendError {
         backend: &'static str,
         reason: String,
     },
+    #[error("no backend can take the call: {circuits}")]
+    CircuitsOpen { circuits: String },
+}
+
+impl BackendError {
+    /// The backend itself is failing (down, erroring, speaking garbage) as
+    /// opposed to refusing this request or being full: counts against its
+    /// circuit breaker.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::Failed { .. } | Self::Protocol { .. }
+        )
+    }
+
+    /// Another attempt, on another backend or later on this one, may
+    /// succeed: the backend is down or full. A backend's own error answer
+    /// (`Failed`) may be about this request, so it is not tried again.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::Busy { .. } | Self::Overloaded { .. }
+        )
+    }
 }

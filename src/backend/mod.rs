@@ -21,7 +21,8 @@ use futures_util::Stream;
 pub use clock::StreamClock;
 pub use error::BackendError;
 pub use registry::{
-    BackendHealth, BackendRegistry, BackendSnapshot, GenerationCheck, SelectionError,
+    BackendHealth, BackendRegistry, BackendSnapshot, BreakerPolicy, CircuitState, FailoverPolicy,
+    GenerationCheck, SelectionError,
 };
 
 /// Author of a chat message.
@@ -103,6 +104,9 @@ pub enum FinishReason {
 /// How a generation ended, as the backend reported it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Completion {
+    /// The backend that generated the answer (with failover, not always
+    /// the one first asked).
+    pub backend: &'static str,
     pub model: String,
     pub finish_reason: FinishReason,
     pub prompt_tokens: u32,

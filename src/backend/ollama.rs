@@ -184,6 +184,7 @@ impl RecordParser for ChatParser {
                 _ => FinishReason::Stop,
             };
             return Ok(Some(Chunk::Done(Completion {
+                backend: NAME,
                 model: line.model.unwrap_or_else(|| self.model.clone()),
                 finish_reason,
                 prompt_tokens: line.prompt_eval_count.unwrap_or(0),
@@ -334,6 +335,7 @@ mod tests {
         assert_eq!(
             done,
             Some(Chunk::Done(Completion {
+                backend: NAME,
                 model: "m".into(),
                 finish_reason: FinishReason::Length,
                 prompt_tokens: 7,

@@ -190,6 +190,7 @@ impl CompletionParser {
         })?;
         let usage = self.usage.take();
         Ok(Chunk::Done(Completion {
+            backend: NAME,
             model: self.model.clone(),
             finish_reason,
             prompt_tokens: usage.as_ref().map_or(0, |usage| usage.prompt_tokens),
@@ -355,6 +356,7 @@ mod tests {
         assert_eq!(
             done,
             Some(Chunk::Done(Completion {
+                backend: NAME,
                 model: "m".into(),
                 finish_reason: FinishReason::Length,
                 prompt_tokens: 9,

@@ -28,7 +28,7 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    backend::{BackendHealth, BackendRegistry, BackendSnapshot, GenerationCheck},
+    backend::{BackendHealth, BackendRegistry, BackendSnapshot, CircuitState, GenerationCheck},
     proto::inference_service_server::InferenceServiceServer,
 };
 
@@ -85,7 +85,7 @@ impl HealthBoard {
             for snapshot in &snapshots {
                 entries
                     .entry(backend_service(snapshot.name))
-                    .or_insert_with(|| watch::Sender::new(serving_status(snapshot.health)));
+                    .or_insert_with(|| watch::Sender::new(serving_status(snapshot)));
             }
         }
         self.added.send_replace(());
@@ -119,12 +119,9 @@ impl HealthBoard {
 
     pub(super) fn publish(&self, snapshots: &[BackendSnapshot]) {
         for snapshot in snapshots {
-            self.set(
-                &backend_service(snapshot.name),
-                serving_status(snapshot.health),
-            );
+            self.set(&backend_service(snapshot.name), serving_status(snapshot));
             if snapshot.active {
-                let status = if snapshot.health == BackendHealth::Serving {
+                let status = if snapshot.serving() {
                     ServingStatus::Serving
                 } else {
                     ServingStatus::NotServing
@@ -240,8 +237,12 @@ fn watch_changes(
     )
 }
 
-fn serving_status(health: BackendHealth) -> ServingStatus {
-    match health {
+/// A backend's entry: its last probe, NOT_SERVING while its circuit is open.
+fn serving_status(snapshot: &BackendSnapshot) -> ServingStatus {
+    if snapshot.circuit == CircuitState::Open {
+        return ServingStatus::NotServing;
+    }
+    match snapshot.health {
         BackendHealth::Unknown => ServingStatus::Unknown,
         BackendHealth::Serving => ServingStatus::Serving,
         BackendHealth::NotServing => ServingStatus::NotServing,
@@ -249,7 +250,8 @@ fn serving_status(health: BackendHealth) -> ServingStatus {
 }
 
 /// Probes every backend each `interval` until `stop`, and makes the active
-/// one prove it can generate when `generation` asks, publishing results.
+/// one prove it can generate when `generation` asks, publishing results;
+/// a circuit that opens or closes between probes is published at once.
 pub(super) async fn probe_until(
     registry: Arc<BackendRegistry>,
     board: Arc<HealthBoard>,
@@ -259,9 +261,14 @@ pub(super) async fn probe_until(
 ) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut circuits = registry.circuit_changes();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
+            _ = circuits.changed() => {
+                board.publish(&registry.snapshots());
+                continue;
+            }
             _ = ticks.tick() => {}
         }
         let probes = async {
@@ -282,7 +289,7 @@ pub(super) async fn probe_until(
 mod tests {
     use super::*;
     use crate::backend::{
-        BackendRegistry,
+        BackendRegistry, BreakerPolicy, FailoverPolicy,
         ollama::{OllamaBackend, OllamaSettings},
     };
 
@@ -316,7 +323,18 @@ mod tests {
                 probe_timeout: Duration::from_secs(1),
             },
         );
-        let registry = BackendRegistry::new(vec![Arc::new(ollama)], 0, Duration::from_secs(1));
+        let registry = BackendRegistry::new(
+            vec![Arc::new(ollama)],
+            Duration::from_secs(1),
+            FailoverPolicy {
+                breaker: BreakerPolicy {
+                    failures: 3,
+                    cooldown: Duration::from_secs(10),
+                },
+                retries: 0,
+                backoff: Duration::from_millis(50),
+            },
+        );
         board.register(&registry);
         assert_eq!(
             next(&mut watch).await,

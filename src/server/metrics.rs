@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admission::AdmissionStats;
 use crate::{
-    backend::{BackendHealth, BackendSnapshot},
+    backend::{BackendHealth, BackendSnapshot, CircuitState},
     task::cache::CacheStats,
 };
 
@@ -78,6 +78,9 @@ pub struct Metrics {
     admission_rejected: Counter,
     backend_up: Family<BackendLabels, Gauge>,
     backend_active: Family<BackendLabels, Gauge>,
+    circuit_state: Family<BackendLabels, Gauge>,
+    backend_failures: Family<BackendLabels, Counter>,
+    backend_retried: Family<BackendLabels, Counter>,
     cache_hits: Family<CacheLabels, Counter>,
     cache_misses: Family<CacheLabels, Counter>,
 }
@@ -104,6 +107,9 @@ impl Default for Metrics {
             admission_rejected: Counter::default(),
             backend_up: Family::default(),
             backend_active: Family::default(),
+            circuit_state: Family::default(),
+            backend_failures: Family::default(),
+            backend_retried: Family::default(),
             cache_hits: Family::default(),
             cache_misses: Family::default(),
             registry: Registry::default(),
@@ -162,6 +168,21 @@ impl Default for Metrics {
             "backend_active",
             "1 for the backend calls go to",
             metrics.backend_active.clone(),
+        );
+        registry.register(
+            "circuit_state",
+            "The backend's circuit breaker: 0 closed, 1 open (calls skip it), 2 half-open (testing recovery)",
+            metrics.circuit_state.clone(),
+        );
+        registry.register(
+            "backend_failures",
+            "Backend failures counted against its circuit (down, erroring, malformed answers)",
+            metrics.backend_failures.clone(),
+        );
+        registry.register(
+            "backend_retried",
+            "Calls that left the backend, down or full before their first token, for another attempt",
+            metrics.backend_retried.clone(),
         );
         registry.register(
             "task_cache_hits",
@@ -259,6 +280,15 @@ impl Metrics {
             self.backend_active
                 .get_or_create(&labels)
                 .set(i64::from(backend.active));
+            self.circuit_state
+                .get_or_create(&labels)
+                .set(match backend.circuit {
+                    CircuitState::Closed => 0,
+                    CircuitState::Open => 1,
+                    CircuitState::HalfOpen => 2,
+                });
+            catch_up(&self.backend_failures.get_or_create(&labels), backend.failures);
+            catch_up(&self.backend_retried.get_or_create(&labels), backend.retried);
         }
         if let Some((enhance, decompose)) = snapshot.caches {
             for (rpc, stats) in [("enhance_task", enhance), ("decompose_task", decompose)] {

@@ -22,7 +22,10 @@ use super::{
     validate::{self, Limits},
 };
 use crate::{
-    backend::{BackendHealth, BackendRegistry, Chunk, ChunkStream, FinishReason, StreamClock},
+    backend::{
+        Backend, BackendHealth, BackendRegistry, Chunk, ChunkStream, CircuitState, FinishReason,
+        StreamClock,
+    },
     json_schema::OutputSchema,
     proto::{self, inference_service_server::InferenceService},
     task::{AnswerStats, Answered, EnhancementKind, TaskError, TaskRunner, cache::CacheStats},
@@ -63,7 +66,7 @@ impl InferenceApi {
         self.0
             .registry
             .get()
-            .map_or("none", |registry| registry.active().name())
+            .map_or("none", |registry| registry.name())
     }
 
     fn observe<T>(&self, rpc: &'static str, result: &Result<T, Status>, started: Instant) {
@@ -83,9 +86,6 @@ impl InferenceApi {
 
     fn answered(&self, rpc: &'static str, stats: &AnswerStats) {
         if !stats.cached {
-            if let Some(registry) = self.0.registry.get() {
-                registry.generated();
-            }
             self.0.metrics.answered(
                 rpc,
                 stats.backend,
@@ -132,10 +132,10 @@ impl InferenceApi {
         let priority = Priority::of(&request)?;
         let _open = self.0.drain.admit()?;
         let request = validate::enhance(request.into_inner(), &self.0.limits)?;
-        let backend = self.registry()?.active();
+        let backends = self.registry()?;
         let runner = &self.0.runner;
-        let cached = runner.cached_enhancement(backend.as_ref(), &request, started);
-        let generate = runner.enhance(backend.as_ref(), request, started);
+        let cached = runner.cached_enhancement(backends, &request, started);
+        let generate = runner.enhance(backends, request, started);
         let answer = self
             .structured("enhance_task", deadline, priority, cached, generate)
             .await?;
@@ -160,10 +160,10 @@ impl InferenceApi {
         let priority = Priority::of(&request)?;
         let _open = self.0.drain.admit()?;
         let request = validate::decompose(request.into_inner(), &self.0.limits)?;
-        let backend = self.registry()?.active();
+        let backends = self.registry()?;
         let runner = &self.0.runner;
-        let cached = runner.cached_decomposition(backend.as_ref(), &request, started);
-        let generate = runner.decompose(backend.as_ref(), request, started);
+        let cached = runner.cached_decomposition(backends, &request, started);
+        let generate = runner.decompose(backends, request, started);
         let answer = self
             .structured("decompose_task", deadline, priority, cached, generate)
             .await?;
@@ -192,13 +192,12 @@ impl InferenceApi {
         let priority = Priority::of(&request)?;
         let open = self.0.drain.admit()?;
         let (request, schema) = validate::generate(request.into_inner(), &self.0.limits)?;
-        let registry = self.0.registry.get().cloned().ok_or_else(starting)?;
-        let backend = registry.active();
+        let backends = self.registry()?;
         let requested_model = request.model.clone().unwrap_or_default();
         let (slot, stream) = deadline
             .bound(async {
                 let slot = self.admit(priority).await?;
-                Ok((slot, backend.generate(request).await?))
+                Ok((slot, backends.generate(request).await?))
             })
             .await?;
         let (sender, receiver) = mpsc::channel(RELAY_BUFFER);
@@ -206,10 +205,9 @@ impl InferenceApi {
             sender,
             schema,
             clock: StreamClock::start(started),
-            backend: backend.name(),
+            backend: backends.name(),
             requested_model,
             metrics: self.0.metrics.clone(),
-            registry,
         };
         let cut = self.0.drain.cut();
         tokio::spawn(async move {
@@ -304,6 +302,14 @@ impl InferenceService for InferenceApi {
                     }),
                     last_error: snapshot.last_error.unwrap_or_default(),
                     health_service: super::health::backend_service(snapshot.name),
+                    circuit: match snapshot.circuit {
+                        CircuitState::Closed => proto::CircuitState::Closed,
+                        CircuitState::Open => proto::CircuitState::Open,
+                        CircuitState::HalfOpen => proto::CircuitState::HalfOpen,
+                    } as i32,
+                    consecutive_failures: snapshot.consecutive_failures,
+                    failures: snapshot.failures,
+                    retried: snapshot.retried,
                 })
                 .collect(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -319,11 +325,11 @@ struct Relay {
     sender: mpsc::Sender<Result<proto::GenerateResponse, Status>>,
     schema: Option<OutputSchema>,
     clock: StreamClock,
+    /// The backend serving the call: the active one when it started, the
+    /// one that completed it once it has.
     backend: &'static str,
     requested_model: String,
     metrics: Arc<Metrics>,
-    /// Told when the generation completes: proof the backend works.
-    registry: Arc<BackendRegistry>,
 }
 
 impl Relay {
@@ -372,6 +378,7 @@ impl Relay {
                             })
                         }
                         Chunk::Done(completion) => {
+                            self.backend = completion.backend;
                             let verdict = match &self.schema {
                                 Some(schema) => schema.check(&output).map(|_| ()),
                                 None => Ok(()),
@@ -387,7 +394,6 @@ impl Relay {
                                     Err(schema_violation(&problem))
                                 }
                                 _ => {
-                                    self.registry.generated();
                                     self.metrics.answered(
                                         "generate",
                                         self.backend,

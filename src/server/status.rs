@@ -14,7 +14,9 @@ impl From<ValidationError> for Status {
 impl From<BackendError> for Status {
     fn from(error: BackendError) -> Self {
         let code = match &error {
-            BackendError::Unavailable { .. } | BackendError::Busy { .. } => Code::Unavailable,
+            BackendError::Unavailable { .. }
+            | BackendError::Busy { .. }
+            | BackendError::CircuitsOpen { .. } => Code::Unavailable,
             BackendError::Overloaded { .. } => Code::ResourceExhausted,
             BackendError::ModelNotFound { .. } => Code::NotFound,
             BackendError::NoDefaultModel { .. } => Code::FailedPrecondition,

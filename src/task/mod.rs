@@ -302,7 +302,7 @@ impl TaskRunner {
                     return Ok(Answered {
                         value,
                         stats: AnswerStats {
-                            backend: backend.name(),
+                            backend: generation.backend,
                             model: generation.model,
                             prompt_tokens,
                             completion_tokens,
@@ -425,6 +425,7 @@ struct Structured {
 /// A whole generation, collected.
 struct GeneratedText {
     text: String,
+    backend: &'static str,
     model: String,
     finish_reason: FinishReason,
     prompt_tokens: u32,
@@ -449,6 +450,7 @@ async fn generate_text(
             Chunk::Done(completion) => {
                 return Ok(GeneratedText {
                     text,
+                    backend: completion.backend,
                     model: completion.model,
                     finish_reason: completion.finish_reason,
                     prompt_tokens: completion.prompt_tokens,
@@ -489,6 +491,7 @@ mod tests {
         let request = decompose_request();
         let schema = OutputSchema::compile(schema::decomposition(3, 4, Some(6))).unwrap();
         let generation = GeneratedText {
+            backend: "test",
             text: text.to_owned(),
             model: "m".into(),
             finish_reason,

@@ -503,6 +503,7 @@ fn finish_sequence(mut sequence: Sequence, ending: Ending) {
             }
             let first = sequence.first_logits.unwrap_or(sequence.started);
             let _ = output.send(Ok(Chunk::Done(Completion {
+                backend: NAME,
                 model: sequence.job.model.clone(),
                 finish_reason,
                 prompt_tokens: sequence.prompt_tokens(),

@@ -1,0 +1,543 @@
+//! The configured backends, which one is active, and what the last health
+//! probe of each said. `auto` selection follows the Rigger research's order:
+//! explicit choice, then (once it exists) MLX on Apple Silicon, then Ollama
+//! when reachable, then a configured OpenAI-compatible server when reachable,
+//! then the embedded engine, loaded only when chosen. `--backends` gives the
+//! order explicitly; calls fail over along it (`failover`), each backend
+//! behind its own circuit breaker (`breaker`).
+
+mod breaker;
+mod failover;
+
+use std::{
+    sync::{
+        Arc, Mutex, MutexGuard, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use futures_util::{StreamExt, future::join_all};
+
+pub use breaker::{BreakerPolicy, CircuitState};
+use breaker::Breaker;
+pub use failover::FailoverPolicy;
+
+use super::{
+    Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, Message,
+    ProbeReport, Role, Sampling,
+    embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape, LoadError},
+    ollama::{OllamaBackend, OllamaSettings},
+    openai::{OpenAiBackend, OpenAiSettings},
+};
+use crate::config::{BackendChoice, Config};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SelectionError {
+    #[error("the openai backend needs OPENAI_BASE_URL (e.g. http://127.0.0.1:8080/v1)")]
+    OpenAiWithoutUrl,
+    #[error(transparent)]
+    Embedded(#[from] LoadError),
+    #[error("cannot build the HTTP client for backends: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    #[error("--backends lists {0} twice")]
+    Repeated(&'static str),
+    #[error("--backends names backends in order; `auto` is not one")]
+    AutoInList,
+}
+
+/// Result of the last probe of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendHealth {
+    Unknown,
+    Serving,
+    NotServing,
+}
+
+/// A backend's configuration and state, for status reports.
+#[derive(Clone, Debug)]
+pub struct BackendSnapshot {
+    pub name: &'static str,
+    pub endpoint: String,
+    pub active: bool,
+    pub health: BackendHealth,
+    pub default_model: Option<String>,
+    pub models: Vec<String>,
+    pub capabilities: Capabilities,
+    pub last_error: Option<String>,
+    pub circuit: CircuitState,
+    pub consecutive_failures: u32,
+    /// Failures counted against the circuit since start.
+    pub failures: u64,
+    /// Calls that left this backend, down or full before their first
+    /// token, for another attempt.
+    pub retried: u64,
+}
+
+impl BackendSnapshot {
+    /// Whether calls can go to this backend: its last probe succeeded and
+    /// its circuit is not open.
+    pub fn serving(&self) -> bool {
+        self.health == BackendHealth::Serving && self.circuit != CircuitState::Open
+    }
+}
+
+struct ProbeState {
+    health: BackendHealth,
+    report: ProbeReport,
+    last_error: Option<String>,
+}
+
+struct Entry {
+    backend: Arc<dyn Backend>,
+    state: RwLock<ProbeState>,
+    /// When this backend last completed a generation.
+    last_generated: Mutex<Option<Instant>>,
+    breaker: Mutex<Breaker>,
+    failures: AtomicU64,
+    retried: AtomicU64,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl Entry {
+    fn new(backend: Arc<dyn Backend>, breaker: BreakerPolicy) -> Self {
+        Self {
+            backend,
+            state: RwLock::new(ProbeState {
+                health: BackendHealth::Unknown,
+                report: ProbeReport::default(),
+                last_error: None,
+            }),
+            last_generated: Mutex::new(None),
+            breaker: Mutex::new(Breaker::new(breaker)),
+            failures: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+        }
+    }
+
+    fn health(&self) -> BackendHealth {
+        self.state
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .health
+    }
+
+    fn mark_generated(&self) {
+        *locked(&self.last_generated) = Some(Instant::now());
+    }
+
+    fn generated_within(&self, interval: Duration) -> bool {
+        locked(&self.last_generated).is_some_and(|at| at.elapsed() < interval)
+    }
+
+    /// Calls may go here: not failing its probes, circuit not open.
+    fn routable(&self, now: Instant) -> bool {
+        self.health() != BackendHealth::NotServing
+            && locked(&self.breaker).state(now) != CircuitState::Open
+    }
+
+    fn admit(&self, now: Instant) -> bool {
+        locked(&self.breaker).admit(now)
+    }
+
+    fn reopens_in(&self, now: Instant) -> Option<Duration> {
+        locked(&self.breaker).reopens_in(now)
+    }
+
+    /// Closes the circuit; true when it was not closed.
+    fn succeeded(&self) -> bool {
+        let mut breaker = locked(&self.breaker);
+        let reopened = breaker.state(Instant::now()) != CircuitState::Closed;
+        breaker.succeeded();
+        if reopened {
+            tracing::info!(backend = self.backend.name(), "circuit closed");
+        }
+        reopened
+    }
+
+    /// Counts an outage against the circuit (a refusal of the request or a
+    /// full queue says nothing about the backend's health); true when the
+    /// circuit opened.
+    fn failed(&self, error: &BackendError) -> bool {
+        if !error.is_outage() {
+            return false;
+        }
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut breaker = locked(&self.breaker);
+        let before = breaker.state(now);
+        breaker.failed(now);
+        let opened = before != CircuitState::Open && breaker.state(now) == CircuitState::Open;
+        if opened {
+            tracing::warn!(backend = self.backend.name(), %error, "circuit opened");
+        }
+        opened
+    }
+
+    fn note_retry(&self) {
+        self.retried.fetch_add(1, Ordering::Relaxed);
+    }
+
+}
+
+/// Readiness by generation: how often the active backend must prove it
+/// can generate, and how long the proof may take.
+#[derive(Clone, Copy, Debug)]
+pub struct GenerationCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, LoadError> {
+    let backend = EmbeddedBackend::load(EmbeddedSettings {
+        model_path: config.embedded_model_path(),
+        model_name: config.model.clone(),
+        shape: EngineShape {
+            parallel: config.parallel,
+            ctx_per_sequence: config.ctx_per_sequence,
+            batch_tokens: config.batch_tokens,
+            threads: config.embedded_threads() as i32,
+            flash_attention: config.flash_attention,
+        },
+        queue: config.queue,
+    })
+    .await?;
+    Ok(Arc::new(backend))
+}
+
+/// The backends in failover order, shared with the streams they serve.
+struct Pool {
+    entries: Vec<Entry>,
+    policy: FailoverPolicy,
+    /// Bumped when a circuit opens or closes, for health to publish.
+    circuit_changed: tokio::sync::watch::Sender<()>,
+}
+
+impl Pool {
+    fn succeeded(&self, index: usize) {
+        if self.entries[index].succeeded() {
+            self.circuit_changed.send_replace(());
+        }
+    }
+
+    fn failed(&self, index: usize, error: &BackendError) {
+        if self.entries[index].failed(error) {
+            self.circuit_changed.send_replace(());
+        }
+    }
+
+    /// Follows a started generation: its completion proves the backend
+    /// works, an error mid-stream counts against it.
+    fn watch(&self, index: usize, item: &Result<Chunk, BackendError>) {
+        match item {
+            Ok(Chunk::Done(_)) => self.entries[index].mark_generated(),
+            Ok(Chunk::Text(_)) => {}
+            Err(error) => self.failed(index, error),
+        }
+    }
+
+    /// Indices of the backends calls may go to, best first: those up by
+    /// their last probe in configured order, then those failing their
+    /// probes (a probe can be stale). Open circuits are left out.
+    fn preference(&self, now: Instant) -> Vec<usize> {
+        let up = (0..self.entries.len()).filter(|index| self.entries[*index].routable(now));
+        let failing_probes = (0..self.entries.len()).filter(|index| {
+            let entry = &self.entries[*index];
+            entry.health() == BackendHealth::NotServing
+                && locked(&entry.breaker).state(now) != CircuitState::Open
+        });
+        up.chain(failing_probes).collect()
+    }
+
+    /// The backend calls go to now: the first routable one, else the first
+    /// configured.
+    fn active(&self) -> &Entry {
+        let now = Instant::now();
+        self.entries
+            .iter()
+            .find(|entry| entry.routable(now))
+            .unwrap_or(&self.entries[0])
+    }
+}
+
+pub struct BackendRegistry {
+    pool: Arc<Pool>,
+    probe_timeout: Duration,
+}
+
+impl BackendRegistry {
+    /// Builds the configured backends in failover order; `auto` probes the
+    /// candidates first and loads the embedded engine only when none answers.
+    pub async fn from_config(config: &Config) -> Result<Self, SelectionError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.backend_idle_timeout)
+            .tcp_nodelay(true)
+            .build()?;
+        let ollama: Arc<dyn Backend> = Arc::new(OllamaBackend::new(
+            client.clone(),
+            OllamaSettings {
+                host: config.ollama_host.clone(),
+                model: config.model.clone(),
+                keep_alive: config.ollama_keep_alive.clone(),
+                probe_timeout: config.probe_timeout,
+            },
+        ));
+        let openai: Option<Arc<dyn Backend>> = config.openai_base_url.as_ref().map(|url| {
+            Arc::new(OpenAiBackend::new(
+                client.clone(),
+                OpenAiSettings {
+                    base_url: url.clone(),
+                    api_key: config.openai_api_key.clone(),
+                    model: config.model.clone(),
+                    probe_timeout: config.probe_timeout,
+                },
+            )) as Arc<dyn Backend>
+        });
+        let policy = FailoverPolicy {
+            breaker: BreakerPolicy {
+                failures: config.breaker_failures,
+                cooldown: config.breaker_cooldown,
+            },
+            retries: config.retries,
+            backoff: config.retry_backoff,
+        };
+        let order = match (config.backend, config.backends.as_slice()) {
+            (BackendChoice::Auto, []) => {
+                let candidates: Vec<Arc<dyn Backend>> =
+                    std::iter::once(ollama).chain(openai).collect();
+                let probed = Self::new(candidates.clone(), config.probe_timeout, policy);
+                let snapshots = probed.probe_all().await;
+                if snapshots.iter().any(BackendSnapshot::serving) {
+                    candidates
+                } else {
+                    match load_embedded(config).await {
+                        Ok(embedded) => candidates.into_iter().chain([embedded]).collect(),
+                        Err(error) => {
+                            tracing::warn!(%error, "no runtime answers and the embedded engine cannot start");
+                            candidates
+                        }
+                    }
+                }
+            }
+            (single, []) => vec![build(single, config, &ollama, &openai).await?],
+            (_, listed) => {
+                let mut order: Vec<Arc<dyn Backend>> = Vec::with_capacity(listed.len());
+                for choice in listed {
+                    let backend = build(*choice, config, &ollama, &openai).await?;
+                    if order.iter().any(|earlier| earlier.name() == backend.name()) {
+                        return Err(SelectionError::Repeated(backend.name()));
+                    }
+                    order.push(backend);
+                }
+                order
+            }
+        };
+        let registry = Self::new(order, config.probe_timeout, policy);
+        // Start from the state of every backend, so a freshly loaded engine
+        // is ready at once.
+        let snapshots = registry.probe_all().await;
+        for snapshot in &snapshots {
+            tracing::info!(
+                backend = snapshot.name,
+                endpoint = %snapshot.endpoint,
+                health = ?snapshot.health,
+                active = snapshot.active,
+                "backend configured"
+            );
+        }
+        Ok(registry)
+    }
+
+    /// A registry over `backends`, in failover order.
+    pub fn new(
+        backends: Vec<Arc<dyn Backend>>,
+        probe_timeout: Duration,
+        policy: FailoverPolicy,
+    ) -> Self {
+        assert!(!backends.is_empty(), "a registry needs a backend");
+        let entries = backends
+            .into_iter()
+            .map(|backend| Entry::new(backend, policy.breaker))
+            .collect();
+        Self {
+            pool: Arc::new(Pool {
+                entries,
+                policy,
+                circuit_changed: tokio::sync::watch::Sender::new(()),
+            }),
+            probe_timeout,
+        }
+    }
+
+    /// Changes whenever a backend's circuit opens or closes.
+    pub fn circuit_changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.pool.circuit_changed.subscribe()
+    }
+
+    /// Probes every backend at once and records the results.
+    pub async fn probe_all(&self) -> Vec<BackendSnapshot> {
+        join_all(self.pool.entries.iter().map(|entry| async move {
+            let outcome = tokio::time::timeout(self.probe_timeout, entry.backend.probe())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BackendError::Unavailable {
+                        backend: entry.backend.name(),
+                        endpoint: entry.backend.endpoint(),
+                        reason: format!("no answer within {:?}", self.probe_timeout),
+                    })
+                });
+            let mut state = entry
+                .state
+                .write()
+                .unwrap_or_else(|poison| poison.into_inner());
+            match outcome {
+                Ok(report) => {
+                    state.health = BackendHealth::Serving;
+                    state.report = report;
+                    state.last_error = None;
+                }
+                Err(error) => {
+                    state.health = BackendHealth::NotServing;
+                    state.last_error = Some(error.to_string());
+                }
+            }
+        }))
+        .await;
+        self.snapshots()
+    }
+
+    /// Makes the active backend generate one token unless it completed a
+    /// generation within `check.interval`; a failure marks it NOT_SERVING
+    /// until a later check or probe succeeds, so calls move on to the next
+    /// backend. A backend too busy to take the test is alive: busy is not
+    /// down.
+    pub async fn check_generation(&self, check: GenerationCheck) {
+        let entry = self.pool.active();
+        if entry.generated_within(check.interval) {
+            return;
+        }
+        let outcome = tokio::time::timeout(check.timeout, test_generation(entry.backend.as_ref()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(BackendError::Unavailable {
+                    backend: entry.backend.name(),
+                    endpoint: entry.backend.endpoint(),
+                    reason: format!("a one-token test generation took over {:?}", check.timeout),
+                })
+            });
+        match outcome {
+            Ok(()) => entry.mark_generated(),
+            Err(BackendError::Busy { .. } | BackendError::Overloaded { .. }) => {}
+            Err(error) => {
+                tracing::warn!(%error, "the active backend failed a test generation");
+                let mut state = entry
+                    .state
+                    .write()
+                    .unwrap_or_else(|poison| poison.into_inner());
+                state.health = BackendHealth::NotServing;
+                state.last_error = Some(format!("test generation failed: {error}"));
+            }
+        }
+    }
+
+    pub fn snapshots(&self) -> Vec<BackendSnapshot> {
+        let now = Instant::now();
+        let active = self.pool.active().backend.name();
+        self.pool
+            .entries
+            .iter()
+            .map(|entry| {
+                let state = entry
+                    .state
+                    .read()
+                    .unwrap_or_else(|poison| poison.into_inner());
+                let breaker = locked(&entry.breaker);
+                BackendSnapshot {
+                    name: entry.backend.name(),
+                    endpoint: entry.backend.endpoint(),
+                    active: entry.backend.name() == active,
+                    health: state.health,
+                    default_model: state.report.default_model.clone(),
+                    models: state.report.models.clone(),
+                    capabilities: entry.backend.capabilities(),
+                    last_error: state.last_error.clone(),
+                    circuit: breaker.state(now),
+                    consecutive_failures: breaker.consecutive_failures(),
+                    failures: entry.failures.load(Ordering::Relaxed),
+                    retried: entry.retried.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The registry is itself a backend: the one calls go to now, with
+/// failover behind it. Everything above it stays backend-agnostic.
+#[async_trait]
+impl Backend for BackendRegistry {
+    fn name(&self) -> &'static str {
+        self.pool.active().backend.name()
+    }
+
+    fn endpoint(&self) -> String {
+        self.pool.active().backend.endpoint()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.pool.active().backend.capabilities()
+    }
+
+    async fn probe(&self) -> Result<ProbeReport, BackendError> {
+        self.pool.active().backend.probe().await
+    }
+
+    async fn generate(&self, request: GenerationRequest) -> Result<ChunkStream, BackendError> {
+        self.pool.clone().route(request).await
+    }
+}
+
+/// The backend named by `choice`, built (or loaded) now.
+async fn build(
+    choice: BackendChoice,
+    config: &Config,
+    ollama: &Arc<dyn Backend>,
+    openai: &Option<Arc<dyn Backend>>,
+) -> Result<Arc<dyn Backend>, SelectionError> {
+    match choice {
+        BackendChoice::Auto => Err(SelectionError::AutoInList),
+        BackendChoice::Ollama => Ok(ollama.clone()),
+        BackendChoice::Openai => openai.clone().ok_or(SelectionError::OpenAiWithoutUrl),
+        BackendChoice::Embedded => Ok(load_embedded(config).await?),
+    }
+}
+
+/// One greedy token from the backend's default model, read to its end.
+async fn test_generation(backend: &dyn Backend) -> Result<(), BackendError> {
+    let mut stream = backend
+        .generate(GenerationRequest {
+            model: None,
+            messages: vec![Message::new(Role::User, "Say OK.")],
+            sampling: Sampling {
+                max_tokens: 1,
+                temperature: Some(0.0),
+                ..Sampling::default()
+            },
+            stop: Vec::new(),
+            json_schema: None,
+        })
+        .await?;
+    while let Some(chunk) = stream.next().await {
+        if let Chunk::Done(_) = chunk? {
+            return Ok(());
+        }
+    }
+    Err(BackendError::Protocol {
+        backend: backend.name(),
+        reason: "the test generation ended without completing".to_owned(),
+    })
+}
