@@ -42,7 +42,14 @@ pub struct Config {
     /// Backends in failover order, comma-separated (`ollama,embedded`):
     /// calls go to the first one that is up and whose circuit is closed,
     /// and move back when an earlier one recovers. Instead of `--backend`.
-    #[arg(long, env = "RIGGER_BACKENDS", value_enum, value_delimiter = ',', ignore_case = true, conflicts_with = "backend")]
+    #[arg(
+        long,
+        env = "RIGGER_BACKENDS",
+        value_enum,
+        value_delimiter = ',',
+        ignore_case = true,
+        conflicts_with = "backend"
+    )]
     pub backends: Vec<BackendChoice>,
 
     /// Consecutive failures of a backend (down, erroring, malformed

@@ -287,8 +287,14 @@ impl Metrics {
                     CircuitState::Open => 1,
                     CircuitState::HalfOpen => 2,
                 });
-            catch_up(&self.backend_failures.get_or_create(&labels), backend.failures);
-            catch_up(&self.backend_retried.get_or_create(&labels), backend.retried);
+            catch_up(
+                &self.backend_failures.get_or_create(&labels),
+                backend.failures,
+            );
+            catch_up(
+                &self.backend_retried.get_or_create(&labels),
+                backend.retried,
+            );
         }
         if let Some((enhance, decompose)) = snapshot.caches {
             for (rpc, stats) in [("enhance_task", enhance), ("decompose_task", decompose)] {

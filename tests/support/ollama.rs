@@ -9,7 +9,9 @@
 //!
 //! Test controls (not part of Ollama): `busy` answers 503 as a full queue
 //! does; `fail_after` sends an `{"error": …}` line after that many text lines;
-//! `abandoned` counts chat streams the client dropped before their end.
+//! `cut_at` drops the connection in place of line `cut_at` (1 = before any
+//! text), as a crashing server does; `abandoned` counts chat streams the
+//! client dropped before their end.
 
 use std::{
     net::SocketAddr,
@@ -47,6 +49,7 @@ const DEFAULT_NUM_PREDICT: u32 = 256;
 pub struct Controls {
     pub busy: AtomicBool,
     pub fail_after: AtomicUsize,
+    pub cut_at: AtomicUsize,
     pub abandoned: AtomicUsize,
     pub completed: AtomicUsize,
 }
@@ -303,6 +306,7 @@ async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) ->
     }
 
     let fail_after = state.controls.fail_after.load(Ordering::SeqCst);
+    let cut_at = state.controls.cut_at.load(Ordering::SeqCst);
     let lines = futures_util::stream::unfold(
         (stream, guard, 0usize),
         move |(mut stream, mut guard, sent)| {
@@ -310,6 +314,11 @@ async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) ->
             async move {
                 if guard.finished {
                     return None;
+                }
+                if cut_at > 0 && sent + 1 == cut_at {
+                    guard.finish(false);
+                    let crash = std::io::Error::other("the stand-in crashed");
+                    return Some((Err(crash), (stream, guard, sent + 1)));
                 }
                 let value = if fail_after > 0 && sent == fail_after {
                     guard.finish(false);

@@ -48,9 +48,7 @@ impl Breaker {
     pub(super) fn state(&self, now: Instant) -> CircuitState {
         match self.opened_at {
             None => CircuitState::Closed,
-            Some(opened) if now.duration_since(opened) < self.policy.cooldown => {
-                CircuitState::Open
-            }
+            Some(opened) if now.duration_since(opened) < self.policy.cooldown => CircuitState::Open,
             Some(_) => CircuitState::HalfOpen,
         }
     }

@@ -68,7 +68,9 @@ impl Pool {
                 }
                 tried.0.push(index);
                 match self.entries[index].backend.generate(request.clone()).await {
-                    Ok(stream) => return Ok(self.clone().first_chunk(index, stream, request, tried)),
+                    Ok(stream) => {
+                        return Ok(self.clone().first_chunk(index, stream, request, tried));
+                    }
                     Err(error) => {
                         self.failed(index, &error);
                         if !self.retry_after(index, &error, &tried) {

@@ -20,8 +20,8 @@ use std::{
 use async_trait::async_trait;
 use futures_util::{StreamExt, future::join_all};
 
-pub use breaker::{BreakerPolicy, CircuitState};
 use breaker::Breaker;
+pub use breaker::{BreakerPolicy, CircuitState};
 pub use failover::FailoverPolicy;
 
 use super::{
@@ -181,7 +181,6 @@ impl Entry {
     fn note_retry(&self) {
         self.retried.fetch_add(1, Ordering::Relaxed);
     }
-
 }
 
 /// Readiness by generation: how often the active backend must prove it
