@@ -8,8 +8,10 @@
 pub mod backend;
 pub mod config;
 pub mod json_schema;
+mod random;
 pub mod server;
 pub mod task;
+pub mod trace_context;
 
 /// Generated gRPC contracts of package `rigger.inference.v1`.
 pub mod proto {

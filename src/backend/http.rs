@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream};
 
 use super::{BackendError, Chunk, ChunkStream, Message, Sampling};
+use crate::trace_context::{TRACEPARENT, TRACESTATE, TraceContext};
 
 /// Longest line accepted from a backend; a longer one is a protocol error,
 /// not unbounded buffering.
@@ -85,12 +86,20 @@ pub(crate) struct HttpTarget<'a> {
 }
 
 impl HttpTarget<'_> {
-    /// Sends a request; a transport failure or a non-success status becomes
-    /// the matching [`BackendError`], with the backend's own message.
+    /// Sends a request, within the trace of the call it serves; a transport
+    /// failure or a non-success status becomes the matching
+    /// [`BackendError`], with the backend's own message.
     pub(crate) async fn send(
         &self,
-        request: reqwest::RequestBuilder,
+        mut request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, BackendError> {
+        if let Some(call) = TraceContext::current() {
+            let span = call.child();
+            request = request.header(TRACEPARENT, span.traceparent());
+            if let Some(state) = span.tracestate() {
+                request = request.header(TRACESTATE, state);
+            }
+        }
         let response = request
             .send()
             .await

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use super::{
     admission::{Admission, AdmissionStats, Permit, Priority},
@@ -29,6 +30,7 @@ use crate::{
     json_schema::OutputSchema,
     proto::{self, inference_service_server::InferenceService},
     task::{AnswerStats, Answered, EnhancementKind, TaskError, TaskRunner, cache::CacheStats},
+    trace_context::{TRACEPARENT, TRACESTATE, TraceContext},
 };
 
 /// Generated text waiting for a slow client; beyond it the backend is paused
@@ -187,6 +189,7 @@ impl InferenceApi {
         &self,
         request: Request<proto::GenerateRequest>,
         started: Instant,
+        call: Traced,
     ) -> Result<Response<GenerateStream>, Status> {
         let deadline = self.0.deadlines.of(&request);
         let priority = Priority::of(&request)?;
@@ -210,16 +213,46 @@ impl InferenceApi {
             metrics: self.0.metrics.clone(),
         };
         let cut = self.0.drain.cut();
-        tokio::spawn(async move {
+        // The relay outlives this handler; it keeps the call's trace and
+        // log span, since a failover may still start a backend request.
+        tokio::spawn(call.run(async move {
             relay.run(stream, cut, deadline).await;
             drop(slot);
             drop(open);
-        });
+        }));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }
 
 type GenerateStream = ReceiverStream<Result<proto::GenerateResponse, Status>>;
+
+/// A call's place in its trace and its log span.
+#[derive(Clone)]
+struct Traced {
+    context: TraceContext,
+    span: tracing::Span,
+}
+
+impl Traced {
+    async fn run<F: Future>(self, future: F) -> F::Output {
+        self.context.scope(future.instrument(self.span)).await
+    }
+}
+
+/// The trace context of `request` (from its `traceparent`/`tracestate`
+/// metadata, or a new trace) and a log span naming it.
+fn traced<T>(rpc: &'static str, request: &Request<T>) -> Traced {
+    let metadata = request.metadata();
+    let header = |name| metadata.get(name).and_then(|value| value.to_str().ok());
+    let context = TraceContext::for_call(header(TRACEPARENT), header(TRACESTATE));
+    let span = tracing::info_span!(
+        "call",
+        rpc,
+        trace_id = %context.trace_id(),
+        span_id = %context.span_id()
+    );
+    Traced { context, span }
+}
 
 #[tonic::async_trait]
 impl InferenceService for InferenceApi {
@@ -228,7 +261,9 @@ impl InferenceService for InferenceApi {
         request: Request<proto::EnhanceTaskRequest>,
     ) -> Result<Response<proto::EnhanceTaskResponse>, Status> {
         let started = Instant::now();
-        let result = self.enhance_inner(request, started).await;
+        let result = traced("enhance_task", &request)
+            .run(self.enhance_inner(request, started))
+            .await;
         self.observe("enhance_task", &result, started);
         result
     }
@@ -238,7 +273,9 @@ impl InferenceService for InferenceApi {
         request: Request<proto::DecomposeTaskRequest>,
     ) -> Result<Response<proto::DecomposeTaskResponse>, Status> {
         let started = Instant::now();
-        let result = self.decompose_inner(request, started).await;
+        let result = traced("decompose_task", &request)
+            .run(self.decompose_inner(request, started))
+            .await;
         self.observe("decompose_task", &result, started);
         result
     }
@@ -251,7 +288,11 @@ impl InferenceService for InferenceApi {
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let started = Instant::now();
-        let result = self.generate_inner(request, started).await;
+        let call = traced("generate", &request);
+        let result = call
+            .clone()
+            .run(self.generate_inner(request, started, call))
+            .await;
         if result.is_err() {
             self.observe("generate", &result, started);
         }

@@ -11,7 +11,8 @@
 //! does; `fail_after` sends an `{"error": …}` line after that many text lines;
 //! `cut_at` drops the connection in place of line `cut_at` (1 = before any
 //! text), as a crashing server does; `abandoned` counts chat streams the
-//! client dropped before their end.
+//! client dropped before their end; `trace_headers` records the
+//! `traceparent`/`tracestate` of each chat request.
 
 use std::{
     net::SocketAddr,
@@ -50,6 +51,7 @@ pub struct Controls {
     pub busy: AtomicBool,
     pub fail_after: AtomicUsize,
     pub cut_at: AtomicUsize,
+    pub trace_headers: std::sync::Mutex<Vec<(Option<String>, Option<String>)>>,
     pub abandoned: AtomicUsize,
     pub completed: AtomicUsize,
 }
@@ -184,7 +186,23 @@ fn nanos(duration: Duration) -> u64 {
     duration.as_nanos().try_into().unwrap_or(u64::MAX)
 }
 
-async fn chat(State(state): State<Arc<AppState>>, Json(body): Json<ChatBody>) -> Response {
+async fn chat(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<ChatBody>,
+) -> Response {
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    state
+        .controls
+        .trace_headers
+        .lock()
+        .expect("trace headers")
+        .push((header("traceparent"), header("tracestate")));
     if body.model != MODEL && format!("{}:latest", body.model) != MODEL {
         return error(
             StatusCode::NOT_FOUND,

@@ -6,7 +6,6 @@
 //! is retried: the caller would see it twice.
 
 use std::{
-    hash::{BuildHasher, Hasher},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -172,31 +171,6 @@ impl Pool {
             .policy
             .backoff
             .saturating_mul(1 << attempts.saturating_sub(1).min(16));
-        bound.mul_f64(random_fraction())
-    }
-}
-
-/// A number in [0, 1) from the standard library's per-process random keys;
-/// backoff needs spread, not cryptographic quality.
-fn random_fraction() -> f64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.subsec_nanos().into()),
-    );
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn random_fractions_stay_in_range_and_vary() {
-        let draws: Vec<f64> = (0..64).map(|_| random_fraction()).collect();
-        assert!(draws.iter().all(|draw| (0.0..1.0).contains(draw)));
-        let first = draws[0];
-        assert!(draws.iter().any(|draw| *draw != first), "{draws:?}");
+        bound.mul_f64(crate::random::fraction())
     }
 }
