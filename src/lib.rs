@@ -7,6 +7,8 @@
 
 pub mod backend;
 pub mod config;
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 pub mod json_schema;
 mod random;
 pub mod server;

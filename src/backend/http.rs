@@ -267,6 +267,26 @@ impl<P: RecordParser> RelayState<P> {
     }
 }
 
+/// Feeds `records` to `parser` until one ends the stream or fails, then
+/// ends the body: the entry point of the wire-format fuzz target.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn parse_all(
+    mut parser: impl RecordParser,
+    records: &[String],
+) -> Vec<Result<Option<Chunk>, BackendError>> {
+    let mut parsed = Vec::new();
+    for record in records {
+        let result = parser.record(record);
+        let last = !matches!(result, Ok(None) | Ok(Some(Chunk::Text(_))));
+        parsed.push(result);
+        if last {
+            return parsed;
+        }
+    }
+    parsed.push(parser.end_of_body().map(Some));
+    parsed
+}
+
 /// Cuts a byte stream into records according to a [`Framing`].
 #[derive(Debug)]
 pub(crate) struct RecordSplitter {

@@ -7,7 +7,7 @@
 mod clock;
 pub mod embedded;
 mod error;
-mod http;
+pub(crate) mod http;
 mod models;
 pub mod ollama;
 pub mod openai;

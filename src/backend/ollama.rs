@@ -165,6 +165,14 @@ struct ChatParser {
     model: String,
 }
 
+/// A parser of an Ollama chat stream, for the wire-format fuzz target.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn record_parser() -> impl RecordParser {
+    ChatParser {
+        model: "fuzz".to_owned(),
+    }
+}
+
 impl RecordParser for ChatParser {
     fn record(&mut self, record: &str) -> Result<Option<Chunk>, BackendError> {
         let line: ChatLine =

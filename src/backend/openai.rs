@@ -182,6 +182,17 @@ struct CompletionParser {
     engine_timings: Option<EngineTimings>,
 }
 
+/// A parser of an OpenAI-compatible stream, for the wire-format fuzz target.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn record_parser() -> impl RecordParser {
+    CompletionParser {
+        model: "fuzz".to_owned(),
+        finish_reason: None,
+        usage: None,
+        engine_timings: None,
+    }
+}
+
 impl CompletionParser {
     fn completion(&mut self) -> Result<Chunk, BackendError> {
         let finish_reason = self.finish_reason.ok_or_else(|| BackendError::Protocol {

@@ -12,7 +12,7 @@ pub mod health;
 mod metrics;
 mod service;
 mod status;
-mod validate;
+pub(crate) mod validate;
 
 use std::{future::Future, sync::Arc};
 

@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 
 pub use decompose::{DecomposeRequest, Subtask};
 pub use enhance::{EnhanceRequest, Enhancement, EnhancementKind};
-pub use violation::{Rule, Violation};
+pub use violation::{Rule, Violation, same_meaning};
 
 use self::cache::{CacheKey, CacheStats, ResultCache, cacheable};
 
@@ -349,6 +349,57 @@ fn judge<T>(
         .check(&generation.text)
         .map_err(|problem| Violation::new(Rule::Schema, problem))
         .and_then(parse)
+}
+
+/// Judges `text` as a complete answer to `request`, as the runner judges
+/// one: the entry point of the structured-output fuzz target.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn judge_decomposition(
+    text: &str,
+    request: &DecomposeRequest,
+) -> Result<Vec<Subtask>, Violation> {
+    let schema = OutputSchema::compile(schema::decomposition(
+        request.min_subtasks,
+        request.max_subtasks,
+        request.task.complexity,
+    ))
+    .expect("the decomposition schema is valid JSON Schema");
+    let generation = GeneratedText {
+        text: text.to_owned(),
+        backend: "fuzz",
+        model: String::new(),
+        finish_reason: FinishReason::Stop,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        cached_prompt_tokens: 0,
+        time_to_first_token: Duration::ZERO,
+    };
+    judge(&generation, request.sampling.max_tokens, &schema, |value| {
+        decompose::parse(value, request)
+    })
+}
+
+/// As [`judge_decomposition`], for an enhancement.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn judge_enhancement(
+    text: &str,
+    request: &EnhanceRequest,
+) -> Result<Enhancement, Violation> {
+    let schema = OutputSchema::compile(schema::enhancement(request.kind))
+        .expect("the enhancement schema is valid JSON Schema");
+    let generation = GeneratedText {
+        text: text.to_owned(),
+        backend: "fuzz",
+        model: String::new(),
+        finish_reason: FinishReason::Stop,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        cached_prompt_tokens: 0,
+        time_to_first_token: Duration::ZERO,
+    };
+    judge(&generation, request.sampling.max_tokens, &schema, |value| {
+        enhance::parse(value, request)
+    })
 }
 
 /// The cache key of a reproducible request to `backend`; `None` for one
