@@ -1,6 +1,6 @@
 //! 64 concurrent clients on the real embedded engine: below capacity every
 //! call succeeds; above it the only failures are RESOURCE_EXHAUSTED, and
-//! every slot comes back afterwards.
+//! every slot and every task comes back afterwards.
 
 mod support;
 
@@ -39,6 +39,27 @@ async fn assert_idle(server: &TestServer) {
     assert_eq!((in_flight, queued), (0, 0));
 }
 
+/// Tasks alive in this test's runtime, where the server runs too.
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+/// Waits until the tasks of a burst (connections, relays, client workers)
+/// are gone: no more than `before` remain.
+async fn assert_tasks_return_to(before: usize) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while alive_tasks() > before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} tasks alive after the burst, {before} before",
+            alive_tasks()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn below_capacity_all_succeed_and_above_it_only_resource_exhausted() {
     let roomy = TestServer::start(config(&[
@@ -64,6 +85,7 @@ async fn below_capacity_all_succeed_and_above_it_only_resource_exhausted() {
         "8",
     ]))
     .await;
+    let before = alive_tasks();
     let codes = burst(&tight).await;
     let succeeded = codes.iter().filter(|code| **code == Code::Ok).count();
     let refused = codes
@@ -77,4 +99,5 @@ async fn below_capacity_all_succeed_and_above_it_only_resource_exhausted() {
     );
     assert!(refused > 0, "64 at once exceed 4 running + 8 waiting");
     assert_idle(&tight).await;
+    assert_tasks_return_to(before).await;
 }
