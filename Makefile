@@ -9,7 +9,7 @@ export RIGGER_CACHE_DIR ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cac
 # cmake and libclang for llama.cpp's build, from scripts/setup-build.sh.
 CARGO := source "$(RIGGER_CACHE_DIR)/build.env" && cargo
 
-.PHONY: run test setup lint bench eval
+.PHONY: run test setup lint bench eval fuzz
 
 setup:
 	scripts/setup-python.sh >/dev/null
@@ -32,3 +32,14 @@ bench: setup
 # Options after `--`, e.g. make eval EVAL_ARGS="--backends embedded --limit 10"
 eval: setup
 	$(CARGO) bench --locked --bench eval -- $(EVAL_ARGS)
+
+# Every fuzz target under libFuzzer for FUZZ_SECONDS each. Needs a nightly
+# toolchain (cargo-fuzz instruments with -Zsanitizer); installs cargo-fuzz
+# into the cache directory. CI runs the same properties on stable (src/fuzzing.rs).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := request_validation structured_output wire_framing
+fuzz: setup
+	test -x "$(RIGGER_CACHE_DIR)/tools/bin/cargo-fuzz" || $(CARGO) install cargo-fuzz --locked --root "$(RIGGER_CACHE_DIR)/tools"
+	cd fuzz && for target in $(FUZZ_TARGETS); do \
+	  PATH="$(RIGGER_CACHE_DIR)/tools/bin:$$PATH" $(CARGO) +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
