@@ -40,6 +40,6 @@ FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := request_validation structured_output wire_framing
 fuzz: setup
 	test -x "$(RIGGER_CACHE_DIR)/tools/bin/cargo-fuzz" || $(CARGO) install cargo-fuzz --locked --root "$(RIGGER_CACHE_DIR)/tools"
-	cd fuzz && for target in $(FUZZ_TARGETS); do \
-	  PATH="$(RIGGER_CACHE_DIR)/tools/bin:$$PATH" $(CARGO) +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	export PATH="$(RIGGER_CACHE_DIR)/tools/bin:$$PATH"; cd fuzz && for target in $(FUZZ_TARGETS); do \
+	  $(CARGO) +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
