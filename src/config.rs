@@ -254,6 +254,16 @@ pub struct Config {
     #[arg(long, env = "RIGGER_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// OpenTelemetry collector to export one span per inference call to
+    /// (OTLP over HTTP, JSON; its base URL, e.g. `http://127.0.0.1:4318`).
+    /// Unset: no export; trace context is still passed on to backends.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// `service.name` of the exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "rigger-inference")]
+    pub otel_service_name: String,
+
     /// Log format.
     #[arg(long, env = "RIGGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, ignore_case = true)]
     pub log_format: LogFormat,

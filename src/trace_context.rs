@@ -1,10 +1,10 @@
 //! W3C Trace Context: a call's `traceparent` (and `tracestate`) metadata is
 //! read at the edge, carried with the call, recorded on the call's log span
-//! and sent on to HTTP backends, so a trace the orchestrator started runs
-//! through this service into the runtime. A call without a valid
-//! `traceparent` starts a trace here, so its logs and backend requests still
-//! share one id. Nothing is exported: the ids join logs, and a collector
-//! can read them from the runtime's side.
+//! and sent on to HTTP backends with the call's own span as their parent, so
+//! a trace the orchestrator started runs through this service into the
+//! runtime. A call without a valid `traceparent` starts a trace here, so its
+//! logs and backend requests still share one id. With `--otlp-endpoint` the
+//! call's span is exported too (`server::telemetry`).
 
 use std::future::Future;
 
@@ -17,9 +17,14 @@ pub const TRACESTATE: &str = "tracestate";
 pub struct TraceContext {
     trace_id: u128,
     span_id: u64,
+    /// The caller's span, when the call continues a trace.
+    parent_span_id: Option<u64>,
     flags: u8,
     state: Option<String>,
 }
+
+/// The `sampled` trace flag: the trace is being recorded.
+const SAMPLED: u8 = 0x01;
 
 tokio::task_local! {
     static CURRENT: TraceContext;
@@ -27,14 +32,17 @@ tokio::task_local! {
 
 impl TraceContext {
     /// This service's span for a call whose metadata held `traceparent`
-    /// and `tracestate`: a child of the caller's span, or the root of a
-    /// new trace when `traceparent` is absent or invalid (the state of an
-    /// invalid parent is dropped with it, as the specification asks).
-    pub fn for_call(traceparent: Option<&str>, tracestate: Option<&str>) -> Self {
+    /// and `tracestate`: a child of the caller's span, keeping the caller's
+    /// sampling decision, or the root of a new trace when `traceparent` is
+    /// absent or invalid (the state of an invalid parent is dropped with
+    /// it, as the specification asks), sampled when `record_new` says
+    /// spans are being exported.
+    pub fn for_call(traceparent: Option<&str>, tracestate: Option<&str>, record_new: bool) -> Self {
         match traceparent.and_then(parse_traceparent) {
-            Some((trace_id, _, flags)) => Self {
+            Some((trace_id, parent, flags)) => Self {
                 trace_id,
                 span_id: new_span_id(),
+                parent_span_id: Some(parent),
                 flags,
                 state: tracestate
                     .map(str::trim)
@@ -50,18 +58,20 @@ impl TraceContext {
                     }
                 },
                 span_id: new_span_id(),
-                flags: 0,
+                parent_span_id: None,
+                flags: if record_new { SAMPLED } else { 0 },
                 state: None,
             },
         }
     }
 
-    /// A span under this one, for a request this call makes.
-    pub fn child(&self) -> Self {
-        Self {
-            span_id: new_span_id(),
-            ..self.clone()
-        }
+    /// Whether the trace is being recorded (its `sampled` flag).
+    pub fn sampled(&self) -> bool {
+        self.flags & SAMPLED != 0
+    }
+
+    pub fn parent_span_id(&self) -> Option<String> {
+        self.parent_span_id.map(|id| format!("{id:016x}"))
     }
 
     pub fn trace_id(&self) -> String {
@@ -72,7 +82,7 @@ impl TraceContext {
         format!("{:016x}", self.span_id)
     }
 
-    /// The `traceparent` value naming this span as the parent.
+    /// The `traceparent` value naming this call's span as the parent.
     pub fn traceparent(&self) -> String {
         format!(
             "00-{}-{}-{:02x}",
@@ -149,11 +159,16 @@ mod tests {
 
     #[test]
     fn a_valid_parent_is_continued_with_a_new_span() {
-        let context = TraceContext::for_call(Some(PARENT), Some("rojo=00f067aa0ba902b7"));
+        let context = TraceContext::for_call(Some(PARENT), Some("rojo=00f067aa0ba902b7"), false);
         assert_eq!(context.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(context.span_id(), "00f067aa0ba902b7");
+        assert_eq!(
+            context.parent_span_id().as_deref(),
+            Some("00f067aa0ba902b7")
+        );
         assert_eq!(context.tracestate(), Some("rojo=00f067aa0ba902b7"));
-        let header = context.child().traceparent();
+        assert!(context.sampled(), "the caller's decision");
+        let header = context.traceparent();
         assert!(
             header.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && header.ends_with("-01"),
             "{header}"
@@ -179,13 +194,15 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0é",
             "01-4bf92f3577b34da6a3ce929d0e0e47é-00f067aa0ba902b7-01-é",
         ] {
-            let context = TraceContext::for_call(Some(invalid), Some("rojo=1"));
+            let context = TraceContext::for_call(Some(invalid), Some("rojo=1"), false);
             assert_ne!(
                 context.trace_id(),
                 "4bf92f3577b34da6a3ce929d0e0e4736",
                 "{invalid:?}"
             );
             assert_eq!(context.tracestate(), None, "{invalid:?}");
+            assert_eq!(context.parent_span_id(), None, "{invalid:?}");
+            assert!(!context.sampled(), "nobody records it");
             assert!(parse_traceparent(&context.traceparent()).is_some());
         }
     }
@@ -193,15 +210,27 @@ mod tests {
     #[test]
     fn later_versions_are_read_by_their_version_00_prefix() {
         let future = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
-        let context = TraceContext::for_call(Some(future), None);
+        let context = TraceContext::for_call(Some(future), None, false);
         assert_eq!(context.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(context.traceparent().starts_with("00-"), "we speak 00");
+    }
+
+    #[test]
+    fn new_traces_are_sampled_when_spans_are_exported() {
+        let recorded = TraceContext::for_call(None, None, true);
+        assert!(recorded.sampled());
+        assert!(recorded.traceparent().ends_with("-01"));
+        let unsampled_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert!(
+            !TraceContext::for_call(Some(unsampled_parent), None, true).sampled(),
+            "a caller that does not record keeps its decision"
+        );
     }
 
     #[tokio::test]
     async fn the_context_is_current_inside_its_scope_only() {
         assert_eq!(TraceContext::current(), None);
-        let context = TraceContext::for_call(Some(PARENT), None);
+        let context = TraceContext::for_call(Some(PARENT), None, false);
         let inside = context
             .clone()
             .scope(async { TraceContext::current() })

@@ -94,9 +94,8 @@ impl HttpTarget<'_> {
         mut request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, BackendError> {
         if let Some(call) = TraceContext::current() {
-            let span = call.child();
-            request = request.header(TRACEPARENT, span.traceparent());
-            if let Some(state) = span.tracestate() {
+            request = request.header(TRACEPARENT, call.traceparent());
+            if let Some(state) = call.tracestate() {
                 request = request.header(TRACESTATE, state);
             }
         }

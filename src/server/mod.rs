@@ -12,6 +12,7 @@ pub mod health;
 mod metrics;
 mod service;
 mod status;
+mod telemetry;
 pub(crate) mod validate;
 
 use std::{future::Future, sync::Arc};
@@ -132,6 +133,29 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let (spans, exporting) = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            tracing::info!(endpoint, "exporting call spans over OTLP/HTTP");
+            let (spans, task) =
+                telemetry::SpanExport::start(endpoint, config.otel_service_name.clone());
+            (Some(spans), Some(task))
+        }
+        None => (None, None),
+    };
+    let served = serve_calls(listener, config, shutdown, spans).await;
+    // The exporter sends what is left once the last call let go of it.
+    if let Some(task) = exporting {
+        let _ = tokio::time::timeout(CUT_FLUSH, task).await;
+    }
+    served
+}
+
+async fn serve_calls(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+    spans: Option<Arc<telemetry::SpanExport>>,
+) -> Result<(), ServerError> {
     let selecting = {
         let config = config.clone();
         async move { BackendRegistry::from_config(&config).await.map(Arc::new) }
@@ -204,6 +228,7 @@ pub async fn serve(
         },
         drain: drain.clone(),
         metrics,
+        spans,
     });
     let token = config.bearer_token().map_err(ServerError::Auth)?;
     let exempt = &config.auth_exempt;

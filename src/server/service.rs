@@ -4,7 +4,7 @@
 use std::{
     future::Future,
     sync::{Arc, OnceLock},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use futures_util::StreamExt;
@@ -20,6 +20,7 @@ use super::{
     drain::Drain,
     metrics::Metrics,
     status::{schema_violation, starting},
+    telemetry::{FinishedCall, SpanExport},
     validate::{self, Limits},
 };
 use crate::{
@@ -50,6 +51,8 @@ pub(super) struct Shared {
     pub limits: Limits,
     pub drain: Drain,
     pub metrics: Arc<Metrics>,
+    /// Where finished calls are exported as spans, when configured.
+    pub spans: Option<Arc<SpanExport>>,
 }
 
 pub struct InferenceApi(Shared);
@@ -71,11 +74,48 @@ impl InferenceApi {
             .map_or("none", |registry| registry.name())
     }
 
-    fn observe<T>(&self, rpc: &'static str, result: &Result<T, Status>, started: Instant) {
+    fn observe<T>(
+        &self,
+        rpc: &'static str,
+        call: Traced,
+        result: &Result<T, Status>,
+        started: Instant,
+    ) {
         let code = result.as_ref().err().map_or(Code::Ok, Status::code);
+        let backend = self.backend_name();
         self.0
             .metrics
-            .call_ended(rpc, self.backend_name(), code, started.elapsed());
+            .call_ended(rpc, backend, code, started.elapsed());
+        call.ended(
+            self.0.spans.as_deref(),
+            rpc,
+            backend,
+            code,
+            started.elapsed(),
+        );
+    }
+
+    /// The trace context of `request` (from its `traceparent`/`tracestate`
+    /// metadata, or a new trace) and a log span naming it.
+    fn traced<T>(&self, rpc: &'static str, request: &Request<T>) -> Traced {
+        let metadata = request.metadata();
+        let header = |name| metadata.get(name).and_then(|value| value.to_str().ok());
+        let context = TraceContext::for_call(
+            header(TRACEPARENT),
+            header(TRACESTATE),
+            self.0.spans.is_some(),
+        );
+        let span = tracing::info_span!(
+            "call",
+            rpc,
+            trace_id = %context.trace_id(),
+            span_id = %context.span_id()
+        );
+        Traced {
+            context,
+            span,
+            started: SystemTime::now(),
+        }
     }
 
     /// Waits for a generation slot, recording the wait.
@@ -211,12 +251,13 @@ impl InferenceApi {
             backend: backends.name(),
             requested_model,
             metrics: self.0.metrics.clone(),
+            spans: self.0.spans.clone(),
         };
         let cut = self.0.drain.cut();
         // The relay outlives this handler; it keeps the call's trace and
         // log span, since a failover may still start a backend request.
-        tokio::spawn(call.run(async move {
-            relay.run(stream, cut, deadline).await;
+        tokio::spawn(call.clone().run(async move {
+            relay.run(stream, cut, deadline, call).await;
             drop(slot);
             drop(open);
         }));
@@ -226,32 +267,39 @@ impl InferenceApi {
 
 type GenerateStream = ReceiverStream<Result<proto::GenerateResponse, Status>>;
 
-/// A call's place in its trace and its log span.
+/// A call's place in its trace, its log span and when it started.
 #[derive(Clone)]
 struct Traced {
     context: TraceContext,
     span: tracing::Span,
+    started: SystemTime,
 }
 
 impl Traced {
     async fn run<F: Future>(self, future: F) -> F::Output {
         self.context.scope(future.instrument(self.span)).await
     }
-}
 
-/// The trace context of `request` (from its `traceparent`/`tracestate`
-/// metadata, or a new trace) and a log span naming it.
-fn traced<T>(rpc: &'static str, request: &Request<T>) -> Traced {
-    let metadata = request.metadata();
-    let header = |name| metadata.get(name).and_then(|value| value.to_str().ok());
-    let context = TraceContext::for_call(header(TRACEPARENT), header(TRACESTATE));
-    let span = tracing::info_span!(
-        "call",
-        rpc,
-        trace_id = %context.trace_id(),
-        span_id = %context.span_id()
-    );
-    Traced { context, span }
+    /// Exports the call's span, when spans are exported.
+    fn ended(
+        self,
+        spans: Option<&SpanExport>,
+        rpc: &'static str,
+        backend: &'static str,
+        code: Code,
+        duration: std::time::Duration,
+    ) {
+        if let Some(spans) = spans {
+            spans.record(FinishedCall {
+                context: self.context,
+                rpc,
+                backend,
+                start: self.started,
+                duration,
+                code,
+            });
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -261,10 +309,9 @@ impl InferenceService for InferenceApi {
         request: Request<proto::EnhanceTaskRequest>,
     ) -> Result<Response<proto::EnhanceTaskResponse>, Status> {
         let started = Instant::now();
-        let result = traced("enhance_task", &request)
-            .run(self.enhance_inner(request, started))
-            .await;
-        self.observe("enhance_task", &result, started);
+        let call = self.traced("enhance_task", &request);
+        let result = call.clone().run(self.enhance_inner(request, started)).await;
+        self.observe("enhance_task", call, &result, started);
         result
     }
 
@@ -273,10 +320,12 @@ impl InferenceService for InferenceApi {
         request: Request<proto::DecomposeTaskRequest>,
     ) -> Result<Response<proto::DecomposeTaskResponse>, Status> {
         let started = Instant::now();
-        let result = traced("decompose_task", &request)
+        let call = self.traced("decompose_task", &request);
+        let result = call
+            .clone()
             .run(self.decompose_inner(request, started))
             .await;
-        self.observe("decompose_task", &result, started);
+        self.observe("decompose_task", call, &result, started);
         result
     }
 
@@ -288,13 +337,13 @@ impl InferenceService for InferenceApi {
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let started = Instant::now();
-        let call = traced("generate", &request);
+        let call = self.traced("generate", &request);
         let result = call
             .clone()
-            .run(self.generate_inner(request, started, call))
+            .run(self.generate_inner(request, started, call.clone()))
             .await;
         if result.is_err() {
-            self.observe("generate", &result, started);
+            self.observe("generate", call, &result, started);
         }
         result
     }
@@ -371,14 +420,28 @@ struct Relay {
     backend: &'static str,
     requested_model: String,
     metrics: Arc<Metrics>,
+    spans: Option<Arc<SpanExport>>,
 }
 
 impl Relay {
     /// Relays the stream to its end, then records the call.
-    async fn run(mut self, stream: ChunkStream, cut: CancellationToken, deadline: Deadline) {
+    async fn run(
+        mut self,
+        stream: ChunkStream,
+        cut: CancellationToken,
+        deadline: Deadline,
+        call: Traced,
+    ) {
         let code = self.relay(stream, cut, deadline).await;
         self.metrics
             .call_ended("generate", self.backend, code, self.clock.elapsed());
+        call.ended(
+            self.spans.as_deref(),
+            "generate",
+            self.backend,
+            code,
+            self.clock.elapsed(),
+        );
     }
 
     /// Runs until the generation ends, the client goes away (the backend
