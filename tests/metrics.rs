@@ -48,6 +48,9 @@ async fn metrics_count_calls_and_show_state() {
         "rigger_queue_depth{priority=\"batch\"} 0",
         "rigger_backend_up{backend=\"embedded\"} 1",
         "rigger_backend_active{backend=\"embedded\"} 1",
+        "rigger_circuit_state{backend=\"embedded\"} 0",
+        "rigger_backend_failures_total{backend=\"embedded\"} 0",
+        "rigger_backend_retried_total{backend=\"embedded\"} 0",
         "rigger_time_to_first_token_seconds_count{rpc=\"generate\",backend=\"embedded\"} 1",
         "rigger_queue_wait_seconds_count{priority=\"interactive\"} 1",
     ] {
