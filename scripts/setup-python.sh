@@ -40,4 +40,21 @@ PY
   mv "$model.part" "$model"
 fi
 
+# MLX's Linux CPU wheel links a slow reference BLAS; the MLX worker preloads
+# OpenBLAS instead. Debian's packages are unpacked into the cache (no system
+# change, no root): libopenblas0-pthread and the libgfortran5 it needs.
+blas="$cache_dir/tools/blas"
+if [ "$(uname -s)" = Linux ] && command -v apt-get >/dev/null && [ ! -d "$blas/usr" ]; then
+  echo "setup: unpacking OpenBLAS for the MLX worker into $blas" >&2
+  debs="$(mktemp -d)"
+  if (cd "$debs" && apt-get download -qq libopenblas0-pthread libgfortran5 2>/dev/null); then
+    mkdir -p "$blas.part"
+    for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$blas.part"; done
+    mv "$blas.part" "$blas"
+  else
+    echo "setup: apt-get download failed; the MLX worker will run without OpenBLAS (slower)" >&2
+  fi
+  rm -rf "$debs"
+fi
+
 echo "$cache_dir"

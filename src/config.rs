@@ -10,12 +10,16 @@ use clap::{Parser, ValueEnum};
 /// Which backend serves requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendChoice {
-    /// First available, in order: Ollama when reachable, then an
-    /// OpenAI-compatible server when `OPENAI_BASE_URL` is set and reachable,
-    /// then the embedded engine.
+    /// First available, in order: MLX on Apple Silicon (or with a CUDA MLX
+    /// build) when mlx-lm is installed, Ollama when reachable, an
+    /// OpenAI-compatible server when `OPENAI_BASE_URL` is set and
+    /// reachable, then the embedded engine.
     Auto,
     /// llama.cpp in this process, on the GGUF at `--model-path`.
     Embedded,
+    /// A persistent mlx-lm worker (Apple's MLX): chosen by `auto` on Apple
+    /// Silicon, and on Linux only with an accelerated (CUDA) MLX build.
+    Mlx,
     /// Ollama's HTTP API (`OLLAMA_HOST`).
     Ollama,
     /// An OpenAI-compatible server: llama.cpp server, vLLM, mlx_lm.server (`OPENAI_BASE_URL`).
@@ -100,6 +104,43 @@ pub struct Config {
     /// caches, `$RIGGER_CACHE_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
     #[arg(long, env = "RIGGER_MODEL_PATH")]
     pub model_path: Option<PathBuf>,
+
+    /// Python interpreter of the MLX worker (with `mlx` and `mlx-lm`).
+    /// Default: the venv `make` sets up, `$RIGGER_CACHE_DIR/venv/bin/python`.
+    #[arg(long, env = "MLX_PYTHON")]
+    pub mlx_python: Option<PathBuf>,
+
+    /// Model of the MLX worker: an mlx-lm model directory (config.json,
+    /// safetensors, tokenizer) or a GGUF file, converted once into
+    /// `$RIGGER_CACHE_DIR/mlx`. Default: `--model-path`'s GGUF.
+    #[arg(long, env = "RIGGER_MLX_MODEL")]
+    pub mlx_model: Option<PathBuf>,
+
+    /// Requests the MLX worker decodes together (continuous batching).
+    #[arg(long, env = "RIGGER_MLX_MAX_BATCH", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub mlx_max_batch: u32,
+
+    /// Prompt tokens the MLX worker reads per step; a cancelled request
+    /// stops at the next step.
+    #[arg(long, env = "RIGGER_MLX_PREFILL_STEP", default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..))]
+    pub mlx_prefill_step: u32,
+
+    /// BLAS library the MLX worker preloads to run in float32 (MLX's Linux
+    /// CPU wheel links a slow reference BLAS), or `off`. Default on Linux:
+    /// the OpenBLAS `make` extracts into `$RIGGER_CACHE_DIR/tools/blas`, else
+    /// the system's; none on macOS.
+    #[arg(long, env = "RIGGER_MLX_BLAS")]
+    pub mlx_blas: Option<PathBuf>,
+
+    /// How long the MLX worker may take to load its model (a first GGUF
+    /// conversion included).
+    #[arg(long, env = "RIGGER_MLX_START_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub mlx_start_timeout: Duration,
+
+    /// First wait before restarting a dead MLX worker; doubles while it
+    /// keeps dying, up to a 30 s cap.
+    #[arg(long, env = "RIGGER_MLX_RESTART_BACKOFF", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub mlx_restart_backoff: Duration,
 
     /// Threads of the embedded engine. Default: one less than the CPUs (at
     /// least one), since llama.cpp's threads spin and starve the rest.
@@ -326,6 +367,36 @@ impl Config {
             .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     }
 
+    /// The MLX worker's settings, resolved against the cache directory.
+    pub fn mlx_worker(&self) -> crate::backend::mlx::WorkerSettings {
+        let model = self
+            .mlx_model
+            .clone()
+            .unwrap_or_else(|| self.embedded_model_path());
+        crate::backend::mlx::WorkerSettings {
+            python: self
+                .mlx_python
+                .clone()
+                .unwrap_or_else(|| cache_dir().join("venv/bin/python")),
+            model_name: self
+                .model
+                .clone()
+                .unwrap_or_else(|| crate::backend::mlx::model_name(&model)),
+            model,
+            cache_dir: cache_dir().join("mlx"),
+            max_batch: self.mlx_max_batch,
+            prefill_step: self.mlx_prefill_step,
+            blas: match &self.mlx_blas {
+                Some(path) if path.as_os_str() == "off" => None,
+                Some(path) => Some(path.clone()),
+                None => default_blas(),
+            },
+            start_timeout: self.mlx_start_timeout,
+            restart_backoff: self.mlx_restart_backoff,
+            max_restart_backoff: MLX_MAX_RESTART_BACKOFF,
+        }
+    }
+
     /// The embedded engine's threads: `--threads`, else one less than the CPUs.
     pub fn embedded_threads(&self) -> u32 {
         self.threads.unwrap_or_else(|| {
@@ -333,6 +404,26 @@ impl Config {
             cpus.saturating_sub(1).max(1)
         })
     }
+}
+
+/// Longest wait between restarts of an MLX worker that keeps dying.
+const MLX_MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
+
+/// An OpenBLAS for the MLX worker's fast path on Linux: the one setup
+/// extracts into the cache, else the system's; none elsewhere.
+fn default_blas() -> Option<PathBuf> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    let triplet = format!("{}-linux-gnu", std::env::consts::ARCH);
+    [
+        cache_dir().join(format!(
+            "tools/blas/usr/lib/{triplet}/openblas-pthread/libopenblas.so.0"
+        )),
+        PathBuf::from(format!("/usr/lib/{triplet}/libopenblas.so.0")),
+    ]
+    .into_iter()
+    .find(|path| path.is_file())
 }
 
 /// Where setup puts the venv and models, as `scripts/setup-python.sh` computes it.
@@ -367,7 +458,7 @@ mod tests {
         let error = Config::try_parse_from(["rigger-inference", "--backend", "tensorflow"])
             .expect_err("unknown backend must not parse");
         let message = error.to_string();
-        for name in ["auto", "embedded", "ollama", "openai"] {
+        for name in ["auto", "embedded", "mlx", "ollama", "openai"] {
             assert!(message.contains(name), "{message}");
         }
     }

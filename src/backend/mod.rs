@@ -1,13 +1,14 @@
 //! Backends: the runtimes that generate tokens, behind one trait.
 //!
 //! Everything above this module talks to [`Backend`] only; the concrete
-//! runtimes (`ollama`, `openai`) and the choice among them (`registry`) live
-//! here.
+//! runtimes (`embedded`, `mlx`, `ollama`, `openai`) and the choice among
+//! them (`registry`) live here.
 
 mod clock;
 pub mod embedded;
 mod error;
 pub(crate) mod http;
+pub mod mlx;
 mod models;
 pub mod ollama;
 pub mod openai;

@@ -28,6 +28,7 @@ use super::{
     Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, Message,
     ProbeReport, Role, Sampling,
     embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape, LoadError},
+    mlx::MlxBackend,
     ollama::{OllamaBackend, OllamaSettings},
     openai::{OpenAiBackend, OpenAiSettings},
 };
@@ -41,6 +42,8 @@ pub enum SelectionError {
     Embedded(#[from] LoadError),
     #[error("cannot build the HTTP client for backends: {0}")]
     HttpClient(#[from] reqwest::Error),
+    #[error("the MLX backend cannot start: {0}")]
+    Mlx(String),
     #[error("--backends lists {0} twice")]
     Repeated(&'static str),
     #[error("--backends names backends in order; `auto` is not one")]
@@ -307,8 +310,21 @@ impl BackendRegistry {
         };
         let order = match (config.backend, config.backends.as_slice()) {
             (BackendChoice::Auto, []) => {
+                let mlx = match mlx_preferred(config).await {
+                    Ok(()) => match load_mlx(config).await {
+                        Ok(mlx) => Some(mlx),
+                        Err(error) => {
+                            tracing::warn!(%error, "MLX skipped");
+                            None
+                        }
+                    },
+                    Err(reason) => {
+                        tracing::info!(%reason, "MLX skipped");
+                        None
+                    }
+                };
                 let candidates: Vec<Arc<dyn Backend>> =
-                    std::iter::once(ollama).chain(openai).collect();
+                    mlx.into_iter().chain([ollama]).chain(openai).collect();
                 let probed = Self::new(candidates.clone(), config.probe_timeout, policy);
                 let snapshots = probed.probe_all().await;
                 if snapshots.iter().any(BackendSnapshot::serving) {
@@ -512,8 +528,57 @@ async fn build(
         BackendChoice::Ollama => Ok(ollama.clone()),
         BackendChoice::Openai => openai.clone().ok_or(SelectionError::OpenAiWithoutUrl),
         BackendChoice::Embedded => Ok(load_embedded(config).await?),
+        BackendChoice::Mlx => load_mlx(config).await,
     }
 }
+
+async fn load_mlx(config: &Config) -> Result<Arc<dyn Backend>, SelectionError> {
+    let backend = MlxBackend::start(config.mlx_worker())
+        .await
+        .map_err(SelectionError::Mlx)?;
+    if let Some(worker) = backend.worker() {
+        tracing::info!(
+            model = %worker.model,
+            device = %worker.device,
+            fast_path = worker.fast_path,
+            "MLX worker serving"
+        );
+    }
+    Ok(Arc::new(backend))
+}
+
+/// Whether `auto` should try MLX here, or why not: on Apple Silicon when
+/// mlx-lm imports; elsewhere only with an accelerated (CUDA) MLX build,
+/// since MLX's CPU build is about ten times slower than llama.cpp on the
+/// same CPU.
+async fn mlx_preferred(config: &Config) -> Result<(), String> {
+    let python = config.mlx_worker().python;
+    let apple_silicon = cfg!(all(target_os = "macos", target_arch = "aarch64"));
+    let check = if apple_silicon {
+        "import mlx_lm"
+    } else {
+        "import mlx.core as mx, mlx_lm; raise SystemExit(0 if mx.cuda.is_available() else 3)"
+    };
+    let status = tokio::process::Command::new(&python)
+        .args(["-c", check])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(MLX_CHECK_TIMEOUT, status).await {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) if status.code() == Some(3) => Err(
+            "MLX here has no accelerator (its Linux CPU build is ~10x slower than llama.cpp); INFERENCE_BACKEND=mlx uses it anyway".to_owned(),
+        ),
+        Ok(Ok(_)) => Err(format!("mlx-lm does not import with {}", python.display())),
+        Ok(Err(error)) => Err(format!("cannot run {}: {error}", python.display())),
+        Err(_) => Err(format!("importing mlx-lm took over {MLX_CHECK_TIMEOUT:?}")),
+    }
+}
+
+/// How long `auto` waits for Python to say whether MLX can be used.
+const MLX_CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One greedy token from the backend's default model, read to its end.
 async fn test_generation(backend: &dyn Backend) -> Result<(), BackendError> {

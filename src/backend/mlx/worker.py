@@ -1,0 +1,481 @@
+"""rigger-inference's MLX worker: loads one mlx-lm model once and serves
+generations over line-delimited JSON on stdin/stdout until stdin closes.
+
+Requests (one JSON object per line on stdin):
+  {"op": "generate", "id": N, "messages": [{"role", "content"}], "max_tokens",
+   "temperature", "top_p", "seed", "frequency_penalty", "stop": [...],
+   "json_schema": {...} | null}
+  {"op": "cancel", "id": N}
+Replies (one JSON object per line on stdout):
+  {"event": "ready", "model", "device", "fast_path", "load_seconds", "max_batch"}
+  {"id": N, "event": "text", "text"}
+  {"id": N, "event": "done", "finish_reason": "stop" | "length", "prompt_tokens",
+   "generation_tokens", "prompt_tps", "generation_tps", "peak_memory"}
+  {"id": N, "event": "error", "message"}
+  {"event": "fatal", "message"}   (then the worker exits)
+
+Prompts are data: nothing a request carries is ever evaluated. Concurrent
+requests are decoded together by mlx-lm's BatchGenerator, which one thread
+(this module's main loop) owns; a reader thread feeds it. A GGUF model is
+converted once into an mlx-lm directory under --cache-dir.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+PROTOCOL = None  # the real stdout; sys.stdout is pointed at stderr
+
+
+def emit(message):
+    PROTOCOL.write(json.dumps(message, ensure_ascii=False) + "\n")
+    PROTOCOL.flush()
+
+
+def log(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- GGUF import
+
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+GROUP_SIZE = 32
+
+
+def scalar(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def hf_name(gguf_name):
+    base, _, part = gguf_name.rpartition(".")
+    if base.startswith("blk."):
+        _, layer, kind = base.split(".", 2)
+        return f"model.layers.{layer}.{LAYER_NAMES[kind]}", part
+    return TOP_NAMES[base], part
+
+
+def unpermute(rows, heads):
+    """Undoes llama.cpp's per-head interleaving of q/k projection rows."""
+    shape = rows.shape
+    return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def convert_gguf(gguf, out):
+    import mlx.core as mx
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    weights, meta = mx.load(str(gguf), return_metadata=True)
+    arch = meta["general.architecture"]
+    if arch != "llama":
+        raise ValueError(f"GGUF import supports llama-architecture models, not {arch!r}")
+    heads = int(scalar(meta["llama.attention.head_count"]))
+    kv_heads = int(scalar(meta.get("llama.attention.head_count_kv", heads)))
+    converted, quantization = {}, {"group_size": GROUP_SIZE}
+    layer_bits = {}
+    for name, tensor in weights.items():
+        module, part = hf_name(name)
+        if name.startswith("blk.") and (".attn_q." in name or ".attn_k." in name):
+            tensor = unpermute(tensor, heads if ".attn_q." in name else kv_heads)
+        converted[f"{module}.{part}"] = tensor
+        if part == "scales":
+            packed = weights[name.rsplit(".", 1)[0] + ".weight"]
+            layer_bits[module] = packed.shape[1] * 32 // (tensor.shape[1] * GROUP_SIZE)
+    bits = sorted(set(layer_bits.values()))
+    if bits:
+        common = max(bits, key=list(layer_bits.values()).count)
+        quantization["bits"] = common
+        for module, module_bits in layer_bits.items():
+            if module_bits != common:
+                quantization[module] = {"group_size": GROUP_SIZE, "bits": module_bits}
+    config = {
+        "model_type": "llama",
+        "hidden_size": int(scalar(meta["llama.embedding_length"])),
+        "num_hidden_layers": int(scalar(meta["llama.block_count"])),
+        "intermediate_size": int(scalar(meta["llama.feed_forward_length"])),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": float(scalar(meta["llama.attention.layer_norm_rms_epsilon"])),
+        "rope_theta": float(scalar(meta.get("llama.rope.freq_base", 10000.0))),
+        "max_position_embeddings": int(scalar(meta.get("llama.context_length", 2048))),
+        "vocab_size": len(meta["tokenizer.ggml.tokens"]),
+        "tie_word_embeddings": "output.weight" not in weights,
+        "eos_token_id": int(scalar(meta["tokenizer.ggml.eos_token_id"])),
+    }
+    if bits:
+        config["quantization"] = quantization
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()]
+    merges = [tuple(merge.split(" ", 1)) for merge in meta["tokenizer.ggml.merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    splitters = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if meta.get("tokenizer.ggml.pre") == "smollm":
+        splitters.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(splitters)
+    tokenizer.decoder = decoders.ByteLevel()
+    control = [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == 3]
+    tokenizer.add_special_tokens(control)
+    name_of = lambda key: tokens[int(scalar(meta[key]))] if key in meta else None
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name_of("tokenizer.ggml.bos_token_id"),
+        "eos_token": name_of("tokenizer.ggml.eos_token_id"),
+        "unk_token": name_of("tokenizer.ggml.unknown_token_id"),
+        "pad_token": name_of("tokenizer.ggml.padding_token_id"),
+        "add_bos_token": bool(scalar(meta.get("tokenizer.ggml.add_bos_token", False))),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    if "tokenizer.chat_template" in meta:
+        tokenizer_config["chat_template"] = meta["tokenizer.chat_template"]
+
+    # Written aside and renamed into place, so a conversion that another
+    # worker runs at the same time, or one that was interrupted, never
+    # leaves a half-written model behind.
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(partial / "model.safetensors"), converted, metadata={"format": "mlx"})
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save(str(partial / "tokenizer.json"))
+    (partial / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    try:
+        partial.rename(out)
+    except OSError:
+        if not out.is_dir():
+            raise
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def model_directory(model, cache_dir):
+    """The mlx-lm directory of --model: itself, or a GGUF's cached conversion."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if not path.is_file():
+        raise FileNotFoundError(f"no model at {path}")
+    digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    out = Path(cache_dir) / f"{path.stem}-{digest}"
+    if not out.is_dir():
+        log(f"converting {path} to an MLX model in {out}")
+        convert_gguf(path, out)
+    return out
+
+
+# ---------------------------------------------------------------- generation
+
+
+class Request:
+    """One generation in the batch: its sampling, constraint, text and counts."""
+
+    def __init__(self, rid, message, tokenizer, lltokenizer):
+        self.id = rid
+        self.stop = [s for s in message.get("stop") or [] if s]
+        self.max_tokens = int(message["max_tokens"])
+        self.detokenizer = tokenizer.detokenizer
+        self.prompt = tokenizer.apply_chat_template(message["messages"], add_generation_prompt=True)
+        self.started = time.perf_counter()
+        self.first_token = None
+        self.generated = 0
+        self.sent = 0  # characters of the text already emitted
+        self.text = ""
+        self.matcher = None
+        schema = message.get("json_schema")
+        if schema is not None:
+            import llguidance
+
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                json.dumps(schema), defaults={"whitespace_flexible": False}
+            )
+            self.matcher = llguidance.LLMatcher(lltokenizer(), grammar)
+            error = self.matcher.get_error()
+            if error:
+                raise ValueError(f"json_schema cannot be enforced: {error}")
+        self.sampler = make_sampler(message.get("temperature"), message.get("top_p"), message.get("seed"))
+        # Processors see the prompt and the tokens generated so far.
+        self.processors = []
+        penalty = message.get("frequency_penalty")
+        if penalty:
+            self.processors.append(frequency_penalty(float(penalty), len(self.prompt)))
+        if self.matcher is not None:
+            self.processors.append(constrain(self.matcher, len(self.prompt)))
+
+
+def make_sampler(temperature, top_p, seed):
+    """Greedy at temperature 0 (or unset with a schema-free default of
+    mlx-lm's own); otherwise temperature and nucleus sampling from a key of
+    this request's own, so a seed gives the same answer batched or alone."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_p
+
+    if temperature is not None and temperature <= 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    temperature = 1.0 if temperature is None else float(temperature)
+    state = {"key": mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))}
+
+    def sample(logprobs):
+        if top_p is not None and 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, float(top_p))
+        state["key"], key = mx.random.split(state["key"])
+        return mx.random.categorical(logprobs * (1.0 / temperature), key=key)
+
+    return sample
+
+
+def frequency_penalty(penalty, prompt_length):
+    """OpenAI's frequency penalty: each generated occurrence of a token
+    lowers its logit by `penalty` (the prompt does not count)."""
+
+    def process(tokens, logits):
+        generated = tokens[prompt_length:]
+        if generated.size:
+            logits = logits.at[:, generated].subtract(penalty)
+        return logits
+
+    return process
+
+
+def constrain(matcher, prompt_length):
+    """A logits processor that keeps only tokens the JSON Schema allows."""
+    import llguidance.numpy
+    import mlx.core as mx
+    import numpy as np
+
+    state = {"consumed": prompt_length, "mask": None}
+
+    def process(tokens, logits):
+        generated = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+        for token in generated[state["consumed"]:]:
+            matcher.consume_token(int(token))
+        state["consumed"] = len(generated)
+        vocab = logits.shape[-1]
+        if state["mask"] is None:
+            state["mask"] = llguidance.numpy.allocate_token_bitmask(1, matcher.vocab_size())
+        llguidance.numpy.fill_next_token_bitmask(matcher, state["mask"], 0)
+        bits = np.unpackbits(state["mask"].view(np.uint8), bitorder="little")[:vocab]
+        allowed = mx.array(bits.astype(bool)).reshape(1, vocab)
+        return mx.where(allowed, logits, -float("inf"))
+
+    return process
+
+
+class Worker:
+    def __init__(self, args):
+        import mlx.core as mx
+        from mlx_lm import load
+        from mlx_lm.generate import BatchGenerator
+
+        started = time.perf_counter()
+        directory = model_directory(args.model, args.cache_dir)
+        self.model, self.tokenizer = load(str(directory))
+        fast_path = args.dequantize
+        if fast_path:
+            from mlx_lm.utils import dequantize_model
+
+            self.model = dequantize_model(self.model)
+            self.model.set_dtype(mx.float32)
+            mx.eval(self.model.parameters())
+        self.lltok = None
+        stop_tokens = [[token] for token in sorted(self.tokenizer.eos_token_ids)]
+        self.batch = BatchGenerator(
+            self.model,
+            stop_tokens=stop_tokens,
+            completion_batch_size=args.max_batch,
+            prefill_batch_size=args.max_batch,
+            prefill_step_size=args.prefill_step,
+        )
+        self.requests = {}  # BatchGenerator uid -> Request
+        self.uids = {}  # request id -> uid
+        emit({
+            "event": "ready",
+            "model": args.name or directory.name,
+            "device": str(mx.default_device()),
+            "fast_path": fast_path,
+            "load_seconds": round(time.perf_counter() - started, 3),
+            "max_batch": args.max_batch,
+        })
+
+    def lltokenizer(self):
+        if self.lltok is None:
+            import llguidance.hf
+
+            eos = min(self.tokenizer.eos_token_ids)
+            self.lltok = llguidance.hf.from_tokenizer(self.tokenizer._tokenizer, eos_token=eos)
+        return self.lltok
+
+    def handle(self, message):
+        op = message.get("op")
+        rid = message.get("id")
+        if op == "cancel":
+            uid = self.uids.pop(rid, None)
+            if uid is not None:
+                self.batch.remove([uid])
+                self.requests.pop(uid, None)
+            return
+        if op != "generate":
+            emit({"id": rid, "event": "error", "message": f"unknown op {op!r}"})
+            return
+        try:
+            request = Request(rid, message, self.tokenizer, self.lltokenizer)
+            (uid,) = self.batch.insert(
+                [request.prompt],
+                max_tokens=[request.max_tokens],
+                samplers=[request.sampler],
+                logits_processors=[request.processors],
+            )
+        except Exception as error:  # a bad request must not end the worker
+            emit({"id": rid, "event": "error", "invalid_request": True, "message": f"{type(error).__name__}: {error}"})
+            return
+        self.requests[uid] = request
+        self.uids[rid] = uid
+
+    def step(self):
+        import mlx.core as mx
+
+        try:
+            _, responses = self.batch.next()
+        except Exception as error:
+            # One request's processor failing aborts the step for the batch:
+            # end every request of the step rather than the worker.
+            for uid, request in list(self.requests.items()):
+                emit({"id": request.id, "event": "error", "message": f"{type(error).__name__}: {error}"})
+                self.batch.remove([uid])
+            self.requests.clear()
+            self.uids.clear()
+            return
+        for response in responses:
+            request = self.requests.get(response.uid)
+            if request is None:
+                continue
+            if request.first_token is None:
+                request.first_token = time.perf_counter()
+            finish = response.finish_reason
+            if finish != "stop":
+                request.generated += 1
+                request.detokenizer.add_token(response.token)
+            if finish is not None:
+                request.detokenizer.finalize()
+            request.text += request.detokenizer.last_segment
+            stop_at = min((at for at in (request.text.find(s) for s in request.stop) if at >= 0), default=-1)
+            if stop_at >= 0:
+                request.text = request.text[:stop_at]
+                finish = "stop"
+            sendable = len(request.text) if finish is not None else held_back(request.text, request.stop)
+            if sendable > request.sent:
+                emit({"id": request.id, "event": "text", "text": request.text[request.sent:sendable]})
+                request.sent = sendable
+            if finish is not None:
+                if response.finish_reason is None:
+                    self.batch.remove([response.uid])
+                self.finish(response.uid, request, finish)
+
+    def finish(self, uid, request, finish):
+        import mlx.core as mx
+
+        now = time.perf_counter()
+        first = request.first_token or now
+        prompt_tokens = len(request.prompt)
+        emit({
+            "id": request.id,
+            "event": "done",
+            "finish_reason": "length" if finish == "length" else "stop",
+            "prompt_tokens": prompt_tokens,
+            "generation_tokens": request.generated,
+            "prompt_tps": prompt_tokens / max(first - request.started, 1e-9),
+            "generation_tps": request.generated / max(now - first, 1e-9),
+            "prompt_seconds": first - request.started,
+            "generation_seconds": now - first,
+            "peak_memory": mx.get_peak_memory(),
+        })
+        self.requests.pop(uid, None)
+        self.uids.pop(request.id, None)
+
+    def busy(self):
+        return bool(self.requests)
+
+
+def held_back(text, stops):
+    """How much of `text` can be sent: all but a tail that may begin a stop
+    sequence, so a stop sequence never reaches the client in part."""
+    keep = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:length]):
+                keep = max(keep, length)
+                break
+    return len(text) - keep
+
+
+def read_requests(inbox):
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            message = json.loads(line)
+            if not isinstance(message, dict):
+                raise ValueError("a request is a JSON object")
+        except ValueError as error:
+            emit({"event": "protocol_error", "message": f"malformed request line: {error}"})
+            continue
+        inbox.put(message)
+    inbox.put(None)
+
+
+def main():
+    global PROTOCOL
+    parser = argparse.ArgumentParser(description="rigger-inference MLX worker")
+    parser.add_argument("--model", required=True, help="mlx-lm model directory or GGUF file")
+    parser.add_argument("--name", help="model name to report")
+    parser.add_argument("--cache-dir", required=True, help="where converted GGUF models are kept")
+    parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--prefill-step", type=int, default=256)
+    parser.add_argument("--dequantize", action="store_true", help="run in float32 (fast with a BLAS)")
+    args = parser.parse_args()
+
+    # Only protocol messages may reach stdout; libraries printing there
+    # would corrupt the stream.
+    PROTOCOL = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        worker = Worker(args)
+    except Exception as error:
+        emit({"event": "fatal", "message": f"{type(error).__name__}: {error}"})
+        sys.exit(1)
+
+    inbox = queue.Queue()
+    threading.Thread(target=read_requests, args=(inbox,), daemon=True).start()
+    while True:
+        try:
+            message = inbox.get(block=not worker.busy())
+        except queue.Empty:
+            message = False
+        if message is None:
+            return
+        if message:
+            worker.handle(message)
+            continue
+        worker.step()
+
+
+if __name__ == "__main__":
+    main()
