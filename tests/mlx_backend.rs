@@ -2,14 +2,26 @@
 //! OpenBLAS preloaded) and the real SmolLM2 model, converted once from its
 //! GGUF: streaming, answers matching llama.cpp's, enforced JSON Schemas,
 //! batching, structured tasks, hostile prompts, a worker that crashes or
-//! hangs, and the model families the research names.
+//! hangs, and the model families the research names. Generations are kept
+//! short: this CPU build decodes about ten tokens per second.
 
 mod support;
 
-use std::time::Duration;
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
-use rigger_inference::proto::{GetStatusRequest, SchemaSupport};
+use futures_util::{StreamExt, future::join_all};
+use rigger_inference::proto::{
+    EnhanceTaskRequest, GenerateRequest, GetStatusRequest, SchemaSupport, Task,
+    generate_response::Event,
+};
 use support::{Generated, TestServer, config, generate, greedy};
+use tonic::{Code, Request};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
@@ -52,5 +64,240 @@ async fn streams_answers_that_match_llama_cpp_token_for_token() {
         .await
         .expect("embedded generates");
     assert_eq!(text, reference.text, "same model, same greedy answer");
-    let _ = Duration::ZERO;
+}
+
+#[tokio::test]
+async fn schemas_are_enforced_while_other_requests_share_the_batch() {
+    let server = mlx(&[]).await;
+    let client = server.client().await;
+    let schema = r#"{"type":"object","properties":{"color":{"type":"string","maxLength":16},"warm":{"type":"boolean"}},"required":["color","warm"],"additionalProperties":false}"#;
+    let requests = [
+        GenerateRequest {
+            json_schema: schema.into(),
+            ..greedy("Describe your favourite color.", 40)
+        },
+        greedy("Count to five.", 12),
+        greedy("Name a fruit.", 12),
+    ];
+    let answers = join_all(requests.into_iter().map(|request| {
+        let mut client = client.clone();
+        async move { generate(&mut client, request).await }
+    }))
+    .await;
+    let constrained = answers[0].as_ref().expect("the constrained call succeeds");
+    let value: serde_json::Value =
+        serde_json::from_str(&constrained.text).expect("the output is JSON");
+    assert!(
+        value["color"].is_string() && value["warm"].is_boolean(),
+        "{value}"
+    );
+    for answer in &answers[1..] {
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+}
+
+#[tokio::test]
+async fn enhance_task_answers_typed_on_mlx() {
+    let server = mlx(&[]).await;
+    let mut client = server.client().await;
+    let response = client
+        .enhance_task(EnhanceTaskRequest {
+            task: Some(Task {
+                title: "Add password reset".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("an enhancement")
+        .into_inner();
+    let enhancement = response.enhancement.expect("typed result");
+    assert!(!enhancement.title.trim().is_empty());
+    assert!(!enhancement.description.trim().is_empty());
+    assert_eq!(response.meta.expect("meta").backend, "mlx");
+}
+
+#[tokio::test]
+async fn hostile_prompts_are_data_and_the_protocol_stays_in_sync() {
+    let server = mlx(&["--max-prompt-bytes", "2000000"]).await;
+    let mut client = server.client().await;
+    let canary: PathBuf =
+        std::env::temp_dir().join(format!("rigger-canary-{}", std::process::id()));
+    let touch = format!("__import__('os').system('touch {}')", canary.display());
+    let prompts = [
+        "'''".to_owned(),
+        format!("\"\"\"); {touch} #"),
+        touch.clone(),
+        format!("'''\n{touch}\n'''"),
+        "line one\nline two\r\n\"quoted\" end".to_owned(),
+        "nul \u{0} inside".to_owned(),
+        "{\"op\": \"cancel\", \"id\": 1}\n{\"op\": \"generate\"}".to_owned(),
+        "\\u0000 \\\" \\n".to_owned(),
+    ];
+    for prompt in &prompts {
+        let answer = generate(&mut client, greedy(prompt, 2)).await;
+        assert!(answer.is_ok(), "{prompt:?}: {answer:?}");
+    }
+    // A 1 MB prompt is one protocol line too; its call ends at its deadline
+    // while the worker still reads it.
+    let mut huge = Request::new(greedy(&"a ".repeat(500_000), 1));
+    huge.set_timeout(Duration::from_secs(3));
+    let status = failure(&mut client, huge).await;
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let answer = generate(&mut client, greedy("Say hi.", 2)).await;
+    assert!(answer.is_ok(), "the next request works: {answer:?}");
+    assert!(!canary.exists(), "a prompt ran code");
+}
+
+/// How a call that must fail ends, whether before or after its stream
+/// starts.
+async fn failure(
+    client: &mut rigger_inference::proto::inference_service_client::InferenceServiceClient<
+        tonic::transport::Channel,
+    >,
+    request: Request<GenerateRequest>,
+) -> tonic::Status {
+    match client.generate(request).await {
+        Err(status) => status,
+        Ok(response) => support::collect(response.into_inner())
+            .await
+            .expect_err("the call fails"),
+    }
+}
+
+/// The MLX worker started by this test process (nextest runs each test in
+/// a process of its own): a child whose command line is the worker script.
+fn worker_pid() -> u32 {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("procfs") {
+        let path = entry.expect("entry").path();
+        let Ok(pid) = path.file_name().unwrap().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<u32>().ok());
+        let cmdline = std::fs::read(path.join("cmdline")).unwrap_or_default();
+        if parent == Some(me) && String::from_utf8_lossy(&cmdline).contains("MLX worker") {
+            found.push(pid);
+        }
+    }
+    assert_eq!(found.len(), 1, "one MLX worker: {found:?}");
+    found[0]
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_stream_fails_its_calls_and_comes_back() {
+    let server = mlx(&[]).await;
+    let mut client = server.client().await;
+    let mut health = HealthClient::new(server.channel().await)
+        .watch(HealthCheckRequest {
+            service: "rigger.backend.mlx".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let status_of = |message: Option<Result<_, tonic::Status>>| {
+        let message: tonic_health::pb::HealthCheckResponse =
+            message.expect("open").expect("no error");
+        ServingStatus::try_from(message.status).expect("known")
+    };
+    assert_eq!(status_of(health.next().await), ServingStatus::Serving);
+
+    let mut stream = client
+        .generate(greedy("Write a long story about a dragon.", 400))
+        .await
+        .expect("starts")
+        .into_inner();
+    let first = stream.next().await.expect("a message").expect("text");
+    assert!(matches!(first.event, Some(Event::Text(_))));
+    let killed = Instant::now();
+    signal(worker_pid(), "-KILL");
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("never hangs")
+            .expect("ends with an error")
+        {
+            Ok(_) => continue,
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("MLX worker"), "{status:?}");
+    let failed_after = killed.elapsed();
+
+    assert_eq!(status_of(health.next().await), ServingStatus::NotServing);
+    let back = tokio::time::timeout(Duration::from_secs(60), health.next())
+        .await
+        .expect("the worker restarts");
+    assert_eq!(status_of(back), ServingStatus::Serving);
+    let restarted_after = killed.elapsed();
+    let answer = generate(&mut client, greedy("Say hi.", 2)).await;
+    assert!(answer.is_ok(), "the next call succeeds: {answer:?}");
+    eprintln!(
+        "call failed {failed_after:?} after the kill; worker serving again after {restarted_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_hung_worker_ends_calls_at_their_deadline() {
+    let server = mlx(&[]).await;
+    let mut client = server.client().await;
+    let pid = worker_pid();
+    signal(pid, "-STOP");
+    let mut request = Request::new(greedy("Say hi.", 4));
+    request.set_timeout(Duration::from_secs(2));
+    let started = Instant::now();
+    let status = failure(&mut client, request).await;
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    signal(pid, "-CONT");
+    let answer = generate(&mut client, greedy("Say hi.", 2)).await;
+    assert!(answer.is_ok(), "the worker resumes: {answer:?}");
+}
+
+/// Builds a tiny random model of `kind` with mlx-lm's own classes.
+fn tiny_model(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rigger-tiny-{kind}-{}", std::process::id()));
+    let status = std::process::Command::new(support::python())
+        .arg(support::repo_path("tests/support/tiny_mlx_model.py"))
+        .arg(kind)
+        .arg(&dir)
+        .status()
+        .expect("run tiny_mlx_model.py");
+    assert!(status.success(), "building a tiny {kind} model");
+    dir
+}
+
+#[tokio::test]
+async fn llama_mistral_and_phi3_models_run_through_the_worker() {
+    for kind in ["llama", "mistral", "phi3"] {
+        let dir = tiny_model(kind);
+        let server = mlx(&["--mlx-model", dir.to_str().unwrap()]).await;
+        let mut client = server.client().await;
+        let generated = generate(&mut client, greedy("Hello", 4))
+            .await
+            .unwrap_or_else(|status| panic!("{kind}: {status:?}"));
+        let meta = generated.summary.meta.expect("meta");
+        assert_eq!(
+            meta.model,
+            dir.file_name().unwrap().to_string_lossy(),
+            "{kind}"
+        );
+        assert!(meta.completion_tokens <= 4, "{kind}");
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

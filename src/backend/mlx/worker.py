@@ -205,7 +205,8 @@ class Request:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 json.dumps(schema), defaults={"whitespace_flexible": False}
             )
-            self.matcher = llguidance.LLMatcher(lltokenizer(), grammar)
+            tokenizer_for_grammar = lltokenizer()
+            self.matcher = llguidance.LLMatcher(tokenizer_for_grammar, grammar)
             error = self.matcher.get_error()
             if error:
                 raise ValueError(f"json_schema cannot be enforced: {error}")
@@ -216,7 +217,9 @@ class Request:
         if penalty:
             self.processors.append(frequency_penalty(float(penalty), len(self.prompt)))
         if self.matcher is not None:
-            self.processors.append(constrain(self.matcher, len(self.prompt)))
+            self.processors.append(
+                constrain(self.matcher, tokenizer_for_grammar.vocab_size, len(self.prompt))
+            )
 
 
 def make_sampler(temperature, top_p, seed):
@@ -253,7 +256,7 @@ def frequency_penalty(penalty, prompt_length):
     return process
 
 
-def constrain(matcher, prompt_length):
+def constrain(matcher, grammar_vocab, prompt_length):
     """A logits processor that keeps only tokens the JSON Schema allows."""
     import llguidance.numpy
     import mlx.core as mx
@@ -268,9 +271,11 @@ def constrain(matcher, prompt_length):
         state["consumed"] = len(generated)
         vocab = logits.shape[-1]
         if state["mask"] is None:
-            state["mask"] = llguidance.numpy.allocate_token_bitmask(1, matcher.vocab_size())
+            state["mask"] = llguidance.numpy.allocate_token_bitmask(1, grammar_vocab)
         llguidance.numpy.fill_next_token_bitmask(matcher, state["mask"], 0)
-        bits = np.unpackbits(state["mask"].view(np.uint8), bitorder="little")[:vocab]
+        bits = np.unpackbits(state["mask"].view(np.uint8), bitorder="little")
+        # The model's vocabulary may be padded beyond the tokenizer's.
+        bits = np.pad(bits, (0, max(0, vocab - bits.size)))[:vocab]
         allowed = mx.array(bits.astype(bool)).reshape(1, vocab)
         return mx.where(allowed, logits, -float("inf"))
 
