@@ -19,8 +19,11 @@ run: setup
 	$(CARGO) build --release --locked
 	exec target/release/rigger-inference
 
+# Without --all-targets too: the service alone, without the features that
+# dev-dependencies switch on, must build (what `make run` compiles).
 lint: setup
 	cargo fmt --all -- --check
+	$(CARGO) clippy --locked -- -D warnings
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 test: setup lint
