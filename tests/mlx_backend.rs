@@ -59,6 +59,17 @@ async fn streams_answers_that_match_llama_cpp_token_for_token() {
     assert!(meta.completion_tokens > 0 && meta.prompt_tokens > 0);
     assert!(meta.backend_generation_time.is_some());
 
+    let again = generate(&mut client, prompt.clone())
+        .await
+        .expect("generates again");
+    let again_meta = again.summary.meta.expect("meta");
+    assert_eq!(
+        again_meta.cached_prompt_tokens,
+        again_meta.prompt_tokens - 1,
+        "the prompt's KV cache is reused, all but the last token"
+    );
+    assert_eq!(again.text, text, "reuse changes no answer");
+
     let embedded = TestServer::start(config(&["--backend", "embedded"])).await;
     let reference = generate(&mut embedded.client().await, prompt)
         .await

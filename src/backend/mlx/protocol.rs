@@ -87,6 +87,8 @@ pub(super) enum Reply {
         id: u64,
         finish_reason: String,
         prompt_tokens: u32,
+        #[serde(default)]
+        cached_tokens: u32,
         generation_tokens: u32,
         prompt_seconds: f64,
         generation_seconds: f64,

@@ -10,7 +10,8 @@ Replies (one JSON object per line on stdout):
   {"event": "ready", "model", "device", "fast_path", "load_seconds", "max_batch"}
   {"id": N, "event": "text", "text"}
   {"id": N, "event": "done", "finish_reason": "stop" | "length", "prompt_tokens",
-   "generation_tokens", "prompt_tps", "generation_tps", "peak_memory"}
+   "cached_tokens", "generation_tokens", "prompt_tps", "generation_tps",
+   "prompt_seconds", "generation_seconds", "peak_memory"}
   {"id": N, "event": "error", "message"}
   {"event": "fatal", "message"}   (then the worker exits)
 
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 PROTOCOL = None  # the real stdout; sys.stdout is pointed at stderr
+MODEL_KEY = "model"  # one model per worker: the prompt cache's only key
 
 
 def emit(message):
@@ -198,6 +200,7 @@ class Request:
         self.sent = 0  # characters of the text already emitted
         self.text = ""
         self.matcher = None
+        self.cached = 0  # prompt tokens taken from the prompt cache
         schema = message.get("json_schema")
         if schema is not None:
             import llguidance
@@ -307,6 +310,9 @@ class Worker:
             prefill_batch_size=args.max_batch,
             prefill_step_size=args.prefill_step,
         )
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self.prompt_cache = LRUPromptCache(max_size=args.prompt_cache)
         self.requests = {}  # BatchGenerator uid -> Request
         self.uids = {}  # request id -> uid
         emit({
@@ -317,6 +323,20 @@ class Worker:
             "load_seconds": round(time.perf_counter() - started, 3),
             "max_batch": args.max_batch,
         })
+
+    def reusable_prefix(self, prompt):
+        """A copy of the KV cache of the longest prompt prefix seen before
+        (the task prompts' fixed instructions and example, earlier turns),
+        and the prompt tokens still to read (at least one)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        cache, rest = self.prompt_cache.fetch_nearest_cache(MODEL_KEY, prompt)
+        if cache is not None and not rest:
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
 
     def lltokenizer(self):
         if self.lltok is None:
@@ -340,9 +360,13 @@ class Worker:
             return
         try:
             request = Request(rid, message, self.tokenizer, self.lltokenizer)
+            cache, rest = self.reusable_prefix(request.prompt)
+            request.cached = len(request.prompt) - len(rest)
             (uid,) = self.batch.insert(
-                [request.prompt],
+                [rest],
                 max_tokens=[request.max_tokens],
+                caches=[cache],
+                all_tokens=[request.prompt[: request.cached]],
                 samplers=[request.sampler],
                 logits_processors=[request.processors],
             )
@@ -390,6 +414,8 @@ class Worker:
             if finish is not None:
                 if response.finish_reason is None:
                     self.batch.remove([response.uid])
+                elif response.prompt_cache is not None:
+                    self.prompt_cache.insert_cache(MODEL_KEY, list(response.all_tokens), response.prompt_cache)
                 self.finish(response.uid, request, finish)
 
     def finish(self, uid, request, finish):
@@ -403,8 +429,9 @@ class Worker:
             "event": "done",
             "finish_reason": "length" if finish == "length" else "stop",
             "prompt_tokens": prompt_tokens,
+            "cached_tokens": request.cached,
             "generation_tokens": request.generated,
-            "prompt_tps": prompt_tokens / max(first - request.started, 1e-9),
+            "prompt_tps": (prompt_tokens - request.cached) / max(first - request.started, 1e-9),
             "generation_tps": request.generated / max(now - first, 1e-9),
             "prompt_seconds": first - request.started,
             "generation_seconds": now - first,
@@ -453,6 +480,7 @@ def main():
     parser.add_argument("--cache-dir", required=True, help="where converted GGUF models are kept")
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--prefill-step", type=int, default=256)
+    parser.add_argument("--prompt-cache", type=int, default=8, help="prompt KV caches kept for reuse")
     parser.add_argument("--dequantize", action="store_true", help="run in float32 (fast with a BLAS)")
     args = parser.parse_args()
 

@@ -455,6 +455,7 @@ fn route(routes: &Routes, reply: Reply) -> Option<String> {
             id,
             finish_reason,
             prompt_tokens,
+            cached_tokens,
             generation_tokens,
             prompt_seconds,
             generation_seconds,
@@ -470,7 +471,7 @@ fn route(routes: &Routes, reply: Reply) -> Option<String> {
                 },
                 prompt_tokens,
                 completion_tokens: generation_tokens,
-                cached_prompt_tokens: 0,
+                cached_prompt_tokens: cached_tokens,
                 engine_timings: Some(EngineTimings {
                     prompt: Duration::from_secs_f64(prompt_seconds.max(0.0)),
                     generation: Duration::from_secs_f64(generation_seconds.max(0.0)),
