@@ -9,7 +9,7 @@ export RIGGER_CACHE_DIR ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cac
 # cmake and libclang for llama.cpp's build, from scripts/setup-build.sh.
 CARGO := source "$(RIGGER_CACHE_DIR)/build.env" && cargo
 
-.PHONY: run test setup lint bench eval fuzz
+.PHONY: run test setup lint bench bench-mlx eval fuzz
 
 setup:
 	scripts/setup-python.sh >/dev/null
@@ -31,6 +31,9 @@ test: setup lint
 
 bench: setup
 	$(CARGO) bench --locked --bench inference
+
+bench-mlx: setup
+	$(CARGO) bench --locked --bench mlx
 
 # Options after `--`, e.g. make eval EVAL_ARGS="--backends embedded --limit 10"
 eval: setup

@@ -10,44 +10,23 @@
 //!
 //! Run: `make bench` (or `cargo bench --bench inference` with build.env sourced).
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
+use common::{Run, Service, grpc_run, median, peak_rss_mib, percentile};
 use futures_util::{StreamExt, future::join_all};
 use rigger_inference::proto::{
-    EnhanceTaskRequest, GenerateRequest, GetStatusRequest, SamplingOptions, Task,
-    generate_response::Event, inference_service_client::InferenceServiceClient,
+    EnhanceTaskRequest, SamplingOptions, Task, inference_service_client::InferenceServiceClient,
 };
 use serde_json::json;
-use support::{LlamaServer, MODEL_ALIAS, TestServer, config, free_port, greedy, model_path};
+use support::{LlamaServer, MODEL_ALIAS, TestServer, config, greedy, model_path};
 use tonic::transport::Channel;
 
 const THREADS: &str = "1";
 const DECODE_TOKENS: u32 = 96;
-
-/// One generation as the client saw it.
-#[derive(Clone, Debug)]
-struct Run {
-    text: String,
-    prompt_tokens: u32,
-    tokens: u32,
-    first_token: Duration,
-    total: Duration,
-}
-
-impl Run {
-    fn decode_rate(&self) -> f64 {
-        f64::from(self.tokens.saturating_sub(1)) / (self.total - self.first_token).as_secs_f64()
-    }
-    fn prefill_rate(&self) -> f64 {
-        f64::from(self.prompt_tokens) / self.first_token.as_secs_f64()
-    }
-}
 
 fn long_prompt(round: usize) -> String {
     format!(
@@ -59,34 +38,16 @@ fn long_prompt(round: usize) -> String {
     )
 }
 
-async fn grpc_run(client: &mut InferenceServiceClient<Channel>, request: GenerateRequest) -> Run {
-    let started = Instant::now();
-    let mut stream = client
-        .generate(request)
-        .await
-        .expect("Generate")
-        .into_inner();
-    let (mut text, mut first_token, mut tokens, mut prompt_tokens) = (String::new(), None, 0, 0);
-    while let Some(message) = stream.next().await {
-        match message.expect("no error").event.expect("event") {
-            Event::Text(piece) => {
-                first_token.get_or_insert_with(|| started.elapsed());
-                text.push_str(&piece);
-            }
-            Event::Summary(summary) => {
-                let meta = summary.meta.expect("meta");
-                tokens = meta.completion_tokens;
-                prompt_tokens = meta.prompt_tokens;
-            }
-        }
-    }
-    Run {
-        text,
-        prompt_tokens,
-        tokens,
-        first_token: first_token.expect("text"),
-        total: started.elapsed(),
-    }
+/// The service on its embedded engine with `parallel` sequences.
+async fn embedded_service(parallel: &str) -> (Service, InferenceServiceClient<Channel>) {
+    let model = model_path();
+    Service::start(&[
+        ("INFERENCE_BACKEND", "embedded"),
+        ("RIGGER_MODEL_PATH", model.to_str().expect("UTF-8 path")),
+        ("RIGGER_THREADS", THREADS),
+        ("RIGGER_PARALLEL", parallel),
+    ])
+    .await
 }
 
 /// A generation straight from the llama.cpp server. `cache_prompt` as our
@@ -141,79 +102,6 @@ async fn direct_run(
         first_token: first_token.expect("text"),
         total: started.elapsed(),
     }
-}
-
-struct Service {
-    child: Child,
-}
-
-impl Service {
-    async fn start(parallel: &str) -> (Self, InferenceServiceClient<Channel>) {
-        let address = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_rigger-inference"))
-            .env("RIGGER_LISTEN", &address)
-            .env("RIGGER_METRICS_LISTEN", "off")
-            // Measures the engine's prompt-prefix cache, not answers
-            // served from the result cache.
-            .env("RIGGER_TASK_CACHE_ENTRIES", "0")
-            .env("INFERENCE_BACKEND", "embedded")
-            .env("RIGGER_MODEL_PATH", model_path())
-            .env("RIGGER_THREADS", THREADS)
-            .env("RIGGER_PARALLEL", parallel)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start rigger-inference");
-        let service = Self { child };
-        let endpoint = Channel::from_shared(format!("http://{address}")).unwrap();
-        // Ready once it answers GetStatus: the model loads after the port
-        // is bound, and calls meanwhile are UNAVAILABLE.
-        for _ in 0..400 {
-            if let Ok(channel) = endpoint.connect().await {
-                let mut client = InferenceServiceClient::new(channel);
-                if client.get_status(GetStatusRequest {}).await.is_ok() {
-                    return (service, client);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("rigger-inference did not start on {address}");
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Peak resident memory of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| {
-            value
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn percentile(mut values: Vec<f64>, share: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let index = ((values.len() as f64 - 1.0) * share).round() as usize;
-    values[index]
 }
 
 async fn aggregate_decode(
@@ -286,7 +174,7 @@ async fn relay_overhead(http: &reqwest::Client, base: &str, rounds: usize) {
 #[tokio::main]
 async fn main() {
     let rounds = 3;
-    let (service, mut client) = Service::start("8").await;
+    let (service, mut client) = embedded_service("8").await;
     let llama = LlamaServer::start_with(THREADS, "8");
     let http = reqwest::Client::new();
     let base = llama.openai_url();
@@ -386,7 +274,7 @@ async fn main() {
     );
 
     drop(service);
-    let (service, mut client) = Service::start("4").await;
+    let (service, mut client) = embedded_service("4").await;
     let enhance = |title: String| EnhanceTaskRequest {
         task: Some(Task {
             title,
