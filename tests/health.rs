@@ -201,6 +201,14 @@ async fn auto_falls_back_to_the_embedded_engine_when_no_runtime_answers() {
     assert_eq!(report.active_backend, "embedded");
     let names: Vec<&str> = report.backends.iter().map(|b| b.name.as_str()).collect();
     assert_eq!(names, ["ollama", "embedded"]);
+    if cfg!(target_os = "linux") {
+        let mlx = report
+            .skipped_backends
+            .iter()
+            .find(|skipped| skipped.name == "mlx")
+            .expect("auto says why MLX was left out");
+        assert!(mlx.reason.contains("accelerator"), "{mlx:?}");
+    }
     let mut health = HealthClient::new(server.channel().await);
     assert_eq!(
         check(&mut health, "rigger.backend.embedded").await,

@@ -312,3 +312,33 @@ async fn llama_mistral_and_phi3_models_run_through_the_worker() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[tokio::test]
+async fn a_worker_that_breaks_the_protocol_fails_calls_instead_of_hanging() {
+    // An "interpreter" that announces itself like the worker, then answers
+    // a request with a line that is not the protocol.
+    let fake = std::env::temp_dir().join(format!("rigger-fake-worker-{}", std::process::id()));
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n\
+         echo '{\"event\": \"ready\", \"model\": \"fake\", \"device\": \"cpu\", \"fast_path\": false, \"load_seconds\": 0}'\n\
+         read request\n\
+         echo 'this is not the protocol'\n\
+         sleep 30\n",
+    )
+    .expect("write the fake worker");
+    std::process::Command::new("chmod")
+        .args(["+x", fake.to_str().unwrap()])
+        .status()
+        .expect("chmod");
+    let server = mlx(&["--mlx-python", fake.to_str().unwrap()]).await;
+    let mut client = server.client().await;
+    let mut request = Request::new(greedy("Say hi.", 2));
+    request.set_timeout(Duration::from_secs(20));
+    let started = Instant::now();
+    let status = failure(&mut client, request).await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("malformed line"), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "no hang");
+    let _ = std::fs::remove_file(&fake);
+}

@@ -351,7 +351,8 @@ impl InferenceService for InferenceApi {
         &self,
         _request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
-        let snapshots = self.registry()?.snapshots();
+        let registry = self.registry()?;
+        let snapshots = registry.snapshots();
         let caches = self.0.runner.cache_stats();
         let active = snapshots.iter().find(|snapshot| snapshot.active);
         Ok(Response::new(proto::GetStatusResponse {
@@ -406,6 +407,14 @@ impl InferenceService for InferenceApi {
             admission: Some(admission_status(self.0.admission.stats())),
             enhance_cache: caches.map(|(enhance, _)| cache_status(enhance)),
             decompose_cache: caches.map(|(_, decompose)| cache_status(decompose)),
+            skipped_backends: registry
+                .skipped()
+                .iter()
+                .map(|(name, reason)| proto::SkippedBackend {
+                    name: (*name).to_owned(),
+                    reason: reason.clone(),
+                })
+                .collect(),
         }))
     }
 }

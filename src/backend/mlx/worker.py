@@ -169,7 +169,17 @@ def convert_gguf(gguf, out):
 
 def model_directory(model, cache_dir):
     """The mlx-lm directory of --model: itself, or a GGUF's cached conversion."""
-    path = Path(model)
+    path = Path(model).expanduser()
+    if (path / "snapshots").is_dir():
+        # A Hugging Face cache entry (models--org--name): the snapshot
+        # refs/main names, else the newest.
+        ref = path / "refs" / "main"
+        if ref.is_file():
+            return path / "snapshots" / ref.read_text().strip()
+        snapshots = sorted((path / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime)
+        if not snapshots:
+            raise FileNotFoundError(f"no snapshot in {path}")
+        return snapshots[-1]
     if path.is_dir():
         return path
     if not path.is_file():

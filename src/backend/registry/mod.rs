@@ -269,6 +269,8 @@ impl Pool {
 pub struct BackendRegistry {
     pool: Arc<Pool>,
     probe_timeout: Duration,
+    /// Backends `auto` left out, and why.
+    skipped: Vec<(&'static str, String)>,
 }
 
 impl BackendRegistry {
@@ -308,6 +310,7 @@ impl BackendRegistry {
             retries: config.retries,
             backoff: config.retry_backoff,
         };
+        let mut skipped = Vec::new();
         let order = match (config.backend, config.backends.as_slice()) {
             (BackendChoice::Auto, []) => {
                 let mlx = match mlx_preferred(config).await {
@@ -315,11 +318,13 @@ impl BackendRegistry {
                         Ok(mlx) => Some(mlx),
                         Err(error) => {
                             tracing::warn!(%error, "MLX skipped");
+                            skipped.push(("mlx", error.to_string()));
                             None
                         }
                     },
                     Err(reason) => {
                         tracing::info!(%reason, "MLX skipped");
+                        skipped.push(("mlx", reason));
                         None
                     }
                 };
@@ -352,7 +357,8 @@ impl BackendRegistry {
                 order
             }
         };
-        let registry = Self::new(order, config.probe_timeout, policy);
+        let mut registry = Self::new(order, config.probe_timeout, policy);
+        registry.skipped = skipped;
         // Start from the state of every backend, so a freshly loaded engine
         // is ready at once.
         let snapshots = registry.probe_all().await;
@@ -386,7 +392,13 @@ impl BackendRegistry {
                 circuit_changed: tokio::sync::watch::Sender::new(()),
             }),
             probe_timeout,
+            skipped: Vec::new(),
         }
+    }
+
+    /// Backends `auto` considered and left out, with the reason.
+    pub fn skipped(&self) -> &[(&'static str, String)] {
+        &self.skipped
     }
 
     /// Changes whenever a backend's circuit opens or closes.
