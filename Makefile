@@ -9,7 +9,7 @@ export RIGGER_CACHE_DIR ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cac
 # cmake and libclang for llama.cpp's build, from scripts/setup-build.sh.
 CARGO := source "$(RIGGER_CACHE_DIR)/build.env" && cargo
 
-.PHONY: run test setup lint bench bench-mlx eval fuzz
+.PHONY: run test setup lint bench bench-kit bench-mlx eval fuzz
 
 setup:
 	scripts/setup-python.sh >/dev/null
@@ -29,8 +29,16 @@ lint: setup
 test: setup lint
 	$(CARGO) test --locked --lib --bins --tests
 
+# Every benchmark, one after another (about 15 minutes): the kit (gateway
+# overhead, relay, scaling, memory; writes benches/results/), the embedded
+# engine vs llama.cpp's server, and the MLX worker.
 bench: setup
+	$(CARGO) bench --locked --bench kit
 	$(CARGO) bench --locked --bench inference
+	$(CARGO) bench --locked --bench mlx
+
+bench-kit: setup
+	$(CARGO) bench --locked --bench kit
 
 bench-mlx: setup
 	$(CARGO) bench --locked --bench mlx

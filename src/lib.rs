@@ -10,6 +10,7 @@ pub mod config;
 #[cfg(any(test, fuzzing))]
 pub mod fuzzing;
 pub mod json_schema;
+pub mod loadgen;
 mod random;
 pub mod server;
 pub mod task;

@@ -322,3 +322,30 @@ async fn readiness_needs_the_backend_to_generate_not_only_to_answer_probes() {
     stand_in.controls.fail_after.store(0, Ordering::SeqCst);
     watch_until(&mut ready, ServingStatus::Serving).await;
 }
+
+#[tokio::test]
+async fn rigger_health_exits_zero_only_for_a_serving_entry() {
+    let server = TestServer::start(config(&["--backend", "embedded"])).await;
+    let run = |service: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rigger-health"))
+            .args([&server.addr.to_string(), service])
+            .output()
+            .expect("run rigger-health")
+    };
+    for service in ["", INFERENCE_SERVICE, "rigger.backend.embedded"] {
+        let output = run(service);
+        assert!(
+            output.status.success(),
+            "{service:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let unknown = run("no.such.Service");
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("NotFound"));
+    let nobody = std::process::Command::new(env!("CARGO_BIN_EXE_rigger-health"))
+        .args([&format!("127.0.0.1:{}", free_port()), ""])
+        .output()
+        .expect("run rigger-health");
+    assert!(!nobody.status.success(), "no server, no health");
+}

@@ -30,7 +30,7 @@ use service::{Backends, Shared};
 pub use validate::{Limits, ValidationError};
 
 use crate::{
-    backend::{BackendRegistry, GenerationCheck, SelectionError},
+    backend::{Backend, BackendRegistry, FailoverPolicy, GenerationCheck, SelectionError},
     config::{Config, LogFormat},
     proto::{self, inference_service_server::InferenceServiceServer},
     task::{CacheSettings, TaskRunner},
@@ -133,6 +133,36 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let selecting = {
+        let config = config.clone();
+        async move { BackendRegistry::from_config(&config).await }
+    };
+    serve_selected(listener, config, selecting, shutdown).await
+}
+
+/// Serves like [`serve`], with `backends` (in failover order) instead of
+/// those the configuration selects: for benchmarks and for programs that
+/// embed the service with a runtime of their own.
+pub async fn serve_backends(
+    listener: TcpListener,
+    config: Config,
+    backends: Vec<Arc<dyn Backend>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let registry = BackendRegistry::new(
+        backends,
+        config.probe_timeout,
+        FailoverPolicy::from_config(&config),
+    );
+    serve_selected(listener, config, async { Ok(registry) }, shutdown).await
+}
+
+async fn serve_selected(
+    listener: TcpListener,
+    config: Config,
+    selecting: impl Future<Output = Result<BackendRegistry, SelectionError>> + Send,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
     let (spans, exporting) = match &config.otlp_endpoint {
         Some(endpoint) => {
             tracing::info!(endpoint, "exporting call spans over OTLP/HTTP");
@@ -142,7 +172,7 @@ pub async fn serve(
         }
         None => (None, None),
     };
-    let served = serve_calls(listener, config, shutdown, spans).await;
+    let served = serve_calls(listener, config, selecting, shutdown, spans).await;
     // The exporter sends what is left once the last call let go of it.
     if let Some(task) = exporting {
         let _ = tokio::time::timeout(CUT_FLUSH, task).await;
@@ -153,13 +183,11 @@ pub async fn serve(
 async fn serve_calls(
     listener: TcpListener,
     config: Config,
+    selecting: impl Future<Output = Result<BackendRegistry, SelectionError>> + Send,
     shutdown: impl Future<Output = ()> + Send,
     spans: Option<Arc<telemetry::SpanExport>>,
 ) -> Result<(), ServerError> {
-    let selecting = {
-        let config = config.clone();
-        async move { BackendRegistry::from_config(&config).await.map(Arc::new) }
-    };
+    let selecting = async move { selecting.await.map(Arc::new) };
     tokio::pin!(shutdown);
     let board = health::HealthBoard::starting();
     let backends: Backends = Arc::default();

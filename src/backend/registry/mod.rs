@@ -302,14 +302,7 @@ impl BackendRegistry {
                 },
             )) as Arc<dyn Backend>
         });
-        let policy = FailoverPolicy {
-            breaker: BreakerPolicy {
-                failures: config.breaker_failures,
-                cooldown: config.breaker_cooldown,
-            },
-            retries: config.retries,
-            backoff: config.retry_backoff,
-        };
+        let policy = FailoverPolicy::from_config(config);
         let mut skipped = Vec::new();
         let order = match (config.backend, config.backends.as_slice()) {
             (BackendChoice::Auto, []) => {
