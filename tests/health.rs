@@ -326,26 +326,26 @@ async fn readiness_needs_the_backend_to_generate_not_only_to_answer_probes() {
 #[tokio::test]
 async fn rigger_health_exits_zero_only_for_a_serving_entry() {
     let server = TestServer::start(config(&["--backend", "embedded"])).await;
-    let run = |service: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_rigger-health"))
-            .args([&server.addr.to_string(), service])
+    // Run without blocking the runtime the server shares with this test.
+    let check_of = |address: String, service: &'static str| async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_rigger-health"))
+            .args([address.as_str(), service])
             .output()
+            .await
             .expect("run rigger-health")
     };
+    let run = |service| check_of(server.addr.to_string(), service);
     for service in ["", INFERENCE_SERVICE, "rigger.backend.embedded"] {
-        let output = run(service);
+        let output = run(service).await;
         assert!(
             output.status.success(),
             "{service:?}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let unknown = run("no.such.Service");
+    let unknown = run("no.such.Service").await;
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("NotFound"));
-    let nobody = std::process::Command::new(env!("CARGO_BIN_EXE_rigger-health"))
-        .args([&format!("127.0.0.1:{}", free_port()), ""])
-        .output()
-        .expect("run rigger-health");
+    let nobody = check_of(format!("127.0.0.1:{}", free_port()), "").await;
     assert!(!nobody.status.success(), "no server, no health");
 }
