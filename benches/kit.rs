@@ -237,10 +237,14 @@ async fn serve_ours(backends: Vec<Arc<dyn Backend>>) -> Channel {
 
 async fn serve_bare() -> Channel {
     let (listener, address) = listener().await;
+    // Accepted connections without Nagle's algorithm, as the service has.
+    let incoming = TcpListenerStream::new(listener).map(|connection| {
+        connection.inspect(|stream| stream.set_nodelay(true).expect("TCP_NODELAY"))
+    });
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(InferenceServiceServer::new(Bare))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+            .serve_with_incoming(incoming),
     );
     channel(&address).await
 }

@@ -56,6 +56,7 @@ async fn past_the_queue_calls_are_refused_at_once_and_slots_come_back() {
         answered_in < Duration::from_millis(100),
         "refused at once, took {answered_in:?}"
     );
+    eprintln!("RESOURCE_EXHAUSTED answered in {answered_in:?} through gRPC (debug build)");
     assert_eq!(admission(&mut client).await, (1, 1, 1));
 
     // The running call's client leaves: its slot goes to the waiting one,

@@ -17,6 +17,7 @@ pub(crate) mod validate;
 
 use std::{future::Future, sync::Arc};
 
+use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -289,7 +290,13 @@ async fn serve_calls(
             exempt,
         ))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            TcpListenerStream::new(listener).map(|connection| {
+                connection.inspect(|stream| {
+                    if let Err(error) = stream.set_nodelay(true) {
+                        tracing::warn!(%error, "cannot turn off Nagle's algorithm");
+                    }
+                })
+            }),
             stop_transport.clone().cancelled_owned(),
         );
     tokio::pin!(server);
