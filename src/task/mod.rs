@@ -14,8 +14,9 @@ pub mod schema;
 mod violation;
 
 use std::{
+    collections::HashMap,
     future::Future,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -128,6 +129,11 @@ pub struct TaskRunner {
     attempts: u32,
     enhancements: Option<Arc<ResultCache<Answered<Enhancement>>>>,
     decompositions: Option<Arc<ResultCache<Answered<Vec<Subtask>>>>>,
+    /// Compiled answer schemas by their JSON text. Few exist (an
+    /// enhancement kind, a decomposition range and parent complexity, all
+    /// bounded by validation), and compiling one costs more than the rest
+    /// of a call's bookkeeping.
+    schemas: Arc<Mutex<HashMap<String, Arc<OutputSchema>>>>,
 }
 
 impl TaskRunner {
@@ -136,7 +142,25 @@ impl TaskRunner {
             attempts: attempts.max(1),
             enhancements: cache.build(),
             decompositions: cache.build(),
+            schemas: Arc::default(),
         }
+    }
+
+    fn compiled(&self, schema: serde_json::Value) -> Arc<OutputSchema> {
+        let text = schema.to_string();
+        let mut schemas = self
+            .schemas
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        schemas
+            .entry(text)
+            .or_insert_with(|| {
+                Arc::new(
+                    OutputSchema::compile(schema)
+                        .expect("the task schemas are fixed and valid JSON Schema"),
+                )
+            })
+            .clone()
     }
 
     /// The cached answer of an enhancement, if there is one; lets callers
@@ -147,9 +171,9 @@ impl TaskRunner {
         request: &EnhanceRequest,
         started: Instant,
     ) -> Option<Answered<Enhancement>> {
+        let cache = self.enhancements.as_deref()?;
         let key = cache_key("enhance", backend, &request.sampling, request)?;
-        let answer = self.enhancements.as_deref()?.peek(key)?;
-        Some(from_cache(answer, started))
+        Some(from_cache(cache.peek(key)?, started))
     }
 
     /// The cached answer of a decomposition, if there is one.
@@ -159,9 +183,9 @@ impl TaskRunner {
         request: &DecomposeRequest,
         started: Instant,
     ) -> Option<Answered<Vec<Subtask>>> {
+        let cache = self.decompositions.as_deref()?;
         let key = cache_key("decompose", backend, &request.sampling, request)?;
-        let answer = self.decompositions.as_deref()?.peek(key)?;
-        Some(from_cache(answer, started))
+        Some(from_cache(cache.peek(key)?, started))
     }
 
     /// Hits, misses and size of the EnhanceTask and DecomposeTask caches.
@@ -178,7 +202,10 @@ impl TaskRunner {
         request: EnhanceRequest,
         started: Instant,
     ) -> Result<Answered<Enhancement>, TaskError> {
-        let key = cache_key("enhance", backend, &request.sampling, &request);
+        let key = self
+            .enhancements
+            .as_ref()
+            .and_then(|_| cache_key("enhance", backend, &request.sampling, &request));
         let generate = self.generate_enhancement(backend, request, started);
         remembered(self.enhancements.as_deref(), key, started, generate).await
     }
@@ -212,7 +239,10 @@ impl TaskRunner {
         request: DecomposeRequest,
         started: Instant,
     ) -> Result<Answered<Vec<Subtask>>, TaskError> {
-        let key = cache_key("decompose", backend, &request.sampling, &request);
+        let key = self
+            .decompositions
+            .as_ref()
+            .and_then(|_| cache_key("decompose", backend, &request.sampling, &request));
         let generate = self.generate_decomposition(backend, request, started);
         remembered(self.decompositions.as_deref(), key, started, generate).await
     }
@@ -268,8 +298,7 @@ impl TaskRunner {
             .or(Some(DEFAULT_TASK_FREQUENCY_PENALTY));
         let repair_sampling = repair_sampling(&job.sampling);
         job.sampling.temperature = job.sampling.temperature.or(Some(DEFAULT_TASK_TEMPERATURE));
-        let schema = OutputSchema::compile(job.schema)
-            .expect("the task schemas are fixed and valid JSON Schema");
+        let schema = self.compiled(job.schema);
         let mut prompt_tokens = 0;
         let mut completion_tokens = 0;
         let mut cached_prompt_tokens = 0;
