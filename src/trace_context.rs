@@ -101,6 +101,12 @@ impl TraceContext {
         CURRENT.scope(self, future).await
     }
 
+    /// Runs `work` with this context as the current one, synchronously
+    /// (for a stream polled outside the call's task).
+    pub fn sync_scope<R>(self, work: impl FnOnce() -> R) -> R {
+        CURRENT.sync_scope(self, work)
+    }
+
     /// The context of the call being served, if any.
     pub fn current() -> Option<Self> {
         CURRENT.try_with(Clone::clone).ok()

@@ -57,8 +57,9 @@ impl Deadline {
             .unwrap_or_else(|_| Err(self.expired()))
     }
 
-    pub(super) async fn passed(self) {
-        tokio::time::sleep_until(self.at).await;
+    /// A timer that fires when the deadline passes.
+    pub(super) fn timer(self) -> tokio::time::Sleep {
+        tokio::time::sleep_until(self.at)
     }
 
     pub(super) fn expired(self) -> Status {

@@ -30,14 +30,14 @@ use crate::{
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
     rpc: &'static str,
-    backend: String,
-    code: String,
+    backend: &'static str,
+    code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
     rpc: &'static str,
-    backend: String,
+    backend: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -206,22 +206,19 @@ impl Metrics {
     pub fn call_ended(
         &self,
         rpc: &'static str,
-        backend: &str,
+        backend: &'static str,
         code: tonic::Code,
         elapsed: Duration,
     ) {
         self.calls
             .get_or_create(&CallLabels {
                 rpc,
-                backend: backend.to_owned(),
-                code: format!("{code:?}"),
+                backend,
+                code: code_name(code),
             })
             .inc();
         self.call_seconds
-            .get_or_create(&RpcLabels {
-                rpc,
-                backend: backend.to_owned(),
-            })
+            .get_or_create(&RpcLabels { rpc, backend })
             .observe(elapsed.as_secs_f64());
     }
 
@@ -229,15 +226,12 @@ impl Metrics {
     pub fn answered(
         &self,
         rpc: &'static str,
-        backend: &str,
+        backend: &'static str,
         first_token: Duration,
         total: Duration,
         completion_tokens: u32,
     ) {
-        let labels = RpcLabels {
-            rpc,
-            backend: backend.to_owned(),
-        };
+        let labels = RpcLabels { rpc, backend };
         self.first_token_seconds
             .get_or_create(&labels)
             .observe(first_token.as_secs_f64());
@@ -306,6 +300,30 @@ impl Metrics {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
+    }
+}
+
+/// A status code's name as label value (its Rust name, allocation-free).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
     }
 }
 

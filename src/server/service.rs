@@ -3,14 +3,15 @@
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::{Arc, OnceLock},
+    task::{Context, Poll},
     time::{Instant, SystemTime},
 };
 
-use futures_util::StreamExt;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use futures_util::{Stream, StreamExt};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
@@ -33,10 +34,6 @@ use crate::{
     task::{AnswerStats, Answered, EnhancementKind, TaskError, TaskRunner, cache::CacheStats},
     trace_context::{TRACEPARENT, TRACESTATE, TraceContext},
 };
-
-/// Generated text waiting for a slow client; beyond it the backend is paused
-/// by backpressure instead of buffering without bound.
-const RELAY_BUFFER: usize = 32;
 
 /// The backends, once selected (and the embedded model loaded): calls
 /// arriving before that get UNAVAILABLE.
@@ -243,29 +240,27 @@ impl InferenceApi {
                 Ok((slot, backends.generate(request).await?))
             })
             .await?;
-        let (sender, receiver) = mpsc::channel(RELAY_BUFFER);
         let relay = Relay {
-            sender,
+            stream,
             schema,
+            output: String::new(),
             clock: StreamClock::start(started),
             backend: backends.name(),
             requested_model,
             metrics: self.0.metrics.clone(),
             spans: self.0.spans.clone(),
+            deadline,
+            timer: Box::pin(deadline.timer()),
+            cut: Box::pin(self.0.drain.cut().cancelled_owned()),
+            call: Some(call),
+            _slot: slot,
+            _open: open,
         };
-        let cut = self.0.drain.cut();
-        // The relay outlives this handler; it keeps the call's trace and
-        // log span, since a failover may still start a backend request.
-        tokio::spawn(call.clone().run(async move {
-            relay.run(stream, cut, deadline, call).await;
-            drop(slot);
-            drop(open);
-        }));
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(Box::pin(relay)))
     }
 }
 
-type GenerateStream = ReceiverStream<Result<proto::GenerateResponse, Status>>;
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateResponse, Status>> + Send>>;
 
 /// A call's place in its trace, its log span and when it started.
 #[derive(Clone)]
@@ -419,10 +414,17 @@ impl InferenceService for InferenceApi {
     }
 }
 
-/// Moves one generation from the backend to the client.
+/// Moves one generation from the backend to the client, as the response
+/// stream itself: each message is produced when the transport asks for the
+/// next one (no task or channel between the backend and the client, and
+/// HTTP/2 flow control reaches the backend). Dropping it (the client went
+/// away) drops the backend stream, which stops the backend's work, and
+/// records the call as CANCELLED.
 struct Relay {
-    sender: mpsc::Sender<Result<proto::GenerateResponse, Status>>,
+    stream: ChunkStream,
     schema: Option<OutputSchema>,
+    /// The text so far, when a schema must be checked at the end.
+    output: String,
     clock: StreamClock,
     /// The backend serving the call: the active one when it started, the
     /// one that completed it once it has.
@@ -430,114 +432,93 @@ struct Relay {
     requested_model: String,
     metrics: Arc<Metrics>,
     spans: Option<Arc<SpanExport>>,
+    deadline: Deadline,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Taken when the call ends and is recorded.
+    call: Option<Traced>,
+    _slot: Permit,
+    _open: TaskTrackerToken,
 }
 
 impl Relay {
-    /// Relays the stream to its end, then records the call.
-    async fn run(
-        mut self,
-        stream: ChunkStream,
-        cut: CancellationToken,
-        deadline: Deadline,
-        call: Traced,
-    ) {
-        let code = self.relay(stream, cut, deadline).await;
-        self.metrics
-            .call_ended("generate", self.backend, code, self.clock.elapsed());
-        call.ended(
-            self.spans.as_deref(),
-            "generate",
-            self.backend,
-            code,
-            self.clock.elapsed(),
-        );
+    /// Records how the call ended, once.
+    fn ended(&mut self, code: Code) {
+        if let Some(call) = self.call.take() {
+            let elapsed = self.clock.elapsed();
+            self.metrics
+                .call_ended("generate", self.backend, code, elapsed);
+            call.ended(
+                self.spans.as_deref(),
+                "generate",
+                self.backend,
+                code,
+                elapsed,
+            );
+        }
     }
 
-    /// Runs until the generation ends, the client goes away (the backend
-    /// stream is dropped with this task, which drops the HTTP request), the
-    /// call's deadline passes or the shutdown grace period ends; returns
-    /// the call's status code.
-    async fn relay(
+    /// What the backend's next chunk becomes: text, or the summary or error
+    /// that ends the call.
+    fn message(
         &mut self,
-        mut stream: ChunkStream,
-        cut: CancellationToken,
-        deadline: Deadline,
-    ) -> Code {
-        let mut output = String::new();
-        loop {
-            let next = tokio::select! {
-                _ = self.sender.closed() => return Code::Cancelled,
-                () = deadline.passed() => {
-                    let _ = self.sender.send(Err(deadline.expired())).await;
-                    return Code::DeadlineExceeded;
-                }
-                _ = cut.cancelled() => {
-                    let summary = self.summary(proto::FinishReason::Cancelled, None);
-                    let _ = self.sender.send(Ok(summary)).await;
-                    return Code::Ok;
-                }
-                next = stream.next() => next,
-            };
-            let message = match next {
-                Some(Ok(chunk)) => {
-                    self.clock.observe(&chunk);
-                    match chunk {
-                        Chunk::Text(text) => {
-                            if self.schema.is_some() {
-                                output.push_str(&text);
-                            }
-                            Ok(proto::GenerateResponse {
-                                event: Some(proto::generate_response::Event::Text(text)),
-                            })
+        next: Option<Result<Chunk, crate::backend::BackendError>>,
+    ) -> Result<proto::GenerateResponse, Status> {
+        let message = match next {
+            Some(Ok(chunk)) => {
+                self.clock.observe(&chunk);
+                match chunk {
+                    Chunk::Text(text) => {
+                        if self.schema.is_some() {
+                            self.output.push_str(&text);
                         }
-                        Chunk::Done(completion) => {
-                            self.backend = completion.backend;
-                            let verdict = match &self.schema {
-                                Some(schema) => schema.check(&output).map(|_| ()),
-                                None => Ok(()),
-                            };
-                            let finish_reason = match completion.finish_reason {
-                                FinishReason::Stop => proto::FinishReason::Stop,
-                                FinishReason::Length => proto::FinishReason::Length,
-                            };
-                            match verdict {
-                                // Output cut by max_tokens is reported as such, not
-                                // as a schema failure: the caller asked for the cut.
-                                Err(problem) if finish_reason == proto::FinishReason::Stop => {
-                                    Err(schema_violation(&problem))
-                                }
-                                _ => {
-                                    self.metrics.answered(
-                                        "generate",
-                                        self.backend,
-                                        self.clock.time_to_first_token(),
-                                        self.clock.elapsed(),
-                                        completion.completion_tokens,
-                                    );
-                                    Ok(self.summary(finish_reason, Some(&completion)))
-                                }
-                            }
-                        }
+                        return Ok(proto::GenerateResponse {
+                            event: Some(proto::generate_response::Event::Text(text)),
+                        });
                     }
+                    Chunk::Done(completion) => self.completed(&completion),
                 }
-                Some(Err(error)) => Err(error.into()),
-                None => Err(Status::internal(format!(
-                    "backend {} ended the generation without completing it",
-                    self.backend
-                ))),
-            };
-            let code = match &message {
-                Ok(proto::GenerateResponse {
-                    event: Some(proto::generate_response::Event::Text(_)),
-                }) => None,
-                Ok(_) => Some(Code::Ok),
-                Err(status) => Some(status.code()),
-            };
-            if self.sender.send(message).await.is_err() {
-                return Code::Cancelled;
             }
-            if let Some(code) = code {
-                return code;
+            Some(Err(error)) => Err(error.into()),
+            None => Err(Status::internal(format!(
+                "backend {} ended the generation without completing it",
+                self.backend
+            ))),
+        };
+        self.ended(message.as_ref().err().map_or(Code::Ok, Status::code));
+        message
+    }
+
+    /// The summary of a completed generation, or the schema violation its
+    /// output turned out to be.
+    fn completed(
+        &mut self,
+        completion: &crate::backend::Completion,
+    ) -> Result<proto::GenerateResponse, Status> {
+        self.backend = completion.backend;
+        let verdict = match &self.schema {
+            Some(schema) => schema.check(&self.output).map(|_| ()),
+            None => Ok(()),
+        };
+        let finish_reason = match completion.finish_reason {
+            FinishReason::Stop => proto::FinishReason::Stop,
+            FinishReason::Length => proto::FinishReason::Length,
+        };
+        match verdict {
+            // Output cut by max_tokens is reported as such, not as a schema
+            // failure: the caller asked for the cut.
+            Err(problem) if finish_reason == proto::FinishReason::Stop => {
+                Err(schema_violation(&problem))
+            }
+            _ => {
+                self.metrics.answered(
+                    "generate",
+                    self.backend,
+                    self.clock.time_to_first_token(),
+                    self.clock.elapsed(),
+                    completion.completion_tokens,
+                );
+                Ok(self.summary(finish_reason, Some(completion)))
             }
         }
     }
@@ -577,6 +558,48 @@ impl Relay {
                 },
             )),
         }
+    }
+}
+
+impl Stream for Relay {
+    type Item = Result<proto::GenerateResponse, Status>;
+
+    /// The next message; an error when the call's deadline passes, and a
+    /// CANCELLED summary when the shutdown grace period ends.
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let Some(call) = &this.call else {
+            return Poll::Ready(None);
+        };
+        if this.timer.as_mut().poll(cx).is_ready() {
+            this.ended(Code::DeadlineExceeded);
+            return Poll::Ready(Some(Err(this.deadline.expired())));
+        }
+        if this.cut.as_mut().poll(cx).is_ready() {
+            let summary = this.summary(proto::FinishReason::Cancelled, None);
+            this.ended(Code::Ok);
+            return Poll::Ready(Some(Ok(summary)));
+        }
+        // Polled by the transport, outside the handler: the call's trace
+        // context and log span go along, since a failover may still start
+        // a backend request.
+        let _entered = call.span.enter();
+        let next = call
+            .context
+            .clone()
+            .sync_scope(|| this.stream.poll_next_unpin(cx));
+        drop(_entered);
+        match next {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(next) => Poll::Ready(Some(this.message(next))),
+        }
+    }
+}
+
+impl Drop for Relay {
+    /// A relay dropped before the call ended: the client went away.
+    fn drop(&mut self) {
+        self.ended(Code::Cancelled);
     }
 }
 
