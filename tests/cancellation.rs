@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use rigger_inference::proto::{GenerateRequest, generate_response::Event};
-use support::{TestServer, admission, config, greedy, llama, openai_config};
+use support::{LlamaServer, TestServer, admission, config, greedy};
 
 /// A prompt of about `sentences` × 10 tokens, slow to read on purpose.
 fn long_prompt(sentences: usize) -> String {
@@ -19,9 +19,9 @@ fn long_prompt(sentences: usize) -> String {
 }
 
 /// Whether the llama.cpp server has a request in any slot (`GET /slots`).
-async fn llama_busy(http: &reqwest::Client) -> bool {
+async fn llama_busy(http: &reqwest::Client, llama: &LlamaServer) -> bool {
     let slots: Vec<serde_json::Value> = http
-        .get(format!("http://127.0.0.1:{}/slots", llama().port))
+        .get(format!("http://127.0.0.1:{}/slots", llama.port))
         .send()
         .await
         .expect("GET /slots")
@@ -33,9 +33,14 @@ async fn llama_busy(http: &reqwest::Client) -> bool {
         .any(|slot| slot["is_processing"].as_bool() == Some(true))
 }
 
-async fn wait_for_llama(http: &reqwest::Client, busy: bool, within: Duration) -> Duration {
+async fn wait_for_llama(
+    http: &reqwest::Client,
+    llama: &LlamaServer,
+    busy: bool,
+    within: Duration,
+) -> Duration {
     let started = Instant::now();
-    while llama_busy(http).await != busy {
+    while llama_busy(http, llama).await != busy {
         assert!(
             started.elapsed() < within,
             "llama.cpp server still {} after {within:?}",
@@ -44,6 +49,16 @@ async fn wait_for_llama(http: &reqwest::Client, busy: bool, within: Duration) ->
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     started.elapsed()
+}
+
+/// Serving through `llama`.
+fn openai_config_for(llama: &LlamaServer) -> rigger_inference::config::Config {
+    config(&[
+        "--backend",
+        "openai",
+        "--openai-base-url",
+        &llama.openai_url(),
+    ])
 }
 
 async fn wait_for_no_generation_in_flight(
@@ -63,7 +78,10 @@ async fn wait_for_no_generation_in_flight(
 
 #[tokio::test]
 async fn openai_backend_stops_when_the_client_cancels_mid_generation() {
-    let server = TestServer::start(openai_config()).await;
+    // A llama.cpp server of this test's own: its slots must show this
+    // test's request only, whatever else runs at the same time.
+    let llama = LlamaServer::start();
+    let server = TestServer::start(openai_config_for(&llama)).await;
     let mut client = server.client().await;
     let http = reqwest::Client::new();
     let mut stream = client
@@ -73,19 +91,20 @@ async fn openai_backend_stops_when_the_client_cancels_mid_generation() {
         .into_inner();
     let first = stream.next().await.expect("a message").expect("no error");
     assert!(matches!(first.event, Some(Event::Text(_))));
-    assert!(llama_busy(&http).await, "the server is generating");
+    assert!(llama_busy(&http, &llama).await, "the server is generating");
 
     drop(stream);
     // 2000 tokens take about 30 s here; stopping takes a decode step plus
     // the server noticing the closed connection.
-    let stopped = wait_for_llama(&http, false, Duration::from_secs(10)).await;
+    let stopped = wait_for_llama(&http, &llama, false, Duration::from_secs(10)).await;
     wait_for_no_generation_in_flight(&mut client).await;
     eprintln!("llama.cpp server idle {stopped:?} after the client cancelled mid-generation");
 }
 
 #[tokio::test]
 async fn openai_backend_stops_when_the_client_cancels_while_the_prompt_is_read() {
-    let server = TestServer::start(openai_config()).await;
+    let llama = LlamaServer::start();
+    let server = TestServer::start(openai_config_for(&llama)).await;
     let mut client = server.client().await;
     let http = reqwest::Client::new();
     let request = GenerateRequest {
@@ -97,12 +116,12 @@ async fn openai_backend_stops_when_the_client_cancels_while_the_prompt_is_read()
         let mut stream = caller.generate(request).await?.into_inner();
         stream.next().await.transpose()
     });
-    wait_for_llama(&http, true, Duration::from_secs(10)).await;
+    wait_for_llama(&http, &llama, true, Duration::from_secs(10)).await;
     call.abort();
     let cancelled = Instant::now();
     // llama.cpp reads the prompt in batches of 2048 tokens and checks for
     // cancellation between them; this prompt (~1000 tokens) is one batch.
-    wait_for_llama(&http, false, Duration::from_secs(20)).await;
+    wait_for_llama(&http, &llama, false, Duration::from_secs(20)).await;
     wait_for_no_generation_in_flight(&mut client).await;
     eprintln!(
         "llama.cpp server idle {:?} after the client cancelled during the prompt",

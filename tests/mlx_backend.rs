@@ -176,9 +176,10 @@ async fn failure(
     }
 }
 
-/// The MLX worker started by this test process (nextest runs each test in
-/// a process of its own): a child whose command line is the worker script.
-fn worker_pid() -> u32 {
+/// The MLX worker of the server whose model is named `marker` (`--model`
+/// reaches the worker's command line as `--name`): a child of this test
+/// process, which may run other tests' workers at the same time.
+fn worker_pid(marker: &str) -> u32 {
     let me = std::process::id();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("procfs") {
@@ -192,11 +193,12 @@ fn worker_pid() -> u32 {
             .and_then(|(_, rest)| rest.split_whitespace().nth(1))
             .and_then(|ppid| ppid.parse::<u32>().ok());
         let cmdline = std::fs::read(path.join("cmdline")).unwrap_or_default();
-        if parent == Some(me) && String::from_utf8_lossy(&cmdline).contains("MLX worker") {
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if parent == Some(me) && cmdline.contains("MLX worker") && cmdline.contains(marker) {
             found.push(pid);
         }
     }
-    assert_eq!(found.len(), 1, "one MLX worker: {found:?}");
+    assert_eq!(found.len(), 1, "one MLX worker named {marker}: {found:?}");
     found[0]
 }
 
@@ -210,7 +212,7 @@ fn signal(pid: u32, signal: &str) {
 
 #[tokio::test]
 async fn a_worker_killed_mid_stream_fails_its_calls_and_comes_back() {
-    let server = mlx(&[]).await;
+    let server = mlx(&["--model", "killed-worker-model"]).await;
     let mut client = server.client().await;
     let mut health = HealthClient::new(server.channel().await)
         .watch(HealthCheckRequest {
@@ -234,7 +236,7 @@ async fn a_worker_killed_mid_stream_fails_its_calls_and_comes_back() {
     let first = stream.next().await.expect("a message").expect("text");
     assert!(matches!(first.event, Some(Event::Text(_))));
     let killed = Instant::now();
-    signal(worker_pid(), "-KILL");
+    signal(worker_pid("killed-worker-model"), "-KILL");
     let status = loop {
         match tokio::time::timeout(Duration::from_secs(30), stream.next())
             .await
@@ -264,9 +266,9 @@ async fn a_worker_killed_mid_stream_fails_its_calls_and_comes_back() {
 
 #[tokio::test]
 async fn a_hung_worker_ends_calls_at_their_deadline() {
-    let server = mlx(&[]).await;
+    let server = mlx(&["--model", "hung-worker-model"]).await;
     let mut client = server.client().await;
-    let pid = worker_pid();
+    let pid = worker_pid("hung-worker-model");
     signal(pid, "-STOP");
     let mut request = Request::new(greedy("Say hi.", 4));
     request.set_timeout(Duration::from_secs(2));
