@@ -159,8 +159,14 @@ async fn enhance_first_token(
 
 #[tokio::main]
 async fn main() {
-    let (service, mut client) =
-        Service::start(&[("INFERENCE_BACKEND", "mlx"), ("RIGGER_MLX_MAX_BATCH", "4")]).await;
+    let (service, mut client) = Service::start(&[
+        ("INFERENCE_BACKEND", "mlx"),
+        ("RIGGER_MLX_MAX_BATCH", "4"),
+        // One attempt per call: a repaired answer's first token counts from
+        // the start of the call, so it would include the rejected attempts.
+        ("RIGGER_TASK_ATTEMPTS", "1"),
+    ])
+    .await;
     let model = converted_model();
     println!(
         "MLX (Linux CPU build, OpenBLAS float32 path {}), SmolLM2-135M-Instruct from its GGUF, medians of {ROUNDS}",
@@ -171,15 +177,17 @@ async fn main() {
         }
     );
 
-    let enhance_cold = enhance_first_token(&mut client, "Add password reset")
+    let enhance_cold = enhance_first_token(&mut client, "Add dark mode")
         .await
         .unwrap_or(f64::NAN);
     let mut enhance_cached = Vec::new();
     for title in [
-        "Add dark mode",
+        "Add password reset",
         "Write API docs",
         "Add rate limiting",
         "Add search",
+        "Export invoices as PDF",
+        "Add two-factor authentication",
     ] {
         enhance_cached.extend(enhance_first_token(&mut client, title).await);
     }
@@ -260,18 +268,23 @@ async fn main() {
             rate / single
         );
     }
-    println!(
-        "{:<52} {:>10.0} {:>10.0} {:>7.2}",
-        "EnhanceTask first token ms, prefix cached vs cold",
-        median(enhance_cached.clone()) * 1000.0,
-        enhance_cold * 1000.0,
-        median(enhance_cached.clone()) / enhance_cold
-    );
-    println!(
-        "EnhanceTask first token with the prefix cached: p50 {:.0} ms, max {:.0} ms",
-        percentile(enhance_cached.clone(), 0.5) * 1000.0,
-        percentile(enhance_cached, 1.0) * 1000.0
-    );
+    if enhance_cached.is_empty() {
+        println!("EnhanceTask first token: no valid single-attempt answer with the prefix cached");
+    } else {
+        println!(
+            "{:<52} {:>10.0} {:>10.0} {:>7.2}",
+            "EnhanceTask first token ms, prefix cached vs cold",
+            median(enhance_cached.clone()) * 1000.0,
+            enhance_cold * 1000.0,
+            median(enhance_cached.clone()) / enhance_cold
+        );
+        println!(
+            "EnhanceTask first token with the prefix cached, {} valid answers: p50 {:.0} ms, max {:.0} ms",
+            enhance_cached.len(),
+            percentile(enhance_cached.clone(), 0.5) * 1000.0,
+            percentile(enhance_cached, 1.0) * 1000.0
+        );
+    }
     let worker = worker_of(service.child.id());
     println!(
         "peak RSS: service {:.0} MiB, MLX worker {:.0} MiB",
