@@ -25,7 +25,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use common::{Run, Service, grpc_run, median, peak_rss_mib, percentile};
+use common::{Run, Service, grpc_run, median, peak_rss_mib, percentile, status_mib};
 use futures_util::{Stream, StreamExt, future::join_all, stream};
 use plotters::prelude::*;
 use rigger_inference::{
@@ -343,22 +343,6 @@ async fn aggregate(client: &InferenceServiceClient<Channel>, streams: usize) -> 
     f64::from(runs.iter().map(|run| run.tokens).sum::<u32>()) / started.elapsed().as_secs_f64()
 }
 
-fn resident_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| {
-            value
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(f64::NAN, |kib| kib / 1024.0)
-}
-
 fn plot(path: &str, series: &[(&str, Vec<f64>)]) {
     let top = series
         .iter()
@@ -577,18 +561,18 @@ async fn main() {
     ])
     .await;
     let pid = service.child.id();
-    let idle = resident_mib(pid);
+    let idle = status_mib(pid, "VmRSS:");
     let load = tokio::spawn({
         let client = service_client.clone();
         async move { aggregate(&client, 64).await }
     });
     let mut under_load = Vec::new();
     while !load.is_finished() {
-        under_load.push(resident_mib(pid));
+        under_load.push(status_mib(pid, "VmRSS:"));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     load.await.expect("the load ran");
-    let after = resident_mib(pid);
+    let after = status_mib(pid, "VmRSS:");
     let loaded = under_load.iter().copied().fold(idle, f64::max);
     println!(
         "memory: service RSS idle {idle:.0} MiB, under 64 streams up to {loaded:.0} MiB (peak {:.0}), after {after:.0} MiB",

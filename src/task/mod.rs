@@ -380,32 +380,49 @@ fn judge<T>(
         .and_then(parse)
 }
 
-/// Judges `text` as a complete answer to `request`, as the runner judges
-/// one: the entry point of the structured-output fuzz target.
+/// Judges `text`, a whole answer that ended with `finish_reason`, under
+/// `schema`, as the runner judges one.
 #[cfg(any(test, fuzzing))]
-pub(crate) fn judge_decomposition(
+fn judge_text<T>(
     text: &str,
-    request: &DecomposeRequest,
-) -> Result<Vec<Subtask>, Violation> {
-    let schema = OutputSchema::compile(schema::decomposition(
-        request.min_subtasks,
-        request.max_subtasks,
-        request.task.complexity,
-    ))
-    .expect("the decomposition schema is valid JSON Schema");
+    finish_reason: FinishReason,
+    max_tokens: u32,
+    schema: serde_json::Value,
+    parse: impl Fn(serde_json::Value) -> Result<T, Violation>,
+) -> Result<T, Violation> {
+    let schema = OutputSchema::compile(schema).expect("the task schemas are valid JSON Schema");
     let generation = GeneratedText {
         text: text.to_owned(),
-        backend: "fuzz",
+        backend: "judged",
         model: String::new(),
-        finish_reason: FinishReason::Stop,
+        finish_reason,
         prompt_tokens: 0,
         completion_tokens: 0,
         cached_prompt_tokens: 0,
         time_to_first_token: Duration::ZERO,
     };
-    judge(&generation, request.sampling.max_tokens, &schema, |value| {
-        decompose::parse(value, request)
-    })
+    judge(&generation, max_tokens, &schema, parse)
+}
+
+/// Judges `text` as a complete answer to `request`: the entry point of the
+/// structured-output fuzz target.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn judge_decomposition(
+    text: &str,
+    request: &DecomposeRequest,
+) -> Result<Vec<Subtask>, Violation> {
+    let schema = schema::decomposition(
+        request.min_subtasks,
+        request.max_subtasks,
+        request.task.complexity,
+    );
+    judge_text(
+        text,
+        FinishReason::Stop,
+        request.sampling.max_tokens,
+        schema,
+        |value| decompose::parse(value, request),
+    )
 }
 
 /// As [`judge_decomposition`], for an enhancement.
@@ -414,21 +431,13 @@ pub(crate) fn judge_enhancement(
     text: &str,
     request: &EnhanceRequest,
 ) -> Result<Enhancement, Violation> {
-    let schema = OutputSchema::compile(schema::enhancement(request.kind))
-        .expect("the enhancement schema is valid JSON Schema");
-    let generation = GeneratedText {
-        text: text.to_owned(),
-        backend: "fuzz",
-        model: String::new(),
-        finish_reason: FinishReason::Stop,
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        cached_prompt_tokens: 0,
-        time_to_first_token: Duration::ZERO,
-    };
-    judge(&generation, request.sampling.max_tokens, &schema, |value| {
-        enhance::parse(value, request)
-    })
+    judge_text(
+        text,
+        FinishReason::Stop,
+        request.sampling.max_tokens,
+        schema::enhancement(request.kind),
+        |value| enhance::parse(value, request),
+    )
 }
 
 /// The cache key of a reproducible request to `backend`; `None` for one
@@ -569,20 +578,13 @@ mod tests {
     /// A crafted model output, judged as the runner judges a real one.
     fn judged(text: &str, finish_reason: FinishReason) -> Result<Vec<Subtask>, Violation> {
         let request = decompose_request();
-        let schema = OutputSchema::compile(schema::decomposition(3, 4, Some(6))).unwrap();
-        let generation = GeneratedText {
-            backend: "test",
-            text: text.to_owned(),
-            model: "m".into(),
+        judge_text(
+            text,
             finish_reason,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            cached_prompt_tokens: 0,
-            time_to_first_token: Duration::ZERO,
-        };
-        judge(&generation, 256, &schema, |value| {
-            decompose::parse(value, &request)
-        })
+            256,
+            schema::decomposition(3, 4, Some(6)),
+            |value| decompose::parse(value, &request),
+        )
     }
 
     fn subtask(title: &str, depends_on: &[u32]) -> serde_json::Value {

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{GenerationRequest, Message};
+use crate::backend::{GenerationRequest, http::WireMessage};
 
 /// Longest line the worker may send; a longer one is a protocol error, not
 /// unbounded memory.
@@ -33,25 +33,12 @@ pub(super) enum Command<'a> {
     },
 }
 
-#[derive(Serialize)]
-pub(super) struct WireMessage<'a> {
-    role: &'static str,
-    content: &'a str,
-}
-
 impl<'a> Command<'a> {
     pub(super) fn generate(id: u64, request: &'a GenerationRequest) -> Self {
         let sampling = &request.sampling;
         Command::Generate {
             id,
-            messages: request
-                .messages
-                .iter()
-                .map(|Message { role, content }| WireMessage {
-                    role: role.as_str(),
-                    content,
-                })
-                .collect(),
+            messages: WireMessage::all(&request.messages),
             max_tokens: sampling.max_tokens,
             temperature: sampling.temperature,
             top_p: sampling.top_p,
@@ -119,7 +106,7 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Role, Sampling};
+    use crate::backend::{Message, Role, Sampling};
 
     #[test]
     fn a_prompt_travels_as_a_json_string_on_one_line() {
