@@ -29,6 +29,7 @@ use common::{Run, Service, grpc_run, median, peak_rss_mib, percentile, status_mi
 use futures_util::{Stream, StreamExt, future::join_all, stream};
 use plotters::prelude::*;
 use rigger_inference::{
+    app,
     backend::{
         Backend, BackendError, Capabilities, Chunk, ChunkStream, Completion, FinishReason,
         GenerationRequest, Message, ProbeReport, Role, Sampling, SchemaSupport,
@@ -40,7 +41,6 @@ use rigger_inference::{
         inference_service_client::InferenceServiceClient,
         inference_service_server::{InferenceService, InferenceServiceServer},
     },
-    server,
 };
 use serde_json::json;
 use support::{LlamaServer, config, free_port, greedy, model_path};
@@ -221,7 +221,7 @@ async fn serve_ours(backends: Vec<Arc<dyn Backend>>) -> Channel {
         "--max-queue",
         "4096",
     ]);
-    tokio::spawn(server::serve_backends(
+    tokio::spawn(app::serve_backends(
         listener,
         settings,
         backends,

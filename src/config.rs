@@ -3,8 +3,6 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::server::auth::BearerToken;
-
 use clap::{Parser, ValueEnum};
 
 /// Which backend serves requests.
@@ -265,7 +263,7 @@ pub struct Config {
     /// Bearer token every call must present (`authorization: Bearer
     /// <token>`), except calls to exempt services; unset: no authentication.
     #[arg(long, env = "RIGGER_AUTH_TOKEN", hide_env_values = true, value_parser = read_token)]
-    pub auth_token: Option<BearerToken>,
+    pub auth_token: Option<Secret>,
 
     /// File holding the bearer token (a mounted Kubernetes Secret, say),
     /// read once at startup; surrounding whitespace is ignored.
@@ -310,12 +308,31 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-fn read_token(value: &str) -> Result<BearerToken, String> {
+/// A secret setting: its `Debug` form never shows the value, so logging a
+/// configuration cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A token as given (flag, variable or file): surrounding whitespace is
+/// ignored, nothing else may be empty.
+fn read_token(value: &str) -> Result<Secret, String> {
     let token = value.trim();
     if token.is_empty() {
         return Err("the token is empty".to_owned());
     }
-    Ok(BearerToken::new(token))
+    Ok(Secret(token.to_owned()))
 }
 
 /// Where metrics are served; `None` when turned off.
@@ -342,7 +359,7 @@ impl Config {
 
     /// The bearer token calls must present: `--auth-token`, else the
     /// contents of `--auth-token-file`, else none.
-    pub fn bearer_token(&self) -> Result<Option<BearerToken>, String> {
+    pub fn bearer_token(&self) -> Result<Option<Secret>, String> {
         if let Some(token) = &self.auth_token {
             return Ok(Some(token.clone()));
         }
@@ -367,36 +384,6 @@ impl Config {
             .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     }
 
-    /// The MLX worker's settings, resolved against the cache directory.
-    pub fn mlx_worker(&self) -> crate::backend::mlx::WorkerSettings {
-        let model = self
-            .mlx_model
-            .clone()
-            .unwrap_or_else(|| self.embedded_model_path());
-        crate::backend::mlx::WorkerSettings {
-            python: self
-                .mlx_python
-                .clone()
-                .unwrap_or_else(|| cache_dir().join("venv/bin/python")),
-            model_name: self
-                .model
-                .clone()
-                .unwrap_or_else(|| crate::backend::mlx::model_name(&model)),
-            model,
-            cache_dir: cache_dir().join("mlx"),
-            max_batch: self.mlx_max_batch,
-            prefill_step: self.mlx_prefill_step,
-            blas: match &self.mlx_blas {
-                Some(path) if path.as_os_str() == "off" => None,
-                Some(path) => Some(path.clone()),
-                None => default_blas(),
-            },
-            start_timeout: self.mlx_start_timeout,
-            restart_backoff: self.mlx_restart_backoff,
-            max_restart_backoff: MLX_MAX_RESTART_BACKOFF,
-        }
-    }
-
     /// The embedded engine's threads: `--threads`, else one less than the CPUs.
     pub fn embedded_threads(&self) -> u32 {
         self.threads.unwrap_or_else(|| {
@@ -404,26 +391,6 @@ impl Config {
             cpus.saturating_sub(1).max(1)
         })
     }
-}
-
-/// Longest wait between restarts of an MLX worker that keeps dying.
-const MLX_MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
-
-/// An OpenBLAS for the MLX worker's fast path on Linux: the one setup
-/// extracts into the cache, else the system's; none elsewhere.
-fn default_blas() -> Option<PathBuf> {
-    if !cfg!(target_os = "linux") {
-        return None;
-    }
-    let triplet = format!("{}-linux-gnu", std::env::consts::ARCH);
-    [
-        cache_dir().join(format!(
-            "tools/blas/usr/lib/{triplet}/openblas-pthread/libopenblas.so.0"
-        )),
-        PathBuf::from(format!("/usr/lib/{triplet}/libopenblas.so.0")),
-    ]
-    .into_iter()
-    .find(|path| path.is_file())
 }
 
 /// Where setup puts the venv and models, as `scripts/setup-python.sh` computes it.
@@ -485,6 +452,15 @@ mod tests {
         assert!(
             Config::try_parse_from(["x", "--backends", "ollama", "--backend", "openai"]).is_err()
         );
+    }
+
+    #[test]
+    fn tokens_are_trimmed_refused_when_empty_and_never_shown() {
+        let config = Config::parse_from(["x", "--auth-token", "  s3cret \n"]);
+        let token = config.bearer_token().unwrap().expect("a token");
+        assert_eq!(token.expose(), "s3cret");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert!(Config::try_parse_from(["x", "--auth-token", "   "]).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Rust callers depend on this crate for the generated client and messages
 //! ([`proto`]) instead of copying the `.proto` files.
 
+pub mod app;
 pub mod backend;
 pub mod config;
 #[cfg(any(test, fuzzing))]

@@ -1,13 +1,13 @@
 //! The `rigger-inference` binary: parse configuration, set up logging, serve.
 
 use clap::Parser;
-use rigger_inference::{config::Config, server};
+use rigger_inference::{app, config::Config};
 
 #[tokio::main]
 async fn main() {
     let config = Config::parse();
-    server::init_tracing(config.log_format);
-    let code = match server::run(config).await {
+    app::init_tracing(config.log_format);
+    let code = match app::run(config).await {
         Ok(()) => 0,
         Err(error) => {
             tracing::error!(%error, "rigger-inference stopped");

@@ -21,7 +21,7 @@ use std::{
 use futures_util::{Stream, StreamExt, stream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, server::NamedService};
+use tonic::{Request, Response, Status};
 use tonic_health::pb::{
     HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
     health_server::Health,
@@ -29,14 +29,13 @@ use tonic_health::pb::{
 
 use crate::{
     backend::{BackendHealth, BackendRegistry, BackendSnapshot, CircuitState, GenerationCheck},
-    proto::inference_service_server::InferenceServiceServer,
+    proto::inference_service_server::SERVICE_NAME,
 };
 
 pub use tonic_health::pb::health_server::HealthServer;
 
 /// Health entry of the inference service: SERVING when requests can be served.
-pub const INFERENCE_SERVICE: &str =
-    <InferenceServiceServer<super::service::InferenceApi> as NamedService>::NAME;
+pub const INFERENCE_SERVICE: &str = SERVICE_NAME;
 
 /// Health entry mirroring one backend.
 pub fn backend_service(name: &str) -> String {

@@ -1,8 +1,10 @@
 //! The gRPC edge: the inference service, health, reflection, logging and
 //! graceful shutdown.
 //!
-//! [`serve`] takes a bound listener and a shutdown future, so `main` and the
-//! tests start the server the same way.
+//! [`serve_with`] takes a bound listener, plain [`ServerSettings`], the
+//! backends being selected and a shutdown future, so `main` and the tests
+//! start the server the same way (through `crate::app`, which builds the
+//! settings from the configuration).
 
 mod admission;
 pub mod auth;
@@ -15,13 +17,13 @@ mod status;
 mod telemetry;
 pub(crate) mod validate;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tonic::transport::{Server, ServerTlsConfig};
 
 pub use admission::{AdmissionLimits, PRIORITY_HEADER, RETRY_AFTER};
 pub use deadline::DeadlinePolicy;
@@ -31,15 +33,15 @@ use service::{Backends, Shared};
 pub use validate::{Limits, ValidationError};
 
 use crate::{
-    backend::{Backend, BackendRegistry, FailoverPolicy, GenerationCheck, SelectionError},
-    config::{Config, LogFormat},
+    backend::{BackendRegistry, GenerationCheck, SelectionError},
     proto::{self, inference_service_server::InferenceServiceServer},
-    task::{CacheSettings, TaskRunner},
+    task::TaskRunner,
 };
+pub use auth::BearerToken;
 
 /// How long open streams get to send their cancellation summary after the
 /// grace period, and the transport to close, before connections are dropped.
-const CUT_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+const CUT_FLUSH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -47,7 +49,7 @@ pub enum ServerError {
     Selection(#[from] SelectionError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
-        address: std::net::SocketAddr,
+        address: SocketAddr,
         source: std::io::Error,
     },
     #[error("gRPC transport failed: {0}")]
@@ -60,30 +62,32 @@ pub enum ServerError {
     Tls(String),
 }
 
-/// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`).
-pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+/// What the gRPC edge needs to serve, already resolved from the
+/// configuration (`crate::app` builds it).
+pub struct ServerSettings {
+    pub admission: AdmissionLimits,
+    pub deadlines: DeadlinePolicy,
+    pub limits: Limits,
+    /// EnhanceTask/DecomposeTask attempts and their result cache.
+    pub runner: TaskRunner,
+    /// Where `/metrics` is served; `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The token every call must present, except to exempt services.
+    pub auth_token: Option<BearerToken>,
+    pub auth_exempt: Vec<String>,
+    pub tls: Option<ServerTlsConfig>,
+    pub max_message_bytes: usize,
+    pub probe_interval: Duration,
+    /// Readiness by generation; `None`: readiness follows the probes only.
+    pub generation_check: Option<GenerationCheck>,
+    pub shutdown_grace: Duration,
+    /// OTLP/HTTP collector the call spans go to; `None`: no export.
+    pub otlp_endpoint: Option<String>,
+    pub otel_service_name: String,
 }
 
-/// Binds the configured address and serves until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), ServerError> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            address: config.listen,
-            source,
-        })?;
-    tracing::info!(address = %config.listen, "listening");
-    serve(listener, config, termination()).await
-}
-
-async fn termination() {
+/// Completes on SIGTERM or SIGINT.
+pub async fn termination() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -106,74 +110,31 @@ async fn termination() {
     tracing::info!("shutdown requested");
 }
 
-/// The gRPC port's TLS settings, when a certificate is configured.
-fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
-    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
-        return Ok(None);
-    };
-    let read = |path: &std::path::PathBuf| {
-        std::fs::read(path)
-            .map_err(|error| ServerError::Tls(format!("cannot read {}: {error}", path.display())))
-    };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = &config.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
-}
-
 /// Serves on `listener` until `shutdown` completes, then drains: health goes
 /// NOT_SERVING, new calls are refused, open calls get the grace period.
 ///
 /// Health and reflection answer from the start; the backends are selected
-/// (and the embedded model loaded) meanwhile, with readiness NOT_SERVING
-/// and inference calls refused with UNAVAILABLE until that is done. A
-/// selection that fails stops the server with its error.
-pub async fn serve(
+/// (and the embedded model loaded) by `selecting` meanwhile, with readiness
+/// NOT_SERVING and inference calls refused with UNAVAILABLE until that is
+/// done. A selection that fails stops the server with its error.
+pub async fn serve_with(
     listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServerError> {
-    let selecting = {
-        let config = config.clone();
-        async move { BackendRegistry::from_config(&config).await }
-    };
-    serve_selected(listener, config, selecting, shutdown).await
-}
-
-/// Serves like [`serve`], with `backends` (in failover order) instead of
-/// those the configuration selects: for benchmarks and for programs that
-/// embed the service with a runtime of their own.
-pub async fn serve_backends(
-    listener: TcpListener,
-    config: Config,
-    backends: Vec<Arc<dyn Backend>>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServerError> {
-    let registry = BackendRegistry::new(
-        backends,
-        config.probe_timeout,
-        FailoverPolicy::from_config(&config),
-    );
-    serve_selected(listener, config, async { Ok(registry) }, shutdown).await
-}
-
-async fn serve_selected(
-    listener: TcpListener,
-    config: Config,
+    settings: ServerSettings,
     selecting: impl Future<Output = Result<BackendRegistry, SelectionError>> + Send,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let (spans, exporting) = match &config.otlp_endpoint {
+    let (spans, exporting) = match &settings.otlp_endpoint {
         Some(endpoint) => {
             tracing::info!(endpoint, "exporting call spans over OTLP/HTTP");
             let (spans, task) =
-                telemetry::SpanExport::start(endpoint, config.otel_service_name.clone());
+                telemetry::SpanExport::start(endpoint, settings.otel_service_name.clone());
             (Some(spans), Some(task))
         }
         None => (None, None),
     };
-    let served = serve_calls(listener, config, selecting, shutdown, spans).await;
+    let served = Edge::new(settings, spans)
+        .serve(listener, selecting, shutdown)
+        .await;
     // The exporter sends what is left once the last call let go of it.
     if let Some(task) = exporting {
         let _ = tokio::time::timeout(CUT_FLUSH, task).await;
@@ -181,179 +142,203 @@ async fn serve_selected(
     served
 }
 
-async fn serve_calls(
-    listener: TcpListener,
-    config: Config,
-    selecting: impl Future<Output = Result<BackendRegistry, SelectionError>> + Send,
-    shutdown: impl Future<Output = ()> + Send,
+/// The gRPC edge of one server and the state its services share: built
+/// before the backends exist, so health and reflection answer at once.
+struct Edge {
+    settings: ServerSettings,
+    board: Arc<health::HealthBoard>,
+    /// Set once the backends are selected.
+    backends: Backends,
+    drain: drain::Drain,
+    admission: Arc<admission::Admission>,
+    metrics: Arc<Metrics>,
     spans: Option<Arc<telemetry::SpanExport>>,
-) -> Result<(), ServerError> {
-    let selecting = async move { selecting.await.map(Arc::new) };
-    tokio::pin!(shutdown);
-    let board = health::HealthBoard::starting();
-    let backends: Backends = Arc::default();
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let drain = drain::Drain::default();
-    let admission = admission::Admission::new(AdmissionLimits {
-        max_in_flight: config.admitted_generations(),
-        max_queue: config.max_queue,
-    });
-    let runner = TaskRunner::new(
-        config.task_attempts,
-        CacheSettings {
-            entries: config.task_cache_entries,
-            ttl: config.task_cache_ttl,
-        },
-    );
-    let metrics = Arc::new(Metrics::default());
-    // Stops the metrics endpoint whichever way this function returns.
-    let _stop_metrics = match config.metrics_listen.0 {
-        Some(address) => {
-            let listener = TcpListener::bind(address)
-                .await
-                .map_err(|source| ServerError::Bind { address, source })?;
-            tracing::info!(%address, "serving metrics at /metrics");
-            let render = {
-                let (metrics, admission, backends, runner) = (
-                    metrics.clone(),
-                    admission.clone(),
-                    backends.clone(),
-                    runner.clone(),
-                );
-                Arc::new(move || {
-                    metrics.render(&Snapshot {
-                        admission: admission.stats(),
-                        backends: backends
-                            .get()
-                            .map(|registry| registry.snapshots())
-                            .unwrap_or_default(),
-                        caches: runner.cache_stats(),
-                    })
-                })
-            };
-            let stop = CancellationToken::new();
-            tokio::spawn(metrics::serve(listener, render, stop.clone()));
-            Some(stop.drop_guard())
+}
+
+impl Edge {
+    fn new(settings: ServerSettings, spans: Option<Arc<telemetry::SpanExport>>) -> Self {
+        Self {
+            board: health::HealthBoard::starting(),
+            backends: Arc::default(),
+            drain: drain::Drain::default(),
+            admission: admission::Admission::new(settings.admission),
+            metrics: Arc::new(Metrics::default()),
+            spans,
+            settings,
         }
-        None => None,
-    };
-    let api = InferenceApi::new(Shared {
-        registry: backends.clone(),
-        deadlines: DeadlinePolicy {
-            default: config.default_deadline,
-            max: config.max_deadline,
-        },
-        admission,
-        runner,
-        limits: Limits {
-            default_max_tokens: config.default_max_tokens,
-            task_max_tokens: config.task_max_tokens,
-            max_tokens_limit: config.max_tokens_limit,
-            max_prompt_bytes: config.max_prompt_bytes,
-        },
-        drain: drain.clone(),
-        metrics,
-        spans,
-    });
-    let token = config.bearer_token().map_err(ServerError::Auth)?;
-    let exempt = &config.auth_exempt;
-    let stop_transport = CancellationToken::new();
-    let mut builder = Server::builder();
-    if let Some(tls) = tls_config(&config)? {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|error| ServerError::Tls(error.to_string()))?;
     }
-    let server = builder
-        .add_service(auth::guarded(
-            health::HealthServer::from_arc(board.clone()),
-            token.as_ref(),
-            exempt,
-        ))
-        .add_service(auth::guarded(
-            reflection().build_v1()?,
-            token.as_ref(),
-            exempt,
-        ))
-        .add_service(auth::guarded(
-            reflection().build_v1alpha()?,
-            token.as_ref(),
-            exempt,
-        ))
-        .add_service(auth::guarded(
-            InferenceServiceServer::new(api).max_decoding_message_size(config.max_message_bytes),
-            token.as_ref(),
-            exempt,
-        ))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener).map(|connection| {
-                connection.inspect(|stream| {
-                    if let Err(error) = stream.set_nodelay(true) {
-                        tracing::warn!(%error, "cannot turn off Nagle's algorithm");
-                    }
-                })
-            }),
-            stop_transport.clone().cancelled_owned(),
-        );
-    tokio::pin!(server);
 
-    let selected = tokio::select! {
-        result = &mut server => return result.map_err(ServerError::from),
-        () = &mut shutdown => None,
-        selected = selecting => Some(selected),
-    };
-    let registry = match selected {
-        Some(Ok(registry)) => registry,
-        unfinished => {
-            board.shutting_down();
-            stop_transport.cancel();
-            let _ = tokio::time::timeout(CUT_FLUSH, &mut server).await;
-            return match unfinished {
-                Some(Err(error)) => Err(error.into()),
-                _ => Ok(()),
-            };
-        }
-    };
-    board.register(&registry);
-    let _ = backends.set(registry.clone());
-    let stop_probing = CancellationToken::new();
-    let generation_check =
-        (!config.readiness_generation_interval.is_zero()).then_some(GenerationCheck {
-            interval: config.readiness_generation_interval,
-            timeout: config.readiness_generation_timeout,
-        });
-    let prober = tokio::spawn(health::probe_until(
-        registry,
-        board.clone(),
-        config.probe_interval,
-        generation_check,
-        stop_probing.clone(),
-    ));
+    /// Serves until `shutdown`: the transport starts at once, the backends
+    /// join when `selecting` is done, and the drain runs at the end.
+    async fn serve(
+        self,
+        listener: TcpListener,
+        selecting: impl Future<Output = Result<BackendRegistry, SelectionError>> + Send,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        tokio::pin!(shutdown);
+        // Stops the metrics endpoint whichever way this function returns.
+        let _stop_metrics = self.serve_metrics().await?;
+        let stop_transport = CancellationToken::new();
+        let server = self.transport(listener, stop_transport.clone())?;
+        tokio::pin!(server);
 
-    tokio::select! {
-        result = &mut server => {
-            stop_probing.cancel();
+        let selected = tokio::select! {
+            result = &mut server => return result.map_err(ServerError::from),
+            () = &mut shutdown => None,
+            selected = selecting => Some(selected),
+        };
+        let registry = match selected {
+            Some(Ok(registry)) => Arc::new(registry),
+            unfinished => {
+                self.board.shutting_down();
+                stop_transport.cancel();
+                let _ = tokio::time::timeout(CUT_FLUSH, &mut server).await;
+                return match unfinished {
+                    Some(Err(error)) => Err(error.into()),
+                    _ => Ok(()),
+                };
+            }
+        };
+        let prober = self.start_backends(registry);
+        let failed = tokio::select! {
+            result = &mut server => Some(result),
+            () = &mut shutdown => None,
+        };
+        prober.stop().await;
+        if let Some(result) = failed {
             return result.map_err(ServerError::from);
         }
-        () = &mut shutdown => {}
+        self.board.shutting_down();
+        tracing::info!(grace = ?self.settings.shutdown_grace, "draining open calls");
+        // The transport keeps accepting meanwhile, so late callers get a
+        // clear UNAVAILABLE rather than a connection refused.
+        tokio::select! {
+            result = &mut server => return result.map_err(ServerError::from),
+            () = self.drain.run(self.settings.shutdown_grace, CUT_FLUSH) => {}
+        }
+        stop_transport.cancel();
+        match tokio::time::timeout(CUT_FLUSH, &mut server).await {
+            Ok(result) => result.map_err(ServerError::from),
+            Err(_) => Ok(()),
+        }
     }
-    stop_probing.cancel();
-    let _ = prober.await;
-    board.shutting_down();
-    tracing::info!(grace = ?config.shutdown_grace, "draining open calls");
-    // The transport keeps accepting meanwhile, so late callers get a clear
-    // UNAVAILABLE rather than a connection refused.
-    tokio::select! {
-        result = &mut server => return result.map_err(ServerError::from),
-        () = drain.run(config.shutdown_grace, CUT_FLUSH) => {}
+
+    /// Starts `/metrics` when configured; dropping the guard stops it.
+    async fn serve_metrics(&self) -> Result<Option<DropGuard>, ServerError> {
+        let Some(address) = self.settings.metrics_listen else {
+            return Ok(None);
+        };
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| ServerError::Bind { address, source })?;
+        tracing::info!(%address, "serving metrics at /metrics");
+        let (metrics, admission, backends, runner) = (
+            self.metrics.clone(),
+            self.admission.clone(),
+            self.backends.clone(),
+            self.settings.runner.clone(),
+        );
+        let render = Arc::new(move || {
+            metrics.render(&Snapshot {
+                admission: admission.stats(),
+                backends: backends
+                    .get()
+                    .map(|registry| registry.snapshots())
+                    .unwrap_or_default(),
+                caches: runner.cache_stats(),
+            })
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(metrics::serve(listener, render, stop.clone()));
+        Ok(Some(stop.drop_guard()))
     }
-    stop_transport.cancel();
-    match tokio::time::timeout(CUT_FLUSH, &mut server).await {
-        Ok(result) => result.map_err(ServerError::from),
-        Err(_) => Ok(()),
+
+    /// The inference service's handlers, over what the edge shares.
+    fn api(&self) -> InferenceApi {
+        InferenceApi::new(Shared {
+            registry: self.backends.clone(),
+            deadlines: self.settings.deadlines,
+            admission: self.admission.clone(),
+            runner: self.settings.runner.clone(),
+            limits: self.settings.limits,
+            drain: self.drain.clone(),
+            metrics: self.metrics.clone(),
+            spans: self.spans.clone(),
+        })
+    }
+
+    /// The transport with every service behind its auth guard, accepting
+    /// from `listener` until `stop`.
+    fn transport(
+        &self,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> Result<impl Future<Output = Result<(), tonic::transport::Error>> + use<>, ServerError>
+    {
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let token = self.settings.auth_token.as_ref();
+        let exempt = &self.settings.auth_exempt;
+        let mut builder = Server::builder();
+        if let Some(tls) = self.settings.tls.clone() {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|error| ServerError::Tls(error.to_string()))?;
+        }
+        let incoming = TcpListenerStream::new(listener).map(|connection| {
+            connection.inspect(|stream| {
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::warn!(%error, "cannot turn off Nagle's algorithm");
+                }
+            })
+        });
+        Ok(builder
+            .add_service(auth::guarded(
+                health::HealthServer::from_arc(self.board.clone()),
+                token,
+                exempt,
+            ))
+            .add_service(auth::guarded(reflection().build_v1()?, token, exempt))
+            .add_service(auth::guarded(reflection().build_v1alpha()?, token, exempt))
+            .add_service(auth::guarded(
+                InferenceServiceServer::new(self.api())
+                    .max_decoding_message_size(self.settings.max_message_bytes),
+                token,
+                exempt,
+            ))
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()))
+    }
+
+    /// Hands the selected backends to the services and health, and starts
+    /// probing them.
+    fn start_backends(&self, registry: Arc<BackendRegistry>) -> Prober {
+        self.board.register(&registry);
+        let _ = self.backends.set(registry.clone());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(health::probe_until(
+            registry,
+            self.board.clone(),
+            self.settings.probe_interval,
+            self.settings.generation_check,
+            stop.clone(),
+        ));
+        Prober { stop, task }
+    }
+}
+
+/// The background prober of the selected backends.
+struct Prober {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Prober {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
     }
 }

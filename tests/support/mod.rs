@@ -221,7 +221,7 @@ impl TestServer {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
         let (shutdown, stop) = oneshot::channel();
-        let handle = tokio::spawn(rigger_inference::server::serve(listener, config, async {
+        let handle = tokio::spawn(rigger_inference::app::serve(listener, config, async {
             let _ = stop.await;
         }));
         Self {

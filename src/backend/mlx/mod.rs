@@ -5,16 +5,18 @@
 //! output with llguidance. Prompts reach it only as JSON data on stdin.
 //! The worker process is supervised and restarted when it dies (`worker`).
 
+mod detect;
 mod protocol;
 mod worker;
 
-use std::{path::PathBuf, sync::Arc};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::DropGuard;
 
+pub use detect::preferred;
 pub use worker::{WorkerInfo, WorkerSettings, WorkerState};
 
 use self::{protocol::Command, worker::Supervisor};
@@ -153,9 +155,4 @@ impl Backend for MlxBackend {
             },
         )))
     }
-}
-
-/// Where `make` keeps converted models and the worker's caches.
-pub fn default_cache_dir() -> PathBuf {
-    crate::config::cache_dir().join("mlx")
 }

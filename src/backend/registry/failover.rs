@@ -26,19 +26,6 @@ pub struct FailoverPolicy {
     pub backoff: Duration,
 }
 
-impl FailoverPolicy {
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        Self {
-            breaker: BreakerPolicy {
-                failures: config.breaker_failures,
-                cooldown: config.breaker_cooldown,
-            },
-            retries: config.retries,
-            backoff: config.retry_backoff,
-        }
-    }
-}
-
 /// Backends a call has tried, in order.
 #[derive(Clone, Default)]
 struct Tried(Vec<usize>);

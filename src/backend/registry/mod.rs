@@ -1,10 +1,8 @@
-//! The configured backends, which one is active, and what the last health
-//! probe of each said. `auto` selection follows the Rigger research's order:
-//! explicit choice, then (once it exists) MLX on Apple Silicon, then Ollama
-//! when reachable, then a configured OpenAI-compatible server when reachable,
-//! then the embedded engine, loaded only when chosen. `--backends` gives the
-//! order explicitly; calls fail over along it (`failover`), each backend
-//! behind its own circuit breaker (`breaker`).
+//! The backends in failover order, which one is active, and what the last
+//! health probe of each said. Which backends there are, and in what order,
+//! is decided where the service is built (`crate::app`); calls fail over
+//! along that order (`failover`), each backend behind its own circuit
+//! breaker (`breaker`).
 
 mod breaker;
 mod failover;
@@ -26,13 +24,8 @@ pub use failover::FailoverPolicy;
 
 use super::{
     Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, Message,
-    ProbeReport, Role, Sampling,
-    embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape, LoadError},
-    mlx::MlxBackend,
-    ollama::{OllamaBackend, OllamaSettings},
-    openai::{OpenAiBackend, OpenAiSettings},
+    ProbeReport, Role, Sampling, embedded::LoadError,
 };
-use crate::config::{BackendChoice, Config};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SelectionError {
@@ -194,23 +187,6 @@ pub struct GenerationCheck {
     pub timeout: Duration,
 }
 
-async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, LoadError> {
-    let backend = EmbeddedBackend::load(EmbeddedSettings {
-        model_path: config.embedded_model_path(),
-        model_name: config.model.clone(),
-        shape: EngineShape {
-            parallel: config.parallel,
-            ctx_per_sequence: config.ctx_per_sequence,
-            batch_tokens: config.batch_tokens,
-            threads: config.embedded_threads() as i32,
-            flash_attention: config.flash_attention,
-        },
-        queue: config.queue,
-    })
-    .await?;
-    Ok(Arc::new(backend))
-}
-
 /// The backends in failover order, shared with the streams they serve.
 struct Pool {
     entries: Vec<Entry>,
@@ -274,99 +250,6 @@ pub struct BackendRegistry {
 }
 
 impl BackendRegistry {
-    /// Builds the configured backends in failover order; `auto` probes the
-    /// candidates first and loads the embedded engine only when none answers.
-    pub async fn from_config(config: &Config) -> Result<Self, SelectionError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.backend_idle_timeout)
-            .tcp_nodelay(true)
-            .build()?;
-        let ollama: Arc<dyn Backend> = Arc::new(OllamaBackend::new(
-            client.clone(),
-            OllamaSettings {
-                host: config.ollama_host.clone(),
-                model: config.model.clone(),
-                keep_alive: config.ollama_keep_alive.clone(),
-                probe_timeout: config.probe_timeout,
-            },
-        ));
-        let openai: Option<Arc<dyn Backend>> = config.openai_base_url.as_ref().map(|url| {
-            Arc::new(OpenAiBackend::new(
-                client.clone(),
-                OpenAiSettings {
-                    base_url: url.clone(),
-                    api_key: config.openai_api_key.clone(),
-                    model: config.model.clone(),
-                    probe_timeout: config.probe_timeout,
-                },
-            )) as Arc<dyn Backend>
-        });
-        let policy = FailoverPolicy::from_config(config);
-        let mut skipped = Vec::new();
-        let order = match (config.backend, config.backends.as_slice()) {
-            (BackendChoice::Auto, []) => {
-                let mlx = match mlx_preferred(config).await {
-                    Ok(()) => match load_mlx(config).await {
-                        Ok(mlx) => Some(mlx),
-                        Err(error) => {
-                            tracing::warn!(%error, "MLX skipped");
-                            skipped.push(("mlx", error.to_string()));
-                            None
-                        }
-                    },
-                    Err(reason) => {
-                        tracing::info!(%reason, "MLX skipped");
-                        skipped.push(("mlx", reason));
-                        None
-                    }
-                };
-                let candidates: Vec<Arc<dyn Backend>> =
-                    mlx.into_iter().chain([ollama]).chain(openai).collect();
-                let probed = Self::new(candidates.clone(), config.probe_timeout, policy);
-                let snapshots = probed.probe_all().await;
-                if snapshots.iter().any(BackendSnapshot::serving) {
-                    candidates
-                } else {
-                    match load_embedded(config).await {
-                        Ok(embedded) => candidates.into_iter().chain([embedded]).collect(),
-                        Err(error) => {
-                            tracing::warn!(%error, "no runtime answers and the embedded engine cannot start");
-                            candidates
-                        }
-                    }
-                }
-            }
-            (single, []) => vec![build(single, config, &ollama, &openai).await?],
-            (_, listed) => {
-                let mut order: Vec<Arc<dyn Backend>> = Vec::with_capacity(listed.len());
-                for choice in listed {
-                    let backend = build(*choice, config, &ollama, &openai).await?;
-                    if order.iter().any(|earlier| earlier.name() == backend.name()) {
-                        return Err(SelectionError::Repeated(backend.name()));
-                    }
-                    order.push(backend);
-                }
-                order
-            }
-        };
-        let mut registry = Self::new(order, config.probe_timeout, policy);
-        registry.skipped = skipped;
-        // Start from the state of every backend, so a freshly loaded engine
-        // is ready at once.
-        let snapshots = registry.probe_all().await;
-        for snapshot in &snapshots {
-            tracing::info!(
-                backend = snapshot.name,
-                endpoint = %snapshot.endpoint,
-                health = ?snapshot.health,
-                active = snapshot.active,
-                "backend configured"
-            );
-        }
-        Ok(registry)
-    }
-
     /// A registry over `backends`, in failover order.
     pub fn new(
         backends: Vec<Arc<dyn Backend>>,
@@ -387,6 +270,13 @@ impl BackendRegistry {
             probe_timeout,
             skipped: Vec::new(),
         }
+    }
+
+    /// The registry, noting the backends `auto` considered and left out,
+    /// with the reason.
+    pub fn with_skipped(mut self, skipped: Vec<(&'static str, String)>) -> Self {
+        self.skipped = skipped;
+        self
     }
 
     /// Backends `auto` considered and left out, with the reason.
@@ -520,70 +410,6 @@ impl Backend for BackendRegistry {
         self.pool.clone().route(request).await
     }
 }
-
-/// The backend named by `choice`, built (or loaded) now.
-async fn build(
-    choice: BackendChoice,
-    config: &Config,
-    ollama: &Arc<dyn Backend>,
-    openai: &Option<Arc<dyn Backend>>,
-) -> Result<Arc<dyn Backend>, SelectionError> {
-    match choice {
-        BackendChoice::Auto => Err(SelectionError::AutoInList),
-        BackendChoice::Ollama => Ok(ollama.clone()),
-        BackendChoice::Openai => openai.clone().ok_or(SelectionError::OpenAiWithoutUrl),
-        BackendChoice::Embedded => Ok(load_embedded(config).await?),
-        BackendChoice::Mlx => load_mlx(config).await,
-    }
-}
-
-async fn load_mlx(config: &Config) -> Result<Arc<dyn Backend>, SelectionError> {
-    let backend = MlxBackend::start(config.mlx_worker())
-        .await
-        .map_err(SelectionError::Mlx)?;
-    if let Some(worker) = backend.worker() {
-        tracing::info!(
-            model = %worker.model,
-            device = %worker.device,
-            fast_path = worker.fast_path,
-            "MLX worker serving"
-        );
-    }
-    Ok(Arc::new(backend))
-}
-
-/// Whether `auto` should try MLX here, or why not: on Apple Silicon when
-/// mlx-lm imports; elsewhere only with an accelerated (CUDA) MLX build,
-/// since MLX's CPU build is about ten times slower than llama.cpp on the
-/// same CPU.
-async fn mlx_preferred(config: &Config) -> Result<(), String> {
-    let python = config.mlx_worker().python;
-    let apple_silicon = cfg!(all(target_os = "macos", target_arch = "aarch64"));
-    let check = if apple_silicon {
-        "import mlx_lm"
-    } else {
-        "import mlx.core as mx, mlx_lm; raise SystemExit(0 if mx.cuda.is_available() else 3)"
-    };
-    let status = tokio::process::Command::new(&python)
-        .args(["-c", check])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .status();
-    match tokio::time::timeout(MLX_CHECK_TIMEOUT, status).await {
-        Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) if status.code() == Some(3) => Err(
-            "MLX here has no accelerator (its Linux CPU build is ~10x slower than llama.cpp); INFERENCE_BACKEND=mlx uses it anyway".to_owned(),
-        ),
-        Ok(Ok(_)) => Err(format!("mlx-lm does not import with {}", python.display())),
-        Ok(Err(error)) => Err(format!("cannot run {}: {error}", python.display())),
-        Err(_) => Err(format!("importing mlx-lm took over {MLX_CHECK_TIMEOUT:?}")),
-    }
-}
-
-/// How long `auto` waits for Python to say whether MLX can be used.
-const MLX_CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One greedy token from the backend's default model, read to its end.
 async fn test_generation(backend: &dyn Backend) -> Result<(), BackendError> {

@@ -1,0 +1,376 @@
+//! Building the service from its configuration: the one place that reads a
+//! [`Config`] and turns it into what each layer takes — the backends and
+//! their failover order, circuit and retry policies, the MLX worker's
+//! settings, authentication, TLS and the gRPC edge's limits. Backends, the
+//! registry and the server know plain settings only, never `Config`.
+//!
+//! `auto` follows the Rigger research's order: MLX where it is accelerated
+//! (Apple Silicon, or a CUDA build) and mlx-lm imports, then Ollama when
+//! reachable, then a configured OpenAI-compatible server when reachable,
+//! then the embedded engine, loaded only when nothing else answers.
+
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::{
+    backend::{
+        Backend, BackendRegistry, BackendSnapshot, BreakerPolicy, FailoverPolicy, GenerationCheck,
+        SelectionError,
+        embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape},
+        mlx::{self, MlxBackend, WorkerSettings},
+        ollama::{OllamaBackend, OllamaSettings},
+        openai::{OpenAiBackend, OpenAiSettings},
+    },
+    config::{BackendChoice, Config, LogFormat, cache_dir},
+    server::{
+        self, AdmissionLimits, DeadlinePolicy, Limits, ServerError, ServerSettings,
+        auth::BearerToken,
+    },
+    task::{CacheSettings, TaskRunner},
+};
+
+/// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Longest wait between restarts of an MLX worker that keeps dying.
+const MLX_MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Binds the configured address and serves until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            address: config.listen,
+            source,
+        })?;
+    tracing::info!(address = %config.listen, "listening");
+    serve(listener, config, server::termination()).await
+}
+
+/// Serves on `listener` with the backends the configuration selects, until
+/// `shutdown` completes (see [`server::serve_with`]).
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let settings = server_settings(&config)?;
+    let selecting = async move { select_backends(&config).await };
+    server::serve_with(listener, settings, selecting, shutdown).await
+}
+
+/// Serves like [`serve`], with `backends` (in failover order) instead of
+/// those the configuration selects: for tests, benchmarks and programs that
+/// embed the service with a runtime of their own.
+pub async fn serve_backends(
+    listener: TcpListener,
+    config: Config,
+    backends: Vec<Arc<dyn Backend>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let settings = server_settings(&config)?;
+    let registry = BackendRegistry::new(backends, config.probe_timeout, failover_policy(&config));
+    server::serve_with(listener, settings, async { Ok(registry) }, shutdown).await
+}
+
+/// Everything the gRPC edge needs, from the configuration.
+pub fn server_settings(config: &Config) -> Result<ServerSettings, ServerError> {
+    let token = config.bearer_token().map_err(ServerError::Auth)?;
+    Ok(ServerSettings {
+        admission: AdmissionLimits {
+            max_in_flight: config.admitted_generations(),
+            max_queue: config.max_queue,
+        },
+        deadlines: DeadlinePolicy {
+            default: config.default_deadline,
+            max: config.max_deadline,
+        },
+        limits: Limits {
+            default_max_tokens: config.default_max_tokens,
+            task_max_tokens: config.task_max_tokens,
+            max_prompt_bytes: config.max_prompt_bytes,
+            max_tokens_limit: config.max_tokens_limit,
+        },
+        runner: TaskRunner::new(
+            config.task_attempts,
+            CacheSettings {
+                entries: config.task_cache_entries,
+                ttl: config.task_cache_ttl,
+            },
+        ),
+        metrics_listen: config.metrics_listen.0,
+        auth_token: token.map(|secret| BearerToken::new(secret.expose())),
+        auth_exempt: config.auth_exempt.clone(),
+        tls: tls(config)?,
+        max_message_bytes: config.max_message_bytes,
+        probe_interval: config.probe_interval,
+        generation_check: (!config.readiness_generation_interval.is_zero()).then_some(
+            GenerationCheck {
+                interval: config.readiness_generation_interval,
+                timeout: config.readiness_generation_timeout,
+            },
+        ),
+        shutdown_grace: config.shutdown_grace,
+        otlp_endpoint: config.otlp_endpoint.clone(),
+        otel_service_name: config.otel_service_name.clone(),
+    })
+}
+
+/// The gRPC port's TLS settings, when a certificate is configured.
+fn tls(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &PathBuf| {
+        std::fs::read(path)
+            .map_err(|error| ServerError::Tls(format!("cannot read {}: {error}", path.display())))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
+/// How calls move between backends.
+pub fn failover_policy(config: &Config) -> FailoverPolicy {
+    FailoverPolicy {
+        breaker: BreakerPolicy {
+            failures: config.breaker_failures,
+            cooldown: config.breaker_cooldown,
+        },
+        retries: config.retries,
+        backoff: config.retry_backoff,
+    }
+}
+
+/// The configured backends in failover order, built (and loaded) now, each
+/// probed once so a freshly loaded engine is ready at once.
+pub async fn select_backends(config: &Config) -> Result<BackendRegistry, SelectionError> {
+    let candidates = HttpBackends::new(config)?;
+    let (order, skipped) = match (config.backend, config.backends.as_slice()) {
+        (BackendChoice::Auto, []) => auto_order(config, candidates).await,
+        (single, []) => (vec![candidates.build(single, config).await?], Vec::new()),
+        (_, listed) => (listed_order(config, &candidates, listed).await?, Vec::new()),
+    };
+    let registry = BackendRegistry::new(order, config.probe_timeout, failover_policy(config))
+        .with_skipped(skipped);
+    for snapshot in registry.probe_all().await {
+        tracing::info!(
+            backend = snapshot.name,
+            endpoint = %snapshot.endpoint,
+            health = ?snapshot.health,
+            active = snapshot.active,
+            "backend configured"
+        );
+    }
+    Ok(registry)
+}
+
+/// The backends reached over HTTP, which cost nothing to build: Ollama
+/// always (at its default address unless configured), the OpenAI-compatible
+/// server when its URL is set.
+struct HttpBackends {
+    ollama: Arc<dyn Backend>,
+    openai: Option<Arc<dyn Backend>>,
+}
+
+impl HttpBackends {
+    fn new(config: &Config) -> Result<Self, SelectionError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.backend_idle_timeout)
+            .tcp_nodelay(true)
+            .build()?;
+        let ollama = Arc::new(OllamaBackend::new(
+            client.clone(),
+            OllamaSettings {
+                host: config.ollama_host.clone(),
+                model: config.model.clone(),
+                keep_alive: config.ollama_keep_alive.clone(),
+                probe_timeout: config.probe_timeout,
+            },
+        ));
+        let openai = config.openai_base_url.as_ref().map(|url| {
+            Arc::new(OpenAiBackend::new(
+                client.clone(),
+                OpenAiSettings {
+                    base_url: url.clone(),
+                    api_key: config.openai_api_key.clone(),
+                    model: config.model.clone(),
+                    probe_timeout: config.probe_timeout,
+                },
+            )) as Arc<dyn Backend>
+        });
+        Ok(Self { ollama, openai })
+    }
+
+    /// The backend named by `choice`, built (or loaded) now.
+    async fn build(
+        &self,
+        choice: BackendChoice,
+        config: &Config,
+    ) -> Result<Arc<dyn Backend>, SelectionError> {
+        match choice {
+            BackendChoice::Auto => Err(SelectionError::AutoInList),
+            BackendChoice::Ollama => Ok(self.ollama.clone()),
+            BackendChoice::Openai => self.openai.clone().ok_or(SelectionError::OpenAiWithoutUrl),
+            BackendChoice::Embedded => load_embedded(config).await,
+            BackendChoice::Mlx => load_mlx(config).await,
+        }
+    }
+}
+
+/// `--backends`: each listed backend, in order, once.
+async fn listed_order(
+    config: &Config,
+    candidates: &HttpBackends,
+    listed: &[BackendChoice],
+) -> Result<Vec<Arc<dyn Backend>>, SelectionError> {
+    let mut order: Vec<Arc<dyn Backend>> = Vec::with_capacity(listed.len());
+    for choice in listed {
+        let backend = candidates.build(*choice, config).await?;
+        if order.iter().any(|earlier| earlier.name() == backend.name()) {
+            return Err(SelectionError::Repeated(backend.name()));
+        }
+        order.push(backend);
+    }
+    Ok(order)
+}
+
+/// `auto`: MLX where preferred, Ollama, the OpenAI-compatible server, and
+/// the embedded engine only when none of those answers a probe. Returns the
+/// order and the backends left out, with the reason.
+async fn auto_order(
+    config: &Config,
+    candidates: HttpBackends,
+) -> (Vec<Arc<dyn Backend>>, Vec<(&'static str, String)>) {
+    let mut skipped = Vec::new();
+    let mlx = match auto_mlx(config).await {
+        Ok(mlx) => Some(mlx),
+        Err(reason) => {
+            tracing::info!(%reason, "MLX skipped");
+            skipped.push(("mlx", reason));
+            None
+        }
+    };
+    let order: Vec<Arc<dyn Backend>> = mlx
+        .into_iter()
+        .chain([candidates.ollama])
+        .chain(candidates.openai)
+        .collect();
+    let probed = BackendRegistry::new(order.clone(), config.probe_timeout, failover_policy(config));
+    if probed
+        .probe_all()
+        .await
+        .iter()
+        .any(BackendSnapshot::serving)
+    {
+        return (order, skipped);
+    }
+    match load_embedded(config).await {
+        Ok(embedded) => (order.into_iter().chain([embedded]).collect(), skipped),
+        Err(error) => {
+            tracing::warn!(%error, "no runtime answers and the embedded engine cannot start");
+            (order, skipped)
+        }
+    }
+}
+
+/// The MLX backend when `auto` should use it here, else why not.
+async fn auto_mlx(config: &Config) -> Result<Arc<dyn Backend>, String> {
+    mlx::preferred(&mlx_worker(config).python).await?;
+    load_mlx(config).await.map_err(|error| {
+        tracing::warn!(%error, "MLX preferred here but cannot start");
+        error.to_string()
+    })
+}
+
+async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, SelectionError> {
+    let backend = EmbeddedBackend::load(EmbeddedSettings {
+        model_path: config.embedded_model_path(),
+        model_name: config.model.clone(),
+        shape: EngineShape {
+            parallel: config.parallel,
+            ctx_per_sequence: config.ctx_per_sequence,
+            batch_tokens: config.batch_tokens,
+            threads: config.embedded_threads() as i32,
+            flash_attention: config.flash_attention,
+        },
+        queue: config.queue,
+    })
+    .await?;
+    Ok(Arc::new(backend))
+}
+
+async fn load_mlx(config: &Config) -> Result<Arc<dyn Backend>, SelectionError> {
+    let backend = MlxBackend::start(mlx_worker(config))
+        .await
+        .map_err(SelectionError::Mlx)?;
+    if let Some(worker) = backend.worker() {
+        tracing::info!(
+            model = %worker.model,
+            device = %worker.device,
+            fast_path = worker.fast_path,
+            "MLX worker serving"
+        );
+    }
+    Ok(Arc::new(backend))
+}
+
+/// The MLX worker's settings, resolved against the cache directory.
+pub fn mlx_worker(config: &Config) -> WorkerSettings {
+    let model = config
+        .mlx_model
+        .clone()
+        .unwrap_or_else(|| config.embedded_model_path());
+    WorkerSettings {
+        python: config
+            .mlx_python
+            .clone()
+            .unwrap_or_else(|| cache_dir().join("venv/bin/python")),
+        model_name: config
+            .model
+            .clone()
+            .unwrap_or_else(|| mlx::model_name(&model)),
+        model,
+        cache_dir: cache_dir().join("mlx"),
+        max_batch: config.mlx_max_batch,
+        prefill_step: config.mlx_prefill_step,
+        blas: match &config.mlx_blas {
+            Some(path) if path.as_os_str() == "off" => None,
+            Some(path) => Some(path.clone()),
+            None => default_blas(),
+        },
+        start_timeout: config.mlx_start_timeout,
+        restart_backoff: config.mlx_restart_backoff,
+        max_restart_backoff: MLX_MAX_RESTART_BACKOFF,
+    }
+}
+
+/// An OpenBLAS for the MLX worker's fast path on Linux: the one setup
+/// extracts into the cache, else the system's; none elsewhere.
+fn default_blas() -> Option<PathBuf> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    let triplet = format!("{}-linux-gnu", std::env::consts::ARCH);
+    [
+        cache_dir().join(format!(
+            "tools/blas/usr/lib/{triplet}/openblas-pthread/libopenblas.so.0"
+        )),
+        PathBuf::from(format!("/usr/lib/{triplet}/libopenblas.so.0")),
+    ]
+    .into_iter()
+    .find(|path| path.is_file())
+}
