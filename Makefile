@@ -8,6 +8,14 @@ SHELL := /bin/bash
 export RIGGER_CACHE_DIR ?= $(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/rigger-inference
 # cmake and libclang for llama.cpp's build, from scripts/setup-build.sh.
 CARGO := source "$(RIGGER_CACHE_DIR)/build.env" && cargo
+# Cargo with clippy-driver as the compiler of this crate (what `cargo clippy`
+# does, but in build mode): lints and test binaries come from one
+# compilation. A `cargo clippy` pass (check mode) builds the dependencies'
+# build scripts apart from a test build's, so llama.cpp would be compiled
+# twice; CLIPPY_ARGS is how cargo-clippy hands its flags to the driver.
+CARGO_LINTED := source "$(RIGGER_CACHE_DIR)/build.env" \
+	&& RUSTC_WORKSPACE_WRAPPER="$$(rustc --print sysroot)/bin/clippy-driver" \
+	CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" cargo
 
 .PHONY: run test setup lint bench bench-kit bench-mlx eval fuzz
 
@@ -26,8 +34,14 @@ lint: setup
 	$(CARGO) clippy --locked -- -D warnings
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-test: setup lint
-	$(CARGO) test --locked --lib --bins --tests
+# One compilation for lints and tests (see CARGO_LINTED). The service alone
+# is built first, without the features dev-dependencies switch on: what
+# `make run` compiles must build by itself.
+test: setup
+	cargo fmt --all -- --check
+	$(CARGO_LINTED) build --locked --bins
+	$(CARGO_LINTED) test --locked --all-targets --no-run
+	$(CARGO_LINTED) test --locked --lib --bins --tests
 
 # Every benchmark, one after another (about 15 minutes): the kit (gateway
 # overhead, relay, scaling, memory; writes benches/results/), the embedded
