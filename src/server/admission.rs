@@ -131,9 +131,7 @@ impl Admission {
             }
             receiver
         };
-        let mut permit = waiting
-            .await
-            .map_err(|_| status::admission_closed())?;
+        let mut permit = waiting.await.map_err(|_| status::admission_closed())?;
         permit.started = Instant::now();
         let mut state = self.lock();
         state.admitted += 1;

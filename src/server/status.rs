@@ -123,7 +123,10 @@ impl From<BackendError> for Status {
         let metadata = match &error {
             BackendError::Unavailable {
                 backend, endpoint, ..
-            } => vec![("backend", backend.to_string()), ("endpoint", endpoint.clone())],
+            } => vec![
+                ("backend", backend.to_string()),
+                ("endpoint", endpoint.clone()),
+            ],
             BackendError::ModelNotFound { backend, model } => {
                 vec![("backend", backend.to_string()), ("model", model.clone())]
             }
@@ -366,7 +369,9 @@ mod tests {
 
     fn every_reason() -> Vec<String> {
         let own = reasons().into_iter().map(|reason| reason.name().to_owned());
-        let backend = backend_errors().into_iter().map(|error| error.reason().to_owned());
+        let backend = backend_errors()
+            .into_iter()
+            .map(|error| error.reason().to_owned());
         let rules = Rule::ALL
             .iter()
             .map(|rule| rule.name().to_ascii_uppercase());
@@ -439,6 +444,7 @@ mod tests {
         let this = source.join("server/status.rs");
         let mut files = Vec::new();
         rust_files(&source, &mut files);
+        assert!(files.contains(&this), "the walk reads every module");
         let stray: Vec<String> = files
             .iter()
             .filter(|path| **path != this)
@@ -469,7 +475,10 @@ mod tests {
         assert_eq!(invalid.message(), "invalid task.title: is empty");
         let violations = invalid.get_details_bad_request().unwrap().field_violations;
         assert_eq!(
-            (violations[0].field.as_str(), violations[0].description.as_str()),
+            (
+                violations[0].field.as_str(),
+                violations[0].description.as_str()
+            ),
             ("task.title", "is empty")
         );
 
@@ -487,7 +496,10 @@ mod tests {
             violation: Violation::new(Rule::SubtaskCount, "2 subtasks, 3 asked"),
         });
         assert_eq!(broken.code(), Code::Internal);
-        assert_eq!(broken.metadata().get(VIOLATION_TRAILER).unwrap(), "subtask_count");
+        assert_eq!(
+            broken.metadata().get(VIOLATION_TRAILER).unwrap(),
+            "subtask_count"
+        );
         let info = broken.get_details_error_info().unwrap();
         assert_eq!(
             (info.reason.as_str(), info.domain.as_str()),
