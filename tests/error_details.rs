@@ -236,27 +236,10 @@ fn without_message(mut report: Value) -> Value {
     report
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpcio_status_and_tonic_types_decode_every_kind_from_the_live_service() {
-    let engine = ScriptedEngine::start().await;
-    let stand_in = OllamaStandIn::start(&engine.url).await;
-    let deadline = format!("{DEFAULT_DEADLINE_MS}ms");
-    let main = serve(&stand_in.host(), &["--default-deadline", &deadline]).await;
-    let busy = serve(
-        &stand_in.host(),
-        &["--max-in-flight", "1", "--max-queue", "0"],
-    )
-    .await;
-    let nowhere = format!("http://127.0.0.1:{}", free_port());
-    // Its circuit never opens, so every call meets the closed port itself.
-    let down = serve(&nowhere, &["--breaker-failures", &u32::MAX.to_string()]).await;
-
-    // The only slot of `busy`, held to the end: its engine never answers.
-    let mut holder = busy.client().await;
-    let held = tokio::spawn(async move { holder.generate(prompt(HOLD)).await.map(|_| ()) });
-    engine.held.notified().await;
-
-    let cases = [
+/// One call per kind of error: `main` serves through the stand-in, `busy`
+/// has its only slot held, `down` points at `nowhere`, a closed port.
+fn cases(main: &TestServer, busy: &TestServer, down: &TestServer, nowhere: &str) -> Vec<Case> {
+    vec![
         Case {
             name: "invalid_field",
             server: main.addr.to_string(),
@@ -298,9 +281,9 @@ async fn grpcio_status_and_tonic_types_decode_every_kind_from_the_live_service()
                 "UNAVAILABLE",
                 json!({}),
                 json!({ "error_info": error_info(
-                    "BACKEND_UNAVAILABLE",
-                    json!({ "backend": "ollama", "endpoint": nowhere }),
-                ) }),
+                "BACKEND_UNAVAILABLE",
+                json!({ "backend": "ollama", "endpoint": nowhere }),
+            ) }),
             ),
         },
         Case {
@@ -315,9 +298,9 @@ async fn grpcio_status_and_tonic_types_decode_every_kind_from_the_live_service()
                 "NOT_FOUND",
                 json!({}),
                 json!({ "error_info": error_info(
-                    "MODEL_NOT_FOUND",
-                    json!({ "backend": "ollama", "model": "no-such-model" }),
-                ) }),
+                "MODEL_NOT_FOUND",
+                json!({ "backend": "ollama", "model": "no-such-model" }),
+            ) }),
             ),
         },
         Case {
@@ -329,9 +312,9 @@ async fn grpcio_status_and_tonic_types_decode_every_kind_from_the_live_service()
                 "DEADLINE_EXCEEDED",
                 json!({}),
                 json!({ "error_info": error_info(
-                    "DEADLINE_EXCEEDED",
-                    json!({ "deadline_ms": DEFAULT_DEADLINE_MS.to_string() }),
-                ) }),
+                "DEADLINE_EXCEEDED",
+                json!({ "deadline_ms": DEFAULT_DEADLINE_MS.to_string() }),
+            ) }),
             ),
         },
         Case {
@@ -353,16 +336,19 @@ async fn grpcio_status_and_tonic_types_decode_every_kind_from_the_live_service()
                 "INTERNAL",
                 json!({ "rigger-violation": "truncated" }),
                 json!({ "error_info": error_info("TRUNCATED", json!({
-                    "rule": "truncated",
-                    "attempts": "3",
-                    "detail": format!(
-                        "the answer was cut off at max_tokens={TASK_MAX_TOKENS} before the JSON was complete"
-                    ),
-                })) }),
+                "rule": "truncated",
+                "attempts": "3",
+                "detail": format!(
+                    "the answer was cut off at max_tokens={TASK_MAX_TOKENS} before the JSON was complete"
+                ),
+            })) }),
             ),
         },
-    ];
+    ]
+}
 
+/// What the Python client decodes from each call, by case name.
+async fn decoded_by_grpcio_status(cases: &[Case]) -> Value {
     let calls = serde_json::to_vec(&cases.iter().map(Case::wire).collect::<Vec<_>>()).unwrap();
     let output = tokio::task::spawn_blocking(move || {
         use std::io::Write;
@@ -383,7 +369,31 @@ async fn grpcio_status_and_tonic_types_decode_every_kind_from_the_live_service()
         "error details client failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: Value = serde_json::from_slice(&output.stdout).expect("JSON report");
+    serde_json::from_slice(&output.stdout).expect("JSON report")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_status_and_tonic_types_decode_every_kind_from_the_live_service() {
+    let engine = ScriptedEngine::start().await;
+    let stand_in = OllamaStandIn::start(&engine.url).await;
+    let deadline = format!("{DEFAULT_DEADLINE_MS}ms");
+    let main = serve(&stand_in.host(), &["--default-deadline", &deadline]).await;
+    let busy = serve(
+        &stand_in.host(),
+        &["--max-in-flight", "1", "--max-queue", "0"],
+    )
+    .await;
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    // Its circuit never opens, so every call meets the closed port itself.
+    let down = serve(&nowhere, &["--breaker-failures", &u32::MAX.to_string()]).await;
+
+    // The only slot of `busy`, held to the end: its engine never answers.
+    let mut holder = busy.client().await;
+    let held = tokio::spawn(async move { holder.generate(prompt(HOLD)).await.map(|_| ()) });
+    engine.held.notified().await;
+
+    let cases = cases(&main, &busy, &down, &nowhere);
+    let report = decoded_by_grpcio_status(&cases).await;
 
     for case in &cases {
         let decoded = &report[case.name];
