@@ -48,6 +48,22 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// A stable name for the kind of error, in SCREAMING_SNAKE_CASE: the
+    /// `ErrorInfo.reason` clients see, listed in the proto file's header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unavailable { .. } => "BACKEND_UNAVAILABLE",
+            Self::Busy { .. } => "BACKEND_BUSY",
+            Self::Overloaded { .. } => "BACKEND_OVERLOADED",
+            Self::ModelNotFound { .. } => "MODEL_NOT_FOUND",
+            Self::NoDefaultModel { .. } => "NO_DEFAULT_MODEL",
+            Self::Rejected { .. } => "BACKEND_REJECTED",
+            Self::Failed { .. } => "BACKEND_FAILED",
+            Self::Protocol { .. } => "BACKEND_PROTOCOL_ERROR",
+            Self::CircuitsOpen { .. } => "CIRCUITS_OPEN",
+        }
+    }
+
     /// The backend itself is failing (down, erroring, speaking garbage) as
     /// opposed to refusing this request or being full: counts against its
     /// circuit breaker.

@@ -12,7 +12,9 @@ use std::{
 };
 
 use tokio::sync::oneshot;
-use tonic::{Status, metadata::MetadataValue};
+use tonic::Status;
+
+use super::{status, validate::ValidationError};
 
 /// Metadata key a caller sets to `batch` to yield to interactive calls.
 pub const PRIORITY_HEADER: &str = "rigger-priority";
@@ -41,9 +43,11 @@ impl Priority {
             Some(value) => match value.to_str() {
                 Ok("interactive") => Ok(Self::Interactive),
                 Ok("batch") => Ok(Self::Batch),
-                _ => Err(Status::invalid_argument(format!(
-                    "invalid {PRIORITY_HEADER}: {value:?} is neither \"interactive\" nor \"batch\""
-                ))),
+                _ => Err(ValidationError {
+                    field: PRIORITY_HEADER.to_owned(),
+                    reason: format!("{value:?} is neither \"interactive\" nor \"batch\""),
+                }
+                .into()),
             },
         }
     }
@@ -127,9 +131,7 @@ impl Admission {
             }
             receiver
         };
-        let mut permit = waiting
-            .await
-            .map_err(|_| Status::unavailable("the service stopped admitting calls"))?;
+        let mut permit = waiting.await.map_err(|_| status::admission_closed())?;
         permit.started = Instant::now();
         let mut state = self.lock();
         state.admitted += 1;
@@ -165,16 +167,8 @@ impl Admission {
     fn refusal(&self, state: &State) -> Status {
         let run = state.mean_run.unwrap_or(Duration::from_secs(1));
         let rounds = (state.queued() / self.limits.max_in_flight.max(1)) as u32 + 1;
-        let seconds = (run * rounds).as_secs().max(1);
-        let mut status = Status::resource_exhausted(format!(
-            "{} calls are running and {} waiting, the most allowed; retry in about {seconds} s",
-            state.in_flight,
-            state.queued()
-        ));
-        status
-            .metadata_mut()
-            .insert(RETRY_AFTER, MetadataValue::from(seconds));
-        status
+        let retry_after = Duration::from_secs((run * rounds).as_secs()).max(MIN_RETRY_AFTER);
+        status::queue_full(state.in_flight, state.queued(), retry_after)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -183,6 +177,9 @@ impl Admission {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 }
+
+/// The shortest retry hint: `retry-after` counts whole seconds.
+const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Weight of the latest call in the mean run time.
 const RUN_TIME_WEIGHT: f64 = 0.2;

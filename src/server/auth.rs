@@ -10,6 +10,8 @@ use tonic::{
     service::{Interceptor, interceptor::InterceptedService},
 };
 
+use super::status;
+
 /// The token calls must present, when authentication is on.
 #[derive(Clone)]
 pub struct BearerToken(Arc<str>);
@@ -71,10 +73,8 @@ impl Interceptor for Guard {
             .and_then(|value| value.strip_prefix("Bearer "));
         match presented {
             Some(presented) if token.matches(presented) => Ok(request),
-            Some(_) => Err(Status::unauthenticated("invalid bearer token")),
-            None => Err(Status::unauthenticated(
-                "missing `authorization: Bearer <token>` metadata",
-            )),
+            Some(_) => Err(status::invalid_token()),
+            None => Err(status::missing_token()),
         }
     }
 }

@@ -13,6 +13,8 @@ use std::{future::Future, time::Duration};
 use tokio::time::Instant;
 use tonic::{Request, Status};
 
+use super::status;
+
 /// How much earlier than the client's own deadline a call is ended: enough
 /// for the status to reach a loopback or LAN client before its timer fires
 /// (5 ms was not, for a tonic client on this machine's debug build).
@@ -63,10 +65,7 @@ impl Deadline {
     }
 
     pub(super) fn expired(self) -> Status {
-        Status::deadline_exceeded(format!(
-            "the call's deadline ({:?}) passed; its backend work was stopped",
-            self.budget
-        ))
+        status::deadline_exceeded(self.budget)
     }
 }
 

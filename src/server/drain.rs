@@ -8,6 +8,8 @@ use tokio_util::{
 };
 use tonic::Status;
 
+use super::status;
+
 #[derive(Clone, Default)]
 pub(super) struct Drain {
     draining: CancellationToken,
@@ -19,9 +21,7 @@ impl Drain {
     /// Admits a call, which counts as open until the returned token drops.
     pub(super) fn admit(&self) -> Result<TaskTrackerToken, Status> {
         if self.draining.is_cancelled() {
-            return Err(Status::unavailable(
-                "rigger-inference is shutting down; retry on another replica",
-            ));
+            return Err(status::shutting_down());
         }
         Ok(self.calls.token())
     }

@@ -166,7 +166,7 @@ impl Health for HealthBoard {
         let service = request.into_inner().service;
         match self.status(&service) {
             Some(status) => Ok(Response::new(response(status))),
-            None => Err(Status::not_found(format!("unknown service {service:?}"))),
+            None => Err(super::status::unknown_service(&service)),
         }
     }
 

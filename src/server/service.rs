@@ -20,7 +20,7 @@ use super::{
     deadline::{Deadline, DeadlinePolicy},
     drain::Drain,
     metrics::Metrics,
-    status::{schema_violation, starting},
+    status::{incomplete_generation, schema_violation, starting},
     telemetry::{FinishedCall, SpanExport},
     validate::{self, Limits},
 };
@@ -480,10 +480,7 @@ impl Relay {
                 }
             }
             Some(Err(error)) => Err(error.into()),
-            None => Err(Status::internal(format!(
-                "backend {} ended the generation without completing it",
-                self.backend
-            ))),
+            None => Err(incomplete_generation(self.backend)),
         };
         self.ended(message.as_ref().err().map_or(Code::Ok, Status::code));
         message
@@ -508,7 +505,7 @@ impl Relay {
             // Output cut by max_tokens is reported as such, not as a schema
             // failure: the caller asked for the cut.
             Err(problem) if finish_reason == proto::FinishReason::Stop => {
-                Err(schema_violation(&problem))
+                Err(schema_violation(self.backend, &problem))
             }
             _ => {
                 self.metrics.answered(
