@@ -6,10 +6,12 @@
 
 mod admission;
 pub mod auth;
+mod conversions;
 mod deadline;
 mod drain;
 pub mod health;
 mod metrics;
+mod rpc;
 mod service;
 mod status;
 mod telemetry;
