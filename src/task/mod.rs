@@ -2,7 +2,8 @@
 //!
 //! Each answer is generated under a JSON Schema (`schema`), from prompts that
 //! live in one place (`prompt`), then parsed and checked against the rules of
-//! its kind (`enhance`, `decompose`). An answer that breaks a rule is retried
+//! its kind (`enhance`, `decompose`, each a [`Task`] that [`TaskRunner`]
+//! runs the same way). An answer that breaks a rule is retried
 //! a bounded number of times, telling the model what was wrong; after that
 //! the caller gets an error that names the violation. Nothing is invented.
 
