@@ -237,3 +237,65 @@ impl From<StatusReport<'_>> for proto::GetStatusResponse {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::admission::AdmissionLimits;
+
+    fn snapshot(name: &'static str, active: bool) -> BackendSnapshot {
+        BackendSnapshot {
+            name,
+            endpoint: format!("http://{name}"),
+            active,
+            health: BackendHealth::Serving,
+            default_model: Some(format!("{name}-model")),
+            models: Vec::new(),
+            capabilities: Capabilities {
+                streaming: true,
+                json_schema: SchemaSupport::Enforced,
+                seed: true,
+            },
+            last_error: None,
+            circuit: CircuitState::HalfOpen,
+            consecutive_failures: 2,
+            failures: 5,
+            retried: 1,
+        }
+    }
+
+    #[test]
+    fn the_status_names_the_active_backend_and_its_model() {
+        let skipped = [("mlx", "no worker".to_owned())];
+        let status = proto::GetStatusResponse::from(StatusReport {
+            backends: vec![snapshot("ollama", false), snapshot("embedded", true)],
+            skipped: &skipped,
+            admission: AdmissionStats {
+                limits: AdmissionLimits {
+                    max_in_flight: 2,
+                    max_queue: 4,
+                },
+                in_flight: 1,
+                queued_interactive: 0,
+                queued_batch: 0,
+                admitted: 3,
+                rejected: 0,
+                mean_wait: Duration::from_millis(5),
+            },
+            caches: None,
+        });
+        assert_eq!(status.active_backend, "embedded");
+        assert_eq!(status.model, "embedded-model");
+        assert_eq!(status.backends.len(), 2);
+        let embedded = &status.backends[1];
+        assert_eq!(embedded.circuit, proto::CircuitState::HalfOpen as i32);
+        assert_eq!(embedded.health, proto::BackendHealth::Serving as i32);
+        assert_eq!(
+            embedded.capabilities.as_ref().unwrap().json_schema,
+            proto::SchemaSupport::Enforced as i32
+        );
+        assert_eq!(status.skipped_backends[0].reason, "no worker");
+        assert_eq!(status.admission.unwrap().max_queue, 4);
+        assert_eq!(status.enhance_cache, None);
+    }
+}

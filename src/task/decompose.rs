@@ -363,6 +363,23 @@ mod tests {
     }
 
     #[test]
+    fn the_model_is_asked_for_one_subtask_more_than_the_minimum_within_the_range() {
+        let mut request = request();
+        let asked = request.asked();
+        assert_eq!((asked.min_subtasks, asked.max_subtasks), (3, 4));
+        assert_eq!(
+            asked.messages().last().unwrap().content,
+            "Task: Build a login page\nComplexity: 6/10\nSplit it into 3 to 4 subtasks."
+        );
+        assert_eq!(
+            asked.schema()["properties"]["subtasks"]["minItems"],
+            json!(3)
+        );
+        request.min_subtasks = 4;
+        assert_eq!(request.asked().min_subtasks, 4);
+    }
+
+    #[test]
     fn near_duplicates_are_dropped_and_their_dependents_follow_the_original() {
         let parsed = parse(
             answer(vec![
