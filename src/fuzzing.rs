@@ -66,7 +66,7 @@ pub fn request_validation(data: &[u8]) -> Outcome {
 pub fn structured_output(data: &[u8]) -> Outcome {
     let text = String::from_utf8_lossy(data);
     let request = decomposition_request();
-    let decomposed = task::judge_decomposition(&text, &request);
+    let decomposed = task::judge_answer(&text, &request);
     if let Ok(subtasks) = &decomposed {
         let count = subtasks.len() as u32;
         assert!((request.min_subtasks..=request.max_subtasks).contains(&count));
@@ -86,7 +86,7 @@ pub fn structured_output(data: &[u8]) -> Outcome {
         }
     }
     let request = enhancement_request();
-    let enhanced = task::judge_enhancement(&text, &request);
+    let enhanced = task::judge_answer(&text, &request);
     if let Ok(enhancement) = &enhanced {
         assert!(!enhancement.title.trim().is_empty());
         assert!(!enhancement.description.trim().is_empty());

@@ -18,8 +18,6 @@ use super::{status, validate::ValidationError};
 
 /// Metadata key a caller sets to `batch` to yield to interactive calls.
 pub const PRIORITY_HEADER: &str = "rigger-priority";
-/// Seconds after which a refused call may succeed, as HTTP's Retry-After.
-pub const RETRY_AFTER: &str = "retry-after";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Priority {
@@ -240,7 +238,7 @@ mod tests {
         let refused = admission.admit(Priority::Batch).await.err().unwrap();
         assert!(refused_at.elapsed() < Duration::from_millis(10));
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-        assert!(refused.metadata().get(RETRY_AFTER).is_some());
+        assert!(refused.metadata().get(status::RETRY_AFTER).is_some());
         drop(running);
         waiting.await.unwrap().unwrap();
         let stats = admission.stats();

@@ -21,7 +21,7 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::AdmissionStats;
+use super::{admission::AdmissionStats, rpc::Rpc};
 use crate::{
     backend::{BackendHealth, BackendSnapshot, CircuitState},
     task::cache::CacheStats,
@@ -205,11 +205,12 @@ impl Metrics {
     /// One inference call ended with `code` after `elapsed`.
     pub fn call_ended(
         &self,
-        rpc: &'static str,
+        rpc: Rpc,
         backend: &'static str,
         code: tonic::Code,
         elapsed: Duration,
     ) {
+        let rpc = rpc.as_str();
         self.calls
             .get_or_create(&CallLabels {
                 rpc,
@@ -225,13 +226,16 @@ impl Metrics {
     /// What one answer cost: its first token and its decoding pace.
     pub fn answered(
         &self,
-        rpc: &'static str,
+        rpc: Rpc,
         backend: &'static str,
         first_token: Duration,
         total: Duration,
         completion_tokens: u32,
     ) {
-        let labels = RpcLabels { rpc, backend };
+        let labels = RpcLabels {
+            rpc: rpc.as_str(),
+            backend,
+        };
         self.first_token_seconds
             .get_or_create(&labels)
             .observe(first_token.as_secs_f64());
@@ -291,8 +295,8 @@ impl Metrics {
             );
         }
         if let Some((enhance, decompose)) = snapshot.caches {
-            for (rpc, stats) in [("enhance_task", enhance), ("decompose_task", decompose)] {
-                let labels = CacheLabels { rpc };
+            for (rpc, stats) in [(Rpc::EnhanceTask, enhance), (Rpc::DecomposeTask, decompose)] {
+                let labels = CacheLabels { rpc: rpc.as_str() };
                 catch_up(&self.cache_hits.get_or_create(&labels), stats.hits);
                 catch_up(&self.cache_misses.get_or_create(&labels), stats.misses);
             }
@@ -367,13 +371,13 @@ mod tests {
     fn calls_states_and_caches_are_rendered_with_the_prefix() {
         let metrics = Metrics::default();
         metrics.call_ended(
-            "generate",
+            Rpc::Generate,
             "embedded",
             tonic::Code::ResourceExhausted,
             Duration::from_millis(3),
         );
         metrics.answered(
-            "generate",
+            Rpc::Generate,
             "embedded",
             Duration::from_millis(100),
             Duration::from_millis(1100),

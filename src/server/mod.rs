@@ -8,10 +8,12 @@
 
 mod admission;
 pub mod auth;
+mod conversions;
 mod deadline;
 mod drain;
 pub mod health;
 mod metrics;
+mod rpc;
 mod service;
 mod status;
 mod telemetry;
@@ -25,11 +27,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::{Server, ServerTlsConfig};
 
-pub use admission::{AdmissionLimits, PRIORITY_HEADER, RETRY_AFTER};
+pub use admission::{AdmissionLimits, PRIORITY_HEADER};
 pub use deadline::DeadlinePolicy;
 use metrics::{Metrics, Snapshot};
 pub use service::InferenceApi;
 use service::{Backends, Shared};
+pub use status::RETRY_AFTER;
 pub use validate::{Limits, ValidationError};
 
 use crate::{

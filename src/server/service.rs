@@ -16,22 +16,21 @@ use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
 use super::{
-    admission::{Admission, AdmissionStats, Permit, Priority},
+    admission::{Admission, Permit, Priority},
+    conversions::{StatusReport, duration},
     deadline::{Deadline, DeadlinePolicy},
     drain::Drain,
     metrics::Metrics,
+    rpc::Rpc,
     status::{incomplete_generation, schema_violation, starting},
     telemetry::{FinishedCall, SpanExport},
-    validate::{self, Limits},
+    validate::{self, Limits, ValidationError},
 };
 use crate::{
-    backend::{
-        Backend, BackendHealth, BackendRegistry, Chunk, ChunkStream, CircuitState, FinishReason,
-        StreamClock,
-    },
+    backend::{Backend, BackendRegistry, Chunk, ChunkStream, StreamClock},
     json_schema::OutputSchema,
     proto::{self, inference_service_server::InferenceService},
-    task::{AnswerStats, Answered, EnhancementKind, TaskError, TaskRunner, cache::CacheStats},
+    task::{AnswerStats, Answered, DecomposeRequest, EnhanceRequest, Task, TaskRunner},
     trace_context::{TRACEPARENT, TRACESTATE, TraceContext},
 };
 
@@ -71,15 +70,19 @@ impl InferenceApi {
             .map_or("none", |registry| registry.name())
     }
 
+    /// Records a call that ended with `result`, under the backend that
+    /// answered it (after a failover, not the one calls went to at first);
+    /// without an answer, under the one calls go to now.
     fn observe<T>(
         &self,
-        rpc: &'static str,
+        rpc: Rpc,
         call: Traced,
         result: &Result<T, Status>,
         started: Instant,
+        answered_by: Option<&'static str>,
     ) {
         let code = result.as_ref().err().map_or(Code::Ok, Status::code);
-        let backend = self.backend_name();
+        let backend = answered_by.unwrap_or_else(|| self.backend_name());
         self.0
             .metrics
             .call_ended(rpc, backend, code, started.elapsed());
@@ -94,7 +97,7 @@ impl InferenceApi {
 
     /// The trace context of `request` (from its `traceparent`/`tracestate`
     /// metadata, or a new trace) and a log span naming it.
-    fn traced<T>(&self, rpc: &'static str, request: &Request<T>) -> Traced {
+    fn traced<T>(&self, rpc: Rpc, request: &Request<T>) -> Traced {
         let metadata = request.metadata();
         let header = |name| metadata.get(name).and_then(|value| value.to_str().ok());
         let context = TraceContext::for_call(
@@ -104,7 +107,7 @@ impl InferenceApi {
         );
         let span = tracing::info_span!(
             "call",
-            rpc,
+            rpc = rpc.as_str(),
             trace_id = %context.trace_id(),
             span_id = %context.span_id()
         );
@@ -123,7 +126,7 @@ impl InferenceApi {
         Ok(permit)
     }
 
-    fn answered(&self, rpc: &'static str, stats: &AnswerStats) {
+    fn answered(&self, rpc: Rpc, stats: &AnswerStats) {
         if !stats.cached {
             self.0.metrics.answered(
                 rpc,
@@ -135,91 +138,45 @@ impl InferenceApi {
         }
     }
 
-    /// A structured answer: the cached one when there is one (no slot
-    /// needed), else `generate` run in an admitted slot within the deadline.
-    async fn structured<T>(
+    /// EnhanceTask or DecomposeTask, recorded when it ends.
+    async fn task_call<K: TaskRpc>(
         &self,
-        rpc: &'static str,
-        deadline: Deadline,
-        priority: Priority,
-        cached: Option<Answered<T>>,
-        generate: impl Future<Output = Result<Answered<T>, TaskError>>,
-    ) -> Result<Answered<T>, Status> {
-        let answer = match cached {
+        request: Request<K::Request>,
+    ) -> Result<Response<K::Response>, Status> {
+        let started = Instant::now();
+        let call = self.traced(K::RPC, &request);
+        let result = call.clone().run(self.answer::<K>(request, started)).await;
+        let answered_by = result.as_ref().ok().map(|answer| answer.stats.backend);
+        self.observe(K::RPC, call, &result, started, answered_by);
+        result.map(|answer| Response::new(answer.into()))
+    }
+
+    /// A structured answer: the cached one when there is one (no slot
+    /// needed), else one generated in an admitted slot within the deadline.
+    async fn answer<K: TaskRpc>(
+        &self,
+        request: Request<K::Request>,
+        started: Instant,
+    ) -> Result<Answered<K::Answer>, Status> {
+        let deadline = self.0.deadlines.of(&request);
+        let priority = Priority::of(&request)?;
+        let _open = self.0.drain.admit()?;
+        let request = K::validate(request.into_inner(), &self.0.limits)?;
+        let backends = self.registry()?;
+        let runner = &self.0.runner;
+        let answer = match runner.cached(backends, &request, started) {
             Some(answer) => answer,
             None => {
                 deadline
                     .bound(async {
                         let _slot = self.admit(priority).await?;
-                        Ok(generate.await?)
+                        Ok(runner.run(backends, request, started).await?)
                     })
                     .await?
             }
         };
-        self.answered(rpc, &answer.stats);
+        self.answered(K::RPC, &answer.stats);
         Ok(answer)
-    }
-
-    // The handlers' bodies; the trait methods around them record metrics.
-
-    async fn enhance_inner(
-        &self,
-        request: Request<proto::EnhanceTaskRequest>,
-        started: Instant,
-    ) -> Result<Response<proto::EnhanceTaskResponse>, Status> {
-        let deadline = self.0.deadlines.of(&request);
-        let priority = Priority::of(&request)?;
-        let _open = self.0.drain.admit()?;
-        let request = validate::enhance(request.into_inner(), &self.0.limits)?;
-        let backends = self.registry()?;
-        let runner = &self.0.runner;
-        let cached = runner.cached_enhancement(backends, &request, started);
-        let generate = runner.enhance(backends, request, started);
-        let answer = self
-            .structured("enhance_task", deadline, priority, cached, generate)
-            .await?;
-        let enhancement = answer.value;
-        Ok(Response::new(proto::EnhanceTaskResponse {
-            enhancement: Some(proto::Enhancement {
-                kind: enhancement_kind(enhancement.kind) as i32,
-                title: enhancement.title,
-                description: enhancement.description,
-                acceptance_criteria: enhancement.acceptance_criteria,
-            }),
-            meta: Some(answer_meta(&answer.stats)),
-        }))
-    }
-
-    async fn decompose_inner(
-        &self,
-        request: Request<proto::DecomposeTaskRequest>,
-        started: Instant,
-    ) -> Result<Response<proto::DecomposeTaskResponse>, Status> {
-        let deadline = self.0.deadlines.of(&request);
-        let priority = Priority::of(&request)?;
-        let _open = self.0.drain.admit()?;
-        let request = validate::decompose(request.into_inner(), &self.0.limits)?;
-        let backends = self.registry()?;
-        let runner = &self.0.runner;
-        let cached = runner.cached_decomposition(backends, &request, started);
-        let generate = runner.decompose(backends, request, started);
-        let answer = self
-            .structured("decompose_task", deadline, priority, cached, generate)
-            .await?;
-        Ok(Response::new(proto::DecomposeTaskResponse {
-            subtasks: answer
-                .value
-                .into_iter()
-                .map(|subtask| proto::Subtask {
-                    title: subtask.title,
-                    description: subtask.description,
-                    complexity: subtask.complexity.into(),
-                    depends_on: subtask.depends_on,
-                    reasoning: subtask.reasoning,
-                })
-                .collect(),
-            meta: Some(answer_meta(&answer.stats)),
-        }))
     }
 
     async fn generate_inner(
@@ -262,6 +219,36 @@ impl InferenceApi {
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateResponse, Status>> + Send>>;
 
+/// A task RPC: its wire request, validated into the task, and its wire
+/// response, made from the answer.
+trait TaskRpc: Task {
+    type Request: Send + 'static;
+    type Response: From<Answered<Self::Answer>> + Send;
+    const RPC: Rpc;
+
+    fn validate(request: Self::Request, limits: &Limits) -> Result<Self, ValidationError>;
+}
+
+impl TaskRpc for EnhanceRequest {
+    type Request = proto::EnhanceTaskRequest;
+    type Response = proto::EnhanceTaskResponse;
+    const RPC: Rpc = Rpc::EnhanceTask;
+
+    fn validate(request: Self::Request, limits: &Limits) -> Result<Self, ValidationError> {
+        validate::enhance(request, limits)
+    }
+}
+
+impl TaskRpc for DecomposeRequest {
+    type Request = proto::DecomposeTaskRequest;
+    type Response = proto::DecomposeTaskResponse;
+    const RPC: Rpc = Rpc::DecomposeTask;
+
+    fn validate(request: Self::Request, limits: &Limits) -> Result<Self, ValidationError> {
+        validate::decompose(request, limits)
+    }
+}
+
 /// A call's place in its trace, its log span and when it started.
 #[derive(Clone)]
 struct Traced {
@@ -279,7 +266,7 @@ impl Traced {
     fn ended(
         self,
         spans: Option<&SpanExport>,
-        rpc: &'static str,
+        rpc: Rpc,
         backend: &'static str,
         code: Code,
         duration: std::time::Duration,
@@ -303,25 +290,14 @@ impl InferenceService for InferenceApi {
         &self,
         request: Request<proto::EnhanceTaskRequest>,
     ) -> Result<Response<proto::EnhanceTaskResponse>, Status> {
-        let started = Instant::now();
-        let call = self.traced("enhance_task", &request);
-        let result = call.clone().run(self.enhance_inner(request, started)).await;
-        self.observe("enhance_task", call, &result, started);
-        result
+        self.task_call::<EnhanceRequest>(request).await
     }
 
     async fn decompose_task(
         &self,
         request: Request<proto::DecomposeTaskRequest>,
     ) -> Result<Response<proto::DecomposeTaskResponse>, Status> {
-        let started = Instant::now();
-        let call = self.traced("decompose_task", &request);
-        let result = call
-            .clone()
-            .run(self.decompose_inner(request, started))
-            .await;
-        self.observe("decompose_task", call, &result, started);
-        result
+        self.task_call::<DecomposeRequest>(request).await
     }
 
     type GenerateStream = GenerateStream;
@@ -332,85 +308,34 @@ impl InferenceService for InferenceApi {
         request: Request<proto::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let started = Instant::now();
-        let call = self.traced("generate", &request);
+        let call = self.traced(Rpc::Generate, &request);
         let result = call
             .clone()
             .run(self.generate_inner(request, started, call.clone()))
             .await;
         if result.is_err() {
-            self.observe("generate", call, &result, started);
+            self.observe(Rpc::Generate, call, &result, started, None);
         }
         result
     }
+
+    /// Logged in a span of its own, but neither counted nor exported: it
+    /// generates nothing.
     async fn get_status(
         &self,
         _request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
+        let _entered = tracing::info_span!("call", rpc = Rpc::GetStatus.as_str()).entered();
         let registry = self.registry()?;
-        let snapshots = registry.snapshots();
-        let caches = self.0.runner.cache_stats();
-        let active = snapshots.iter().find(|snapshot| snapshot.active);
-        Ok(Response::new(proto::GetStatusResponse {
-            active_backend: active
-                .map(|snapshot| snapshot.name.to_owned())
-                .unwrap_or_default(),
-            model: active
-                .and_then(|snapshot| snapshot.default_model.clone())
-                .unwrap_or_default(),
-            platform: Some(proto::Platform {
-                os: std::env::consts::OS.to_owned(),
-                arch: std::env::consts::ARCH.to_owned(),
-            }),
-            backends: snapshots
-                .into_iter()
-                .map(|snapshot| proto::BackendStatus {
-                    name: snapshot.name.to_owned(),
-                    endpoint: snapshot.endpoint,
-                    active: snapshot.active,
-                    health: match snapshot.health {
-                        BackendHealth::Unknown => proto::BackendHealth::Unknown,
-                        BackendHealth::Serving => proto::BackendHealth::Serving,
-                        BackendHealth::NotServing => proto::BackendHealth::NotServing,
-                    } as i32,
-                    default_model: snapshot.default_model.unwrap_or_default(),
-                    models: snapshot.models,
-                    capabilities: Some(proto::BackendCapabilities {
-                        streaming: snapshot.capabilities.streaming,
-                        json_schema: match snapshot.capabilities.json_schema {
-                            crate::backend::SchemaSupport::Requested => {
-                                proto::SchemaSupport::Requested
-                            }
-                            crate::backend::SchemaSupport::Enforced => {
-                                proto::SchemaSupport::Enforced
-                            }
-                        } as i32,
-                        seed: snapshot.capabilities.seed,
-                    }),
-                    last_error: snapshot.last_error.unwrap_or_default(),
-                    health_service: super::health::backend_service(snapshot.name),
-                    circuit: match snapshot.circuit {
-                        CircuitState::Closed => proto::CircuitState::Closed,
-                        CircuitState::Open => proto::CircuitState::Open,
-                        CircuitState::HalfOpen => proto::CircuitState::HalfOpen,
-                    } as i32,
-                    consecutive_failures: snapshot.consecutive_failures,
-                    failures: snapshot.failures,
-                    retried: snapshot.retried,
-                })
-                .collect(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            admission: Some(admission_status(self.0.admission.stats())),
-            enhance_cache: caches.map(|(enhance, _)| cache_status(enhance)),
-            decompose_cache: caches.map(|(_, decompose)| cache_status(decompose)),
-            skipped_backends: registry
-                .skipped()
-                .iter()
-                .map(|(name, reason)| proto::SkippedBackend {
-                    name: (*name).to_owned(),
-                    reason: reason.clone(),
-                })
-                .collect(),
-        }))
+        Ok(Response::new(
+            StatusReport {
+                backends: registry.snapshots(),
+                skipped: registry.skipped(),
+                admission: self.0.admission.stats(),
+                caches: self.0.runner.cache_stats(),
+            }
+            .into(),
+        ))
     }
 }
 
@@ -447,10 +372,10 @@ impl Relay {
         if let Some(call) = self.call.take() {
             let elapsed = self.clock.elapsed();
             self.metrics
-                .call_ended("generate", self.backend, code, elapsed);
+                .call_ended(Rpc::Generate, self.backend, code, elapsed);
             call.ended(
                 self.spans.as_deref(),
-                "generate",
+                Rpc::Generate,
                 self.backend,
                 code,
                 elapsed,
@@ -497,10 +422,7 @@ impl Relay {
             Some(schema) => schema.check(&self.output).map(|_| ()),
             None => Ok(()),
         };
-        let finish_reason = match completion.finish_reason {
-            FinishReason::Stop => proto::FinishReason::Stop,
-            FinishReason::Length => proto::FinishReason::Length,
-        };
+        let finish_reason = proto::FinishReason::from(completion.finish_reason);
         match verdict {
             // Output cut by max_tokens is reported as such, not as a schema
             // failure: the caller asked for the cut.
@@ -509,7 +431,7 @@ impl Relay {
             }
             _ => {
                 self.metrics.answered(
-                    "generate",
+                    Rpc::Generate,
                     self.backend,
                     self.clock.time_to_first_token(),
                     self.clock.elapsed(),
@@ -597,64 +519,5 @@ impl Drop for Relay {
     /// A relay dropped before the call ended: the client went away.
     fn drop(&mut self) {
         self.ended(Code::Cancelled);
-    }
-}
-
-fn answer_meta(stats: &AnswerStats) -> proto::ResponseMeta {
-    proto::ResponseMeta {
-        backend: stats.backend.to_owned(),
-        model: stats.model.clone(),
-        prompt_tokens: stats.prompt_tokens,
-        completion_tokens: stats.completion_tokens,
-        cached_prompt_tokens: stats.cached_prompt_tokens,
-        time_to_first_token: duration(stats.time_to_first_token),
-        total_time: duration(stats.total_time),
-        attempts: stats.attempts,
-        backend_prompt_time: None,
-        backend_generation_time: None,
-        cached: stats.cached,
-        repaired: stats
-            .repaired
-            .iter()
-            .map(|violation| proto::Violation {
-                rule: violation.rule.name().to_owned(),
-                detail: violation.detail.clone(),
-            })
-            .collect(),
-    }
-}
-
-fn admission_status(stats: AdmissionStats) -> proto::AdmissionStatus {
-    let limits = stats.limits;
-    proto::AdmissionStatus {
-        in_flight: stats.in_flight as u64,
-        max_in_flight: limits.max_in_flight as u64,
-        queued_interactive: stats.queued_interactive as u64,
-        queued_batch: stats.queued_batch as u64,
-        max_queue: limits.max_queue as u64,
-        admitted: stats.admitted,
-        rejected: stats.rejected,
-        mean_wait: duration(stats.mean_wait),
-    }
-}
-
-fn cache_status(stats: CacheStats) -> proto::ResultCacheStatus {
-    proto::ResultCacheStatus {
-        entries: stats.entries as u64,
-        capacity: stats.capacity as u64,
-        hits: stats.hits,
-        misses: stats.misses,
-    }
-}
-
-fn duration(value: std::time::Duration) -> Option<prost_types::Duration> {
-    prost_types::Duration::try_from(value).ok()
-}
-
-fn enhancement_kind(kind: EnhancementKind) -> proto::EnhancementKind {
-    match kind {
-        EnhancementKind::Clarify => proto::EnhancementKind::Clarify,
-        EnhancementKind::Specify => proto::EnhancementKind::Specify,
-        EnhancementKind::Context => proto::EnhancementKind::Context,
     }
 }

@@ -24,8 +24,12 @@ use tonic::{
 };
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use super::{admission::RETRY_AFTER, validate::ValidationError};
+use super::validate::ValidationError;
 use crate::{backend::BackendError, task::TaskError};
+
+/// Trailer giving the seconds after which a refused call may succeed, as
+/// HTTP's Retry-After (also in the status's `RetryInfo`).
+pub const RETRY_AFTER: &str = "retry-after";
 
 /// The `ErrorInfo.domain` of every status this service sends.
 pub const ERROR_DOMAIN: &str = "rigger.inference.v1";

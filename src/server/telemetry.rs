@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tonic::Code;
 
+use super::rpc::Rpc;
 use crate::trace_context::TraceContext;
 
 /// Spans waiting for export; beyond it new ones are dropped.
@@ -31,7 +32,7 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A call that ended, as exported.
 pub(super) struct FinishedCall {
     pub context: TraceContext,
-    pub rpc: &'static str,
+    pub rpc: Rpc,
     pub backend: &'static str,
     pub start: SystemTime,
     pub duration: Duration,
@@ -149,14 +150,14 @@ fn span(call: &FinishedCall) -> Value {
     let mut span = json!({
         "traceId": call.context.trace_id(),
         "spanId": call.context.span_id(),
-        "name": format!("rigger.inference.v1.InferenceService/{}", method(call.rpc)),
+        "name": format!("rigger.inference.v1.InferenceService/{}", call.rpc.method()),
         "kind": SPAN_KIND_SERVER,
         "startTimeUnixNano": start.to_string(),
         "endTimeUnixNano": end.to_string(),
         "attributes": [
             string_attribute("rpc.system", "grpc"),
             string_attribute("rpc.service", "rigger.inference.v1.InferenceService"),
-            string_attribute("rpc.method", method(call.rpc)),
+            string_attribute("rpc.method", call.rpc.method()),
             json!({ "key": "rpc.grpc.status_code", "value": { "intValue": (call.code as i32).to_string() } }),
             string_attribute("rigger.backend", call.backend),
         ],
@@ -169,15 +170,6 @@ fn span(call: &FinishedCall) -> Value {
         span["traceState"] = json!(state);
     }
     span
-}
-
-/// The gRPC method name of an RPC's metric label.
-fn method(rpc: &str) -> &'static str {
-    match rpc {
-        "enhance_task" => "EnhanceTask",
-        "decompose_task" => "DecomposeTask",
-        _ => "Generate",
-    }
 }
 
 fn string_attribute(key: &str, value: &str) -> Value {
@@ -202,7 +194,7 @@ mod tests {
         );
         let call = |code| FinishedCall {
             context: context.clone(),
-            rpc: "decompose_task",
+            rpc: Rpc::DecomposeTask,
             backend: "embedded",
             start: SystemTime::UNIX_EPOCH + Duration::from_secs(1),
             duration: Duration::from_millis(250),

@@ -3,16 +3,20 @@
 //! description that says more than its title, complexity 1–10 and below
 //! the parent's when known, dependencies on existing siblings without cycles.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    ProjectContext, TaskSpec,
+    Answered, ProjectContext, Task, TaskRunner, TaskSpec,
+    cache::ResultCache,
     enhance::non_blank,
+    prompt, schema,
     schema::subtask_complexity_ceiling,
     violation::{Rule, Violation, same_meaning},
 };
-use crate::backend::Sampling;
+use crate::backend::{Message, Sampling};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecomposeRequest {
@@ -39,6 +43,50 @@ pub struct Subtask {
 #[serde(deny_unknown_fields)]
 struct Answer {
     subtasks: Vec<Subtask>,
+}
+
+impl Task for DecomposeRequest {
+    type Answer = Vec<Subtask>;
+    const NAME: &'static str = "decompose";
+
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    fn sampling(&self) -> &Sampling {
+        &self.sampling
+    }
+
+    /// One subtask more than the minimum is asked for where the range
+    /// allows: a subtask restating the task or a sibling is dropped, and
+    /// the answer can still have enough.
+    fn asked(&self) -> Cow<'_, Self> {
+        Cow::Owned(Self {
+            min_subtasks: (self.min_subtasks + 1).min(self.max_subtasks),
+            ..self.clone()
+        })
+    }
+
+    fn schema(&self) -> Value {
+        schema::decomposition(self.min_subtasks, self.max_subtasks, self.task.complexity)
+    }
+
+    fn messages(&self) -> Vec<Message> {
+        prompt::decompose(self)
+    }
+
+    /// The parent's title: small models otherwise copy it into the list.
+    fn already_said(&self) -> Vec<String> {
+        vec![self.task.title.clone()]
+    }
+
+    fn parse(&self, value: Value) -> Result<Vec<Subtask>, Violation> {
+        parse(value, self)
+    }
+
+    fn cache(runner: &TaskRunner) -> Option<&ResultCache<Answered<Vec<Subtask>>>> {
+        runner.decompositions.as_deref()
+    }
 }
 
 /// Reads a schema-valid answer and checks what the schema cannot say.
@@ -312,6 +360,23 @@ mod tests {
                 "{violation:?} should contain {expected:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_model_is_asked_for_one_subtask_more_than_the_minimum_within_the_range() {
+        let mut request = request();
+        let asked = request.asked();
+        assert_eq!((asked.min_subtasks, asked.max_subtasks), (3, 4));
+        assert_eq!(
+            asked.messages().last().unwrap().content,
+            "Task: Build a login page\nComplexity: 6/10\nSplit it into 3 to 4 subtasks."
+        );
+        assert_eq!(
+            asked.schema()["properties"]["subtasks"]["minItems"],
+            json!(3)
+        );
+        request.min_subtasks = 4;
+        assert_eq!(request.asked().min_subtasks, 4);
     }
 
     #[test]

@@ -4,13 +4,15 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    ProjectContext, TaskSpec,
+    Answered, ProjectContext, Task, TaskRunner, TaskSpec,
+    cache::ResultCache,
+    prompt, schema,
     violation::{Rule, Violation, same_meaning},
 };
-use crate::backend::Sampling;
+use crate::backend::{Message, Sampling};
 
 /// How an enhancement changed the task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EnhancementKind {
     /// Removes ambiguity.
@@ -50,6 +52,35 @@ pub struct Enhancement {
     pub title: String,
     pub description: String,
     pub acceptance_criteria: Vec<String>,
+}
+
+impl Task for EnhanceRequest {
+    type Answer = Enhancement;
+    const NAME: &'static str = "enhance";
+
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    fn sampling(&self) -> &Sampling {
+        &self.sampling
+    }
+
+    fn schema(&self) -> Value {
+        schema::enhancement(self.kind)
+    }
+
+    fn messages(&self) -> Vec<Message> {
+        prompt::enhance(self)
+    }
+
+    fn parse(&self, value: Value) -> Result<Enhancement, Violation> {
+        parse(value, self)
+    }
+
+    fn cache(runner: &TaskRunner) -> Option<&ResultCache<Answered<Enhancement>>> {
+        runner.enhancements.as_deref()
+    }
 }
 
 /// Reads a schema-valid answer and checks what the schema cannot say:

@@ -2,7 +2,8 @@
 //!
 //! Each answer is generated under a JSON Schema (`schema`), from prompts that
 //! live in one place (`prompt`), then parsed and checked against the rules of
-//! its kind (`enhance`, `decompose`). An answer that breaks a rule is retried
+//! its kind (`enhance`, `decompose`, each a [`Task`] that [`TaskRunner`]
+//! runs the same way). An answer that breaks a rule is retried
 //! a bounded number of times, telling the model what was wrong; after that
 //! the caller gets an error that names the violation. Nothing is invented.
 
@@ -14,6 +15,7 @@ pub mod schema;
 mod violation;
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     future::Future,
     sync::{Arc, Mutex},
@@ -26,7 +28,7 @@ pub use decompose::{DecomposeRequest, Subtask};
 pub use enhance::{EnhanceRequest, Enhancement, EnhancementKind};
 pub use violation::{Rule, Violation, same_meaning};
 
-use self::cache::{CacheKey, CacheStats, ResultCache, cacheable};
+use self::cache::{CacheKey, CacheStats, KeyFields, ResultCache, cacheable};
 
 use crate::{
     backend::{
@@ -109,6 +111,36 @@ const REPAIR_SEED: u64 = 0x5eed;
 /// punctuation the schema forces are exempt (a ban never empties the choice).
 const NO_REPEAT_NGRAM: u32 = 4;
 
+/// What EnhanceTask and DecomposeTask differ in, implemented by their
+/// requests: the answer's type, its schema, its prompt, how it is read and
+/// the rules it obeys. [`TaskRunner`] does the rest (sampling defaults,
+/// bounded repairs, the result cache) once for both.
+pub trait Task: KeyFields + Clone + Send + Sync + 'static {
+    /// The answer, once read and checked.
+    type Answer: Clone + Send + Sync + 'static;
+    /// Names the task in cache keys.
+    const NAME: &'static str;
+
+    fn model(&self) -> Option<&str>;
+    fn sampling(&self) -> &Sampling;
+    /// The request as put to the model, where it asks for more than the
+    /// rules demand.
+    fn asked(&self) -> Cow<'_, Self> {
+        Cow::Borrowed(self)
+    }
+    /// The JSON Schema the answer is generated under.
+    fn schema(&self) -> serde_json::Value;
+    fn messages(&self) -> Vec<Message>;
+    /// Text the answer should not repeat, beyond itself.
+    fn already_said(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Reads a schema-valid answer and checks what the schema cannot say.
+    fn parse(&self, value: serde_json::Value) -> Result<Self::Answer, Violation>;
+    /// The runner's cache of these answers, when caching is on.
+    fn cache(runner: &TaskRunner) -> Option<&ResultCache<Answered<Self::Answer>>>;
+}
+
 /// Size and age bounds of the result caches; 0 entries turns them off.
 #[derive(Clone, Copy, Debug)]
 pub struct CacheSettings {
@@ -163,28 +195,16 @@ impl TaskRunner {
             .clone()
     }
 
-    /// The cached answer of an enhancement, if there is one; lets callers
-    /// skip admission for answers that cost nothing.
-    pub fn cached_enhancement(
+    /// The cached answer of `request`, if there is one; lets callers skip
+    /// admission for answers that cost nothing.
+    pub fn cached<K: Task>(
         &self,
         backend: &dyn Backend,
-        request: &EnhanceRequest,
+        request: &K,
         started: Instant,
-    ) -> Option<Answered<Enhancement>> {
-        let cache = self.enhancements.as_deref()?;
-        let key = cache_key("enhance", backend, &request.sampling, request)?;
-        Some(from_cache(cache.peek(key)?, started))
-    }
-
-    /// The cached answer of a decomposition, if there is one.
-    pub fn cached_decomposition(
-        &self,
-        backend: &dyn Backend,
-        request: &DecomposeRequest,
-        started: Instant,
-    ) -> Option<Answered<Vec<Subtask>>> {
-        let cache = self.decompositions.as_deref()?;
-        let key = cache_key("decompose", backend, &request.sampling, request)?;
+    ) -> Option<Answered<K::Answer>> {
+        let cache = K::cache(self)?;
+        let key = cache_key(backend, request)?;
         Some(from_cache(cache.peek(key)?, started))
     }
 
@@ -196,125 +216,58 @@ impl TaskRunner {
         ))
     }
 
-    pub async fn enhance(
+    /// The answer to `request`: from the cache, else generated (and kept).
+    pub async fn run<K: Task>(
         &self,
         backend: &dyn Backend,
-        request: EnhanceRequest,
+        request: K,
         started: Instant,
-    ) -> Result<Answered<Enhancement>, TaskError> {
-        let key = self
-            .enhancements
-            .as_ref()
-            .and_then(|_| cache_key("enhance", backend, &request.sampling, &request));
-        let generate = self.generate_enhancement(backend, request, started);
-        remembered(self.enhancements.as_deref(), key, started, generate).await
+    ) -> Result<Answered<K::Answer>, TaskError> {
+        let cache = K::cache(self);
+        let key = cache.and_then(|_| cache_key(backend, &request));
+        let generate = self.answer(backend, request, started);
+        remembered(cache, key, started, generate).await
     }
 
-    async fn generate_enhancement(
+    /// Generates answers to `request` until one obeys the rules or the
+    /// attempts run out.
+    async fn answer<K: Task>(
         &self,
         backend: &dyn Backend,
-        request: EnhanceRequest,
+        request: K,
         started: Instant,
-    ) -> Result<Answered<Enhancement>, TaskError> {
-        let schema = schema::enhancement(request.kind);
-        let messages = prompt::enhance(&request);
-        self.answer(
-            backend,
-            Structured {
-                already_said: Vec::new(),
-                model: request.model.clone(),
-                sampling: request.sampling.clone(),
-                messages,
-                schema,
-            },
-            |value| enhance::parse(value, &request),
-            started,
-        )
-        .await
-    }
-
-    pub async fn decompose(
-        &self,
-        backend: &dyn Backend,
-        request: DecomposeRequest,
-        started: Instant,
-    ) -> Result<Answered<Vec<Subtask>>, TaskError> {
-        let key = self
-            .decompositions
-            .as_ref()
-            .and_then(|_| cache_key("decompose", backend, &request.sampling, &request));
-        let generate = self.generate_decomposition(backend, request, started);
-        remembered(self.decompositions.as_deref(), key, started, generate).await
-    }
-
-    async fn generate_decomposition(
-        &self,
-        backend: &dyn Backend,
-        request: DecomposeRequest,
-        started: Instant,
-    ) -> Result<Answered<Vec<Subtask>>, TaskError> {
-        // One subtask more than the minimum is asked for where the range
-        // allows: a subtask restating the task or a sibling is dropped, and
-        // the answer can still have enough.
-        let asked = DecomposeRequest {
-            min_subtasks: (request.min_subtasks + 1).min(request.max_subtasks),
-            ..request.clone()
-        };
-        let schema = schema::decomposition(
-            asked.min_subtasks,
-            asked.max_subtasks,
-            asked.task.complexity,
-        );
-        let messages = prompt::decompose(&asked);
-        self.answer(
-            backend,
-            Structured {
-                already_said: vec![request.task.title.clone()],
-                model: request.model.clone(),
-                sampling: request.sampling.clone(),
-                messages,
-                schema,
-            },
-            |value| decompose::parse(value, &request),
-            started,
-        )
-        .await
-    }
-
-    async fn answer<T>(
-        &self,
-        backend: &dyn Backend,
-        mut job: Structured,
-        parse: impl Fn(serde_json::Value) -> Result<T, Violation>,
-        started: Instant,
-    ) -> Result<Answered<T>, TaskError> {
-        job.sampling.no_repeat = Some(NoRepeat {
+    ) -> Result<Answered<K::Answer>, TaskError> {
+        let asked = request.asked();
+        let first_messages = asked.messages();
+        let schema = self.compiled(asked.schema());
+        let mut first_sampling = request.sampling().clone();
+        first_sampling.no_repeat = Some(NoRepeat {
             ngram: NO_REPEAT_NGRAM,
-            already_said: job.already_said.clone(),
+            already_said: request.already_said(),
         });
-        job.sampling.frequency_penalty = job
-            .sampling
+        first_sampling.frequency_penalty = first_sampling
             .frequency_penalty
             .or(Some(DEFAULT_TASK_FREQUENCY_PENALTY));
-        let repair_sampling = repair_sampling(&job.sampling);
-        job.sampling.temperature = job.sampling.temperature.or(Some(DEFAULT_TASK_TEMPERATURE));
-        let schema = self.compiled(job.schema);
+        let repair_sampling = repair_sampling(&first_sampling);
+        first_sampling.temperature = first_sampling
+            .temperature
+            .or(Some(DEFAULT_TASK_TEMPERATURE));
         let mut prompt_tokens = 0;
         let mut completion_tokens = 0;
         let mut cached_prompt_tokens = 0;
         let mut repaired: Vec<Violation> = Vec::new();
         for attempt in 1..=self.attempts {
             let (messages, sampling) = match repaired.last() {
-                None => (job.messages.clone(), job.sampling.clone()),
+                None => (first_messages.clone(), first_sampling.clone()),
                 Some(violation) => (
-                    prompt::corrected(&job.messages, violation),
+                    prompt::corrected(&first_messages, violation),
                     repair_sampling(attempt),
                 ),
             };
             let generation = generate_text(
                 backend,
                 GenerationRequest {
-                    model: job.model.clone(),
+                    model: request.model().map(str::to_owned),
                     messages,
                     sampling,
                     stop: Vec::new(),
@@ -326,7 +279,8 @@ impl TaskRunner {
             prompt_tokens += generation.prompt_tokens;
             completion_tokens += generation.completion_tokens;
             cached_prompt_tokens += generation.cached_prompt_tokens;
-            match judge(&generation, job.sampling.max_tokens, &schema, &parse) {
+            let parse = |value| request.parse(value);
+            match judge(&generation, first_sampling.max_tokens, &schema, parse) {
                 Ok(value) => {
                     return Ok(Answered {
                         value,
@@ -407,54 +361,21 @@ fn judge_text<T>(
 /// Judges `text` as a complete answer to `request`: the entry point of the
 /// structured-output fuzz target.
 #[cfg(any(test, fuzzing))]
-pub(crate) fn judge_decomposition(
-    text: &str,
-    request: &DecomposeRequest,
-) -> Result<Vec<Subtask>, Violation> {
-    let schema = schema::decomposition(
-        request.min_subtasks,
-        request.max_subtasks,
-        request.task.complexity,
-    );
+pub(crate) fn judge_answer<K: Task>(text: &str, request: &K) -> Result<K::Answer, Violation> {
     judge_text(
         text,
         FinishReason::Stop,
-        request.sampling.max_tokens,
-        schema,
-        |value| decompose::parse(value, request),
-    )
-}
-
-/// As [`judge_decomposition`], for an enhancement.
-#[cfg(any(test, fuzzing))]
-pub(crate) fn judge_enhancement(
-    text: &str,
-    request: &EnhanceRequest,
-) -> Result<Enhancement, Violation> {
-    judge_text(
-        text,
-        FinishReason::Stop,
-        request.sampling.max_tokens,
-        schema::enhancement(request.kind),
-        |value| enhance::parse(value, request),
+        request.sampling().max_tokens,
+        request.schema(),
+        |value| request.parse(value),
     )
 }
 
 /// The cache key of a reproducible request to `backend`; `None` for one
 /// that asks for a fresh random answer.
-fn cache_key(
-    rpc: &str,
-    backend: &dyn Backend,
-    sampling: &Sampling,
-    request: &impl std::fmt::Debug,
-) -> Option<CacheKey> {
-    cacheable(sampling).then(|| {
-        CacheKey::new(&format!(
-            "{rpc} {} {} {request:?}",
-            backend.name(),
-            backend.endpoint()
-        ))
-    })
+fn cache_key<K: Task>(backend: &dyn Backend, request: &K) -> Option<CacheKey> {
+    cacheable(request.sampling())
+        .then(|| CacheKey::of(K::NAME, backend.name(), &backend.endpoint(), request))
 }
 
 fn from_cache<T>(mut answer: Answered<T>, started: Instant) -> Answered<T> {
@@ -500,15 +421,6 @@ fn repair_sampling(first: &Sampling) -> impl Fn(u32) -> Sampling + use<> {
         }
         sampling
     }
-}
-
-struct Structured {
-    /// Text the answer should not repeat, beyond itself.
-    already_said: Vec<String>,
-    model: Option<String>,
-    sampling: Sampling,
-    messages: Vec<Message>,
-    schema: serde_json::Value,
 }
 
 /// A whole generation, collected.

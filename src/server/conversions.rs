@@ -1,0 +1,301 @@
+//! Domain values as the proto carries them: every `From` from the backend,
+//! task and admission layers to a response message lives here, so the
+//! handlers only choose what to answer, never how it is spelled.
+
+use std::time::Duration;
+
+use super::{admission::AdmissionStats, health};
+use crate::{
+    backend::{
+        BackendHealth, BackendSnapshot, Capabilities, CircuitState, FinishReason, SchemaSupport,
+    },
+    proto,
+    task::{
+        AnswerStats, Answered, Enhancement, EnhancementKind, Subtask, Violation, cache::CacheStats,
+    },
+};
+
+/// A duration as the proto's; `None` for one beyond its range.
+pub(super) fn duration(value: Duration) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(value).ok()
+}
+
+impl From<BackendHealth> for proto::BackendHealth {
+    fn from(health: BackendHealth) -> Self {
+        match health {
+            BackendHealth::Unknown => Self::Unknown,
+            BackendHealth::Serving => Self::Serving,
+            BackendHealth::NotServing => Self::NotServing,
+        }
+    }
+}
+
+impl From<SchemaSupport> for proto::SchemaSupport {
+    fn from(support: SchemaSupport) -> Self {
+        match support {
+            SchemaSupport::Requested => Self::Requested,
+            SchemaSupport::Enforced => Self::Enforced,
+        }
+    }
+}
+
+impl From<CircuitState> for proto::CircuitState {
+    fn from(state: CircuitState) -> Self {
+        match state {
+            CircuitState::Closed => Self::Closed,
+            CircuitState::Open => Self::Open,
+            CircuitState::HalfOpen => Self::HalfOpen,
+        }
+    }
+}
+
+impl From<FinishReason> for proto::FinishReason {
+    fn from(reason: FinishReason) -> Self {
+        match reason {
+            FinishReason::Stop => Self::Stop,
+            FinishReason::Length => Self::Length,
+        }
+    }
+}
+
+impl From<EnhancementKind> for proto::EnhancementKind {
+    fn from(kind: EnhancementKind) -> Self {
+        match kind {
+            EnhancementKind::Clarify => Self::Clarify,
+            EnhancementKind::Specify => Self::Specify,
+            EnhancementKind::Context => Self::Context,
+        }
+    }
+}
+
+impl From<Capabilities> for proto::BackendCapabilities {
+    fn from(capabilities: Capabilities) -> Self {
+        Self {
+            streaming: capabilities.streaming,
+            json_schema: proto::SchemaSupport::from(capabilities.json_schema).into(),
+            seed: capabilities.seed,
+        }
+    }
+}
+
+impl From<BackendSnapshot> for proto::BackendStatus {
+    fn from(snapshot: BackendSnapshot) -> Self {
+        Self {
+            name: snapshot.name.to_owned(),
+            endpoint: snapshot.endpoint,
+            active: snapshot.active,
+            health: proto::BackendHealth::from(snapshot.health).into(),
+            default_model: snapshot.default_model.unwrap_or_default(),
+            models: snapshot.models,
+            capabilities: Some(snapshot.capabilities.into()),
+            last_error: snapshot.last_error.unwrap_or_default(),
+            health_service: health::backend_service(snapshot.name),
+            circuit: proto::CircuitState::from(snapshot.circuit).into(),
+            consecutive_failures: snapshot.consecutive_failures,
+            failures: snapshot.failures,
+            retried: snapshot.retried,
+        }
+    }
+}
+
+/// A backend `auto` left out, and why.
+impl From<&(&'static str, String)> for proto::SkippedBackend {
+    fn from((name, reason): &(&'static str, String)) -> Self {
+        Self {
+            name: (*name).to_owned(),
+            reason: reason.clone(),
+        }
+    }
+}
+
+impl From<AdmissionStats> for proto::AdmissionStatus {
+    fn from(stats: AdmissionStats) -> Self {
+        let limits = stats.limits;
+        Self {
+            in_flight: stats.in_flight as u64,
+            max_in_flight: limits.max_in_flight as u64,
+            queued_interactive: stats.queued_interactive as u64,
+            queued_batch: stats.queued_batch as u64,
+            max_queue: limits.max_queue as u64,
+            admitted: stats.admitted,
+            rejected: stats.rejected,
+            mean_wait: duration(stats.mean_wait),
+        }
+    }
+}
+
+impl From<CacheStats> for proto::ResultCacheStatus {
+    fn from(stats: CacheStats) -> Self {
+        Self {
+            entries: stats.entries as u64,
+            capacity: stats.capacity as u64,
+            hits: stats.hits,
+            misses: stats.misses,
+        }
+    }
+}
+
+impl From<&Violation> for proto::Violation {
+    fn from(violation: &Violation) -> Self {
+        Self {
+            rule: violation.rule.name().to_owned(),
+            detail: violation.detail.clone(),
+        }
+    }
+}
+
+/// The provenance and cost of a structured answer; the runtime's own
+/// timings are not kept across repair attempts.
+impl From<&AnswerStats> for proto::ResponseMeta {
+    fn from(stats: &AnswerStats) -> Self {
+        Self {
+            backend: stats.backend.to_owned(),
+            model: stats.model.clone(),
+            prompt_tokens: stats.prompt_tokens,
+            completion_tokens: stats.completion_tokens,
+            cached_prompt_tokens: stats.cached_prompt_tokens,
+            time_to_first_token: duration(stats.time_to_first_token),
+            total_time: duration(stats.total_time),
+            attempts: stats.attempts,
+            backend_prompt_time: None,
+            backend_generation_time: None,
+            cached: stats.cached,
+            repaired: stats.repaired.iter().map(proto::Violation::from).collect(),
+        }
+    }
+}
+
+impl From<Enhancement> for proto::Enhancement {
+    fn from(enhancement: Enhancement) -> Self {
+        Self {
+            kind: proto::EnhancementKind::from(enhancement.kind).into(),
+            title: enhancement.title,
+            description: enhancement.description,
+            acceptance_criteria: enhancement.acceptance_criteria,
+        }
+    }
+}
+
+impl From<Subtask> for proto::Subtask {
+    fn from(subtask: Subtask) -> Self {
+        Self {
+            title: subtask.title,
+            description: subtask.description,
+            complexity: subtask.complexity.into(),
+            depends_on: subtask.depends_on,
+            reasoning: subtask.reasoning,
+        }
+    }
+}
+
+impl From<Answered<Enhancement>> for proto::EnhanceTaskResponse {
+    fn from(answer: Answered<Enhancement>) -> Self {
+        Self {
+            meta: Some((&answer.stats).into()),
+            enhancement: Some(answer.value.into()),
+        }
+    }
+}
+
+impl From<Answered<Vec<Subtask>>> for proto::DecomposeTaskResponse {
+    fn from(answer: Answered<Vec<Subtask>>) -> Self {
+        Self {
+            meta: Some((&answer.stats).into()),
+            subtasks: answer.value.into_iter().map(proto::Subtask::from).collect(),
+        }
+    }
+}
+
+/// What GetStatus reports, read from the owners of each part.
+pub(super) struct StatusReport<'a> {
+    pub backends: Vec<BackendSnapshot>,
+    pub skipped: &'a [(&'static str, String)],
+    pub admission: AdmissionStats,
+    pub caches: Option<(CacheStats, CacheStats)>,
+}
+
+impl From<StatusReport<'_>> for proto::GetStatusResponse {
+    fn from(report: StatusReport<'_>) -> Self {
+        let active = report.backends.iter().find(|snapshot| snapshot.active);
+        Self {
+            active_backend: active
+                .map(|snapshot| snapshot.name.to_owned())
+                .unwrap_or_default(),
+            model: active
+                .and_then(|snapshot| snapshot.default_model.clone())
+                .unwrap_or_default(),
+            platform: Some(proto::Platform {
+                os: std::env::consts::OS.to_owned(),
+                arch: std::env::consts::ARCH.to_owned(),
+            }),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            admission: Some(report.admission.into()),
+            enhance_cache: report.caches.map(|(enhance, _)| enhance.into()),
+            decompose_cache: report.caches.map(|(_, decompose)| decompose.into()),
+            skipped_backends: report.skipped.iter().map(Into::into).collect(),
+            backends: report.backends.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::admission::AdmissionLimits;
+
+    fn snapshot(name: &'static str, active: bool) -> BackendSnapshot {
+        BackendSnapshot {
+            name,
+            endpoint: format!("http://{name}"),
+            active,
+            health: BackendHealth::Serving,
+            default_model: Some(format!("{name}-model")),
+            models: Vec::new(),
+            capabilities: Capabilities {
+                streaming: true,
+                json_schema: SchemaSupport::Enforced,
+                seed: true,
+            },
+            last_error: None,
+            circuit: CircuitState::HalfOpen,
+            consecutive_failures: 2,
+            failures: 5,
+            retried: 1,
+        }
+    }
+
+    #[test]
+    fn the_status_names_the_active_backend_and_its_model() {
+        let skipped = [("mlx", "no worker".to_owned())];
+        let status = proto::GetStatusResponse::from(StatusReport {
+            backends: vec![snapshot("ollama", false), snapshot("embedded", true)],
+            skipped: &skipped,
+            admission: AdmissionStats {
+                limits: AdmissionLimits {
+                    max_in_flight: 2,
+                    max_queue: 4,
+                },
+                in_flight: 1,
+                queued_interactive: 0,
+                queued_batch: 0,
+                admitted: 3,
+                rejected: 0,
+                mean_wait: Duration::from_millis(5),
+            },
+            caches: None,
+        });
+        assert_eq!(status.active_backend, "embedded");
+        assert_eq!(status.model, "embedded-model");
+        assert_eq!(status.backends.len(), 2);
+        let embedded = &status.backends[1];
+        assert_eq!(embedded.circuit, proto::CircuitState::HalfOpen as i32);
+        assert_eq!(embedded.health, proto::BackendHealth::Serving as i32);
+        assert_eq!(
+            embedded.capabilities.as_ref().unwrap().json_schema,
+            proto::SchemaSupport::Enforced as i32
+        );
+        assert_eq!(status.skipped_backends[0].reason, "no worker");
+        assert_eq!(status.admission.unwrap().max_queue, 4);
+        assert_eq!(status.enhance_cache, None);
+    }
+}
