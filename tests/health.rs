@@ -1,5 +1,9 @@
-//! The gRPC health protocol: Check and Watch per entry, readiness that
-//! follows the active backend as it stops and returns, and `auto` selection.
+//! Health against real runtimes: readiness that follows a llama.cpp server
+//! as it stops and returns (a fresh connection after the restart), `auto`
+//! selection among the runtimes that answer, and the embedded engine's
+//! model load. The protocol itself (Check, Watch, entries that follow
+//! circuits and probes, readiness by generation) is the fast tier's, in
+//! tests/fast/health.rs.
 
 mod support;
 
@@ -122,32 +126,6 @@ async fn readiness_follows_the_backend_down_and_back_up() {
     while let Some(message) = stream.next().await {
         message.expect("generation succeeds");
     }
-}
-
-#[tokio::test]
-async fn unknown_services_follow_the_protocol() {
-    let server = TestServer::start(support::openai_config()).await;
-    let mut health = HealthClient::new(server.channel().await);
-    let status = health
-        .check(HealthCheckRequest {
-            service: "no.such.Service".into(),
-        })
-        .await
-        .expect_err("Check on an unknown service");
-    assert_eq!(status.code(), Code::NotFound);
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: "no.such.Service".into(),
-        })
-        .await
-        .expect("Watch on an unknown service is not an error")
-        .into_inner();
-    assert_eq!(next_status(&mut watch).await, ServingStatus::ServiceUnknown);
-    let quiet = tokio::time::timeout(Duration::from_millis(600), watch.next()).await;
-    assert!(
-        quiet.is_err(),
-        "the stream stays open without repeating: {quiet:?}"
-    );
 }
 
 #[tokio::test]
@@ -281,71 +259,4 @@ async fn health_answers_while_the_model_loads_and_a_corrupt_model_stops_startup(
         message.contains(fifo.to_str().unwrap()) && message.contains("GGUF"),
         "{message}"
     );
-}
-
-#[tokio::test]
-async fn readiness_needs_the_backend_to_generate_not_only_to_answer_probes() {
-    use std::sync::atomic::Ordering;
-    let stand_in = support::ollama::OllamaStandIn::start(&llama().openai_url()).await;
-    let host = stand_in.host();
-    let mut settings = config(&["--backend", "ollama", "--ollama-host", &host]);
-    settings.readiness_generation_interval = Duration::from_millis(300);
-    let server = TestServer::start(settings).await;
-    let mut health = HealthClient::new(server.channel().await);
-    let mut ready = health
-        .watch(HealthCheckRequest {
-            service: INFERENCE_SERVICE.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    watch_until(&mut ready, ServingStatus::Serving).await;
-
-    // Ollama still answers /api/version and /api/tags, but every generation
-    // now fails after its first token.
-    stand_in.controls.fail_after.store(1, Ordering::SeqCst);
-    watch_until(&mut ready, ServingStatus::NotServing).await;
-    let report = server
-        .client()
-        .await
-        .get_status(GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        report.backends[0]
-            .last_error
-            .contains("test generation failed"),
-        "{report:?}"
-    );
-
-    stand_in.controls.fail_after.store(0, Ordering::SeqCst);
-    watch_until(&mut ready, ServingStatus::Serving).await;
-}
-
-#[tokio::test]
-async fn rigger_health_exits_zero_only_for_a_serving_entry() {
-    let server = TestServer::start(config(&["--backend", "embedded"])).await;
-    // Run without blocking the runtime the server shares with this test.
-    let check_of = |address: String, service: &'static str| async move {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_rigger-health"))
-            .args([address.as_str(), service])
-            .output()
-            .await
-            .expect("run rigger-health")
-    };
-    let run = |service| check_of(server.addr.to_string(), service);
-    for service in ["", INFERENCE_SERVICE, "rigger.backend.embedded"] {
-        let output = run(service).await;
-        assert!(
-            output.status.success(),
-            "{service:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let unknown = run("no.such.Service").await;
-    assert!(!unknown.status.success());
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("NotFound"));
-    let nobody = check_of(format!("127.0.0.1:{}", free_port()), "").await;
-    assert!(!nobody.status.success(), "no server, no health");
 }

@@ -1,0 +1,147 @@
+//! Deadlines: the client's gRPC deadline (or the server's default, at most
+//! its maximum) bounds every call, streams and the wait for a slot
+//! included; past it the call ends with DEADLINE_EXCEEDED and the backend's
+//! stream is dropped, which is how a runtime learns to stop.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use rigger_inference::proto::{
+    DecomposeTaskRequest, EnhanceTaskRequest, GenerateRequest, Task, generate_response::Event,
+};
+use tonic::{Code, Request, Status};
+
+use super::{serve, until_admission};
+use crate::support::{
+    greedy,
+    scripted::{End, Reply, ScriptedBackend},
+};
+
+const DEADLINE: Duration = Duration::from_millis(300);
+/// Well past the deadlines here, well short of a hanging call.
+const SOON_AFTER: Duration = Duration::from_secs(3);
+
+fn with_deadline<T>(message: T, deadline: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+fn task() -> Option<Task> {
+    Some(Task {
+        title: "Plan a database migration".into(),
+        ..Default::default()
+    })
+}
+
+fn assert_expired(status: &Status) {
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("deadline"), "{status:?}");
+}
+
+/// Reads a stream until its error, returning the text before it.
+async fn text_before_error(request: Request<GenerateRequest>, client: &mut super::Client) -> (String, Status) {
+    let mut stream = client.generate(request).await.expect("starts").into_inner();
+    let mut text = String::new();
+    loop {
+        match stream.next().await.expect("ends with an error, not silently") {
+            Ok(message) => match message.event.expect("an event") {
+                Event::Text(piece) => text.push_str(&piece),
+                Event::Summary(summary) => panic!("no summary past the deadline: {summary:?}"),
+            },
+            Err(status) => return (text, status),
+        }
+    }
+}
+
+#[tokio::test]
+async fn unary_calls_end_at_the_deadline_and_drop_the_backend_stream() {
+    let backend = ScriptedBackend::new("first");
+    backend.always(Reply::hang());
+    let server = serve(&[], &[&backend]).await;
+    let mut client = server.client().await;
+
+    let started = Instant::now();
+    let status = client
+        .enhance_task(with_deadline(
+            EnhanceTaskRequest {
+                task: task(),
+                ..Default::default()
+            },
+            DEADLINE,
+        ))
+        .await
+        .expect_err("the backend never answers");
+    assert_expired(&status);
+    assert!(started.elapsed() < SOON_AFTER, "{:?}", started.elapsed());
+    backend.dropped(1).await;
+
+    let status = client
+        .decompose_task(with_deadline(
+            DecomposeTaskRequest {
+                task: task(),
+                ..Default::default()
+            },
+            DEADLINE,
+        ))
+        .await
+        .expect_err("the backend never answers");
+    assert_expired(&status);
+    backend.dropped(2).await;
+}
+
+#[tokio::test]
+async fn a_stream_ends_at_the_deadline_after_the_text_sent_so_far() {
+    let backend = ScriptedBackend::new("first");
+    backend.always(Reply::text(["Once upon"]).then(End::Hang));
+    let server = serve(&[], &[&backend]).await;
+    let mut client = server.client().await;
+    let started = Instant::now();
+    let (text, status) =
+        text_before_error(with_deadline(greedy("A story", 64), DEADLINE), &mut client).await;
+    assert_eq!(text, "Once upon");
+    assert_expired(&status);
+    assert!(started.elapsed() < SOON_AFTER, "{:?}", started.elapsed());
+    let streams = backend.dropped(1).await;
+    assert_eq!(streams.finished, 0);
+}
+
+#[tokio::test]
+async fn calls_get_the_servers_default_deadline_and_at_most_its_maximum() {
+    let backend = ScriptedBackend::new("first");
+    backend.always(Reply::text(["Once upon"]).then(End::Hang));
+    let server = serve(
+        &["--default-deadline", "300ms", "--max-deadline", "500ms"],
+        &[&backend],
+    )
+    .await;
+    let mut client = server.client().await;
+    let started = Instant::now();
+    let (_, status) = text_before_error(Request::new(greedy("A story", 64)), &mut client).await;
+    assert_expired(&status);
+    assert!(started.elapsed() < SOON_AFTER, "the default applies");
+
+    let started = Instant::now();
+    let an_hour = Duration::from_secs(3600);
+    let (_, status) =
+        text_before_error(with_deadline(greedy("A story", 64), an_hour), &mut client).await;
+    assert_expired(&status);
+    assert!(started.elapsed() < SOON_AFTER, "the maximum applies");
+    backend.dropped(2).await;
+}
+
+#[tokio::test]
+async fn a_call_waiting_for_a_slot_leaves_the_queue_at_its_deadline() {
+    let backend = ScriptedBackend::new("first");
+    backend.always(Reply::hang());
+    let server = serve(&["--max-in-flight", "1"], &[&backend]).await;
+    let mut client = server.client().await;
+    let _running = client.generate(greedy("running", 8)).await.expect("admitted");
+    let status = client
+        .generate(with_deadline(greedy("waiting", 8), DEADLINE))
+        .await
+        .expect_err("no slot frees up in time");
+    assert_expired(&status);
+    until_admission(&client, 1, 0).await;
+    assert_eq!(backend.requests().len(), 1, "the late call never reached it");
+}
