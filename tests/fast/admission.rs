@@ -19,7 +19,10 @@ use crate::support::{
 /// How fast a refusal must come: it never waits for a slot.
 const AT_ONCE: Duration = Duration::from_millis(500);
 
-fn with_priority(prompt: &str, priority: &str) -> Request<rigger_inference::proto::GenerateRequest> {
+fn with_priority(
+    prompt: &str,
+    priority: &str,
+) -> Request<rigger_inference::proto::GenerateRequest> {
     let mut request = Request::new(greedy(prompt, 8));
     request
         .metadata_mut()
@@ -34,7 +37,10 @@ async fn past_the_queue_calls_are_refused_at_once_and_slots_come_back() {
     let server = serve(&["--max-in-flight", "1", "--max-queue", "1"], &[&backend]).await;
     let mut client = server.client().await;
 
-    let running = client.generate(greedy("running", 8)).await.expect("admitted");
+    let running = client
+        .generate(greedy("running", 8))
+        .await
+        .expect("admitted");
     let mut waiting_client = client.clone();
     let waiting = tokio::spawn(async move { waiting_client.generate(greedy("waiting", 8)).await });
     until_admission(&client, 1, 1).await;
@@ -44,7 +50,11 @@ async fn past_the_queue_calls_are_refused_at_once_and_slots_come_back() {
         .generate(greedy("refused", 8))
         .await
         .expect_err("no room left");
-    assert!(asked.elapsed() < AT_ONCE, "refused at once: {:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < AT_ONCE,
+        "refused at once: {:?}",
+        asked.elapsed()
+    );
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     let retry_after: u64 = refused
         .metadata()
@@ -56,7 +66,11 @@ async fn past_the_queue_calls_are_refused_at_once_and_slots_come_back() {
         .expect("whole seconds");
     assert!(retry_after >= 1);
     assert_eq!(admission(&mut client).await, (1, 1, 1));
-    assert_eq!(backend.requests().len(), 1, "only the running call reached it");
+    assert_eq!(
+        backend.requests().len(),
+        1,
+        "only the running call reached it"
+    );
 
     // The running call's client leaves: the backend stops, and its slot
     // goes to the waiting call.
@@ -87,7 +101,13 @@ async fn waiting_interactive_calls_go_before_batch_calls_that_came_first() {
 
     let mut batch_client = client.clone();
     let batch = tokio::spawn(async move {
-        collect(batch_client.generate(with_priority("batch", "batch")).await?.into_inner()).await
+        collect(
+            batch_client
+                .generate(with_priority("batch", "batch"))
+                .await?
+                .into_inner(),
+        )
+        .await
     });
     until_admission(&client, 1, 1).await;
     let mut interactive_client = client.clone();
@@ -129,7 +149,12 @@ fn alive_tasks() -> usize {
 /// One call per client at once, each held by the backend until `running`
 /// run and `queued` wait (the rest refused); then all are let go. Returns
 /// the status codes.
-async fn burst(server: &TestServer, backend: &ScriptedBackend, running: u64, queued: u64) -> Vec<Code> {
+async fn burst(
+    server: &TestServer,
+    backend: &ScriptedBackend,
+    running: u64,
+    queued: u64,
+) -> Vec<Code> {
     let mut calls = Vec::with_capacity(CLIENTS);
     for index in 0..CLIENTS {
         let mut client = server.client().await;
@@ -161,7 +186,11 @@ async fn burst(server: &TestServer, backend: &ScriptedBackend, running: u64, que
 async fn a_burst_below_capacity_all_succeeds_and_above_it_only_resource_exhausted() {
     let roomy_backend = ScriptedBackend::new("first");
     roomy_backend.always(Reply::text(["Hi"]).held_after(0));
-    let roomy = serve(&["--max-in-flight", "4", "--max-queue", "64"], &[&roomy_backend]).await;
+    let roomy = serve(
+        &["--max-in-flight", "4", "--max-queue", "64"],
+        &[&roomy_backend],
+    )
+    .await;
     let codes = burst(&roomy, &roomy_backend, 4, CLIENTS as u64 - 4).await;
     assert!(codes.iter().all(|code| *code == Code::Ok), "{codes:?}");
     drop(roomy);
@@ -177,7 +206,11 @@ async fn a_burst_below_capacity_all_succeeds_and_above_it_only_resource_exhauste
         .filter(|code| **code == Code::ResourceExhausted)
         .count();
     assert_eq!((succeeded, refused), (12, CLIENTS - 12), "{codes:?}");
-    assert_eq!(backend.streams().finished, 12, "every admitted call ran to its end");
+    assert_eq!(
+        backend.streams().finished,
+        12,
+        "every admitted call ran to its end"
+    );
     until("the burst's tasks (connections, relays) are gone", || {
         let alive = alive_tasks();
         async move { alive <= before }

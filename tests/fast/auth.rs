@@ -46,7 +46,10 @@ async fn assert_token_required(server: &TestServer, backend: &ScriptedBackend, t
             .expect_err("refused without the right token");
         assert_eq!(status.code(), Code::Unauthenticated, "{wrong:?}");
     }
-    assert!(backend.requests().is_empty(), "refused calls never reach it");
+    assert!(
+        backend.requests().is_empty(),
+        "refused calls never reach it"
+    );
     let bearer = format!("Bearer {token}");
     client
         .get_status(with_authorization(GetStatusRequest {}, Some(&bearer)))

@@ -42,7 +42,10 @@ async fn leaving_before_the_first_token_stops_the_backend() {
     let client = server.client().await;
     let mut caller = client.clone();
     let call = tokio::spawn(async move {
-        let mut stream = caller.generate(greedy("A long prompt", 8)).await?.into_inner();
+        let mut stream = caller
+            .generate(greedy("A long prompt", 8))
+            .await?
+            .into_inner();
         stream.next().await.transpose()
     });
     backend.started(1).await;

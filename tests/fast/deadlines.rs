@@ -40,11 +40,18 @@ fn assert_expired(status: &Status) {
 }
 
 /// Reads a stream until its error, returning the text before it.
-async fn text_before_error(request: Request<GenerateRequest>, client: &mut super::Client) -> (String, Status) {
+async fn text_before_error(
+    request: Request<GenerateRequest>,
+    client: &mut super::Client,
+) -> (String, Status) {
     let mut stream = client.generate(request).await.expect("starts").into_inner();
     let mut text = String::new();
     loop {
-        match stream.next().await.expect("ends with an error, not silently") {
+        match stream
+            .next()
+            .await
+            .expect("ends with an error, not silently")
+        {
             Ok(message) => match message.event.expect("an event") {
                 Event::Text(piece) => text.push_str(&piece),
                 Event::Summary(summary) => panic!("no summary past the deadline: {summary:?}"),
@@ -134,14 +141,19 @@ async fn calls_get_the_servers_default_deadline_and_at_most_its_maximum() {
 async fn a_call_waiting_for_a_slot_leaves_the_queue_at_its_deadline() {
     let backend = ScriptedBackend::new("first");
     backend.always(Reply::hang());
-    let server = serve(&["--max-in-flight", "1"], &[&backend]).await;
+    let server = serve(&["--max-in-flight", "1", "--max-queue", "1"], &[&backend]).await;
     let mut client = server.client().await;
-    let _running = client.generate(greedy("running", 8)).await.expect("admitted");
-    let status = client
-        .generate(with_deadline(greedy("waiting", 8), DEADLINE))
+    let _running = client
+        .generate(greedy("running", 8))
         .await
-        .expect_err("no slot frees up in time");
-    assert_expired(&status);
-    until_admission(&client, 1, 0).await;
-    assert_eq!(backend.requests().len(), 1, "the late call never reached it");
+        .expect("admitted");
+    for attempt in ["waiting", "waiting again"] {
+        let status = client
+            .generate(with_deadline(greedy(attempt, 8), DEADLINE))
+            .await
+            .expect_err("no slot frees up in time");
+        assert_expired(&status);
+        until_admission(&client, 1, 0).await;
+    }
+    assert_eq!(backend.requests().len(), 1, "the late calls never reached it");
 }

@@ -44,7 +44,11 @@ async fn open_calls_finish_and_new_ones_are_refused() {
         .expect_err("no new calls while draining");
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert!(refused.message().contains("shutting down"), "{refused:?}");
-    assert_eq!(backend.requests().len(), 1, "the late call never reached it");
+    assert_eq!(
+        backend.requests().len(),
+        1,
+        "the late call never reached it"
+    );
 
     backend.release(1);
     let rest = collect(open).await.expect("the open call finishes");

@@ -20,7 +20,10 @@ use crate::support::{
 
 /// Two backends in failover order.
 fn pair() -> (Arc<ScriptedBackend>, Arc<ScriptedBackend>) {
-    (ScriptedBackend::new("first"), ScriptedBackend::new("second"))
+    (
+        ScriptedBackend::new("first"),
+        ScriptedBackend::new("second"),
+    )
 }
 
 /// What an error before the first token does to a call.
@@ -33,15 +36,51 @@ struct Case {
 }
 
 const CASES: [Case; 9] = [
-    Case { kind: ErrorKind::Unavailable, code: None, outage: true },
-    Case { kind: ErrorKind::Busy, code: None, outage: false },
-    Case { kind: ErrorKind::Overloaded, code: None, outage: false },
-    Case { kind: ErrorKind::Failed, code: Some(Code::Internal), outage: true },
-    Case { kind: ErrorKind::Protocol, code: Some(Code::Internal), outage: true },
-    Case { kind: ErrorKind::ModelNotFound, code: Some(Code::NotFound), outage: false },
-    Case { kind: ErrorKind::NoDefaultModel, code: Some(Code::FailedPrecondition), outage: false },
-    Case { kind: ErrorKind::Rejected, code: Some(Code::InvalidArgument), outage: false },
-    Case { kind: ErrorKind::CircuitsOpen, code: Some(Code::Unavailable), outage: false },
+    Case {
+        kind: ErrorKind::Unavailable,
+        code: None,
+        outage: true,
+    },
+    Case {
+        kind: ErrorKind::Busy,
+        code: None,
+        outage: false,
+    },
+    Case {
+        kind: ErrorKind::Overloaded,
+        code: None,
+        outage: false,
+    },
+    Case {
+        kind: ErrorKind::Failed,
+        code: Some(Code::Internal),
+        outage: true,
+    },
+    Case {
+        kind: ErrorKind::Protocol,
+        code: Some(Code::Internal),
+        outage: true,
+    },
+    Case {
+        kind: ErrorKind::ModelNotFound,
+        code: Some(Code::NotFound),
+        outage: false,
+    },
+    Case {
+        kind: ErrorKind::NoDefaultModel,
+        code: Some(Code::FailedPrecondition),
+        outage: false,
+    },
+    Case {
+        kind: ErrorKind::Rejected,
+        code: Some(Code::InvalidArgument),
+        outage: false,
+    },
+    Case {
+        kind: ErrorKind::CircuitsOpen,
+        code: Some(Code::Unavailable),
+        outage: false,
+    },
 ];
 
 #[tokio::test]
@@ -60,7 +99,11 @@ async fn each_error_before_the_first_token_moves_the_call_on_or_ends_it() {
             match case.code {
                 None => {
                     let answer = outcome.unwrap_or_else(|status| panic!("{what}: {status:?}"));
-                    assert_eq!(answer.summary.meta.expect("meta").backend, "second", "{what}");
+                    assert_eq!(
+                        answer.summary.meta.expect("meta").backend,
+                        "second",
+                        "{what}"
+                    );
                 }
                 Some(code) => {
                     let status = outcome.expect_err(&what);
@@ -101,7 +144,10 @@ async fn nothing_is_retried_once_text_reached_the_client() {
     };
     assert_eq!(text, "Once upon", "the text before the failure arrives");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(second.requests().is_empty(), "the caller would see text twice");
+    assert!(
+        second.requests().is_empty(),
+        "the caller would see text twice"
+    );
     let entry = backend_status(&mut client, "first").await;
     assert_eq!((entry.failures, entry.retried), (1, 0));
 }
@@ -115,7 +161,9 @@ async fn a_models_absence_is_not_retried_elsewhere() {
         model: "model-z".into(),
         ..greedy("Hi", 4)
     };
-    let status = generate(&mut client, request).await.expect_err("nobody serves it");
+    let status = generate(&mut client, request)
+        .await
+        .expect_err("nobody serves it");
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert!(second.requests().is_empty());
     let served = GenerateRequest {
@@ -149,7 +197,11 @@ async fn a_circuit_opens_on_outages_half_opens_after_its_cooldown_and_closes_on_
     assert!(!report.backends[0].active && report.backends[1].active);
 
     assert_eq!(answered_by_backend(&mut client).await, "second");
-    assert_eq!(first.requests().len(), 2, "an open circuit is skipped, not tried");
+    assert_eq!(
+        first.requests().len(),
+        2,
+        "an open circuit is skipped, not tried"
+    );
 
     first.always(Reply::text(["Hi"]));
     until("the cooldown ends", || {
@@ -159,7 +211,11 @@ async fn a_circuit_opens_on_outages_half_opens_after_its_cooldown_and_closes_on_
         }
     })
     .await;
-    assert_eq!(answered_by_backend(&mut client).await, "first", "the trial call");
+    assert_eq!(
+        answered_by_backend(&mut client).await,
+        "first",
+        "the trial call"
+    );
     let report = status(&mut client).await;
     assert_eq!(report.backends[0].circuit(), CircuitState::Closed);
     assert_eq!(report.backends[0].consecutive_failures, 0);
@@ -173,12 +229,20 @@ async fn with_every_circuit_open_calls_are_unavailable_at_once() {
     only.always(Reply::refuse(ErrorKind::Unavailable));
     let server = serve(&["--breaker-failures", "1"], &[&only]).await;
     let mut client = server.client().await;
-    let status = generate(&mut client, greedy("Hi", 4)).await.expect_err("down");
+    let status = generate(&mut client, greedy("Hi", 4))
+        .await
+        .expect_err("down");
     assert_eq!(status.code(), Code::Unavailable);
-    let status = generate(&mut client, greedy("Hi", 4)).await.expect_err("open");
+    let status = generate(&mut client, greedy("Hi", 4))
+        .await
+        .expect_err("open");
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("only is open for"), "{status:?}");
-    assert_eq!(only.requests().len(), 1, "the open circuit kept the call away");
+    assert_eq!(
+        only.requests().len(),
+        1,
+        "the open circuit kept the call away"
+    );
 }
 
 #[tokio::test]
@@ -212,11 +276,20 @@ async fn get_status_reports_each_backends_models_and_capabilities() {
     assert!(!capabilities.seed);
     let second_entry = &report.backends[1];
     assert_eq!(
-        second_entry.capabilities.expect("capabilities").json_schema(),
+        second_entry
+            .capabilities
+            .expect("capabilities")
+            .json_schema(),
         WireSchemaSupport::Enforced
     );
-    let answer = collect(client.generate(greedy("Hi", 4)).await.expect("starts").into_inner())
-        .await
-        .expect("served");
+    let answer = collect(
+        client
+            .generate(greedy("Hi", 4))
+            .await
+            .expect("starts")
+            .into_inner(),
+    )
+    .await
+    .expect("served");
     assert_eq!(answer.summary.meta.expect("meta").model, "small");
 }

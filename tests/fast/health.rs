@@ -12,8 +12,7 @@ use tonic_health::pb::{
 };
 
 use super::{
-    answered_by_backend, backend_status, check, next_status, serve, serve_with, watch,
-    watch_until,
+    answered_by_backend, backend_status, check, next_status, serve, serve_with, watch, watch_until,
 };
 use crate::support::{
     config, free_port,
@@ -25,12 +24,23 @@ const QUIET: Duration = Duration::from_millis(300);
 
 #[tokio::test]
 async fn check_answers_for_the_process_the_service_and_each_backend() {
-    let (first, second) = (ScriptedBackend::new("first"), ScriptedBackend::new("second"));
+    let (first, second) = (
+        ScriptedBackend::new("first"),
+        ScriptedBackend::new("second"),
+    );
     let server = serve(&[], &[&first, &second]).await;
     let channel = server.channel().await;
-    watch_until(&mut watch(&channel, INFERENCE_SERVICE).await, ServingStatus::Serving).await;
+    watch_until(
+        &mut watch(&channel, INFERENCE_SERVICE).await,
+        ServingStatus::Serving,
+    )
+    .await;
     for service in ["", "rigger.backend.first", "rigger.backend.second"] {
-        assert_eq!(check(&channel, service).await, ServingStatus::Serving, "{service:?}");
+        assert_eq!(
+            check(&channel, service).await,
+            ServingStatus::Serving,
+            "{service:?}"
+        );
     }
     let status = HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
@@ -40,14 +50,23 @@ async fn check_answers_for_the_process_the_service_and_each_backend() {
         .expect_err("Check on an unknown service");
     assert_eq!(status.code(), Code::NotFound);
     let mut unknown = watch(&channel, "no.such.Service").await;
-    assert_eq!(next_status(&mut unknown).await, ServingStatus::ServiceUnknown);
+    assert_eq!(
+        next_status(&mut unknown).await,
+        ServingStatus::ServiceUnknown
+    );
     let quiet = tokio::time::timeout(QUIET, futures_util::StreamExt::next(&mut unknown)).await;
-    assert!(quiet.is_err(), "the stream stays open without repeating: {quiet:?}");
+    assert!(
+        quiet.is_err(),
+        "the stream stays open without repeating: {quiet:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_backend_entry_follows_its_circuit_while_readiness_holds() {
-    let (first, second) = (ScriptedBackend::new("first"), ScriptedBackend::new("second"));
+    let (first, second) = (
+        ScriptedBackend::new("first"),
+        ScriptedBackend::new("second"),
+    );
     first.next(Reply::refuse(ErrorKind::Unavailable));
     let server = serve(
         &["--breaker-failures", "1", "--breaker-cooldown", "500ms"],
@@ -70,9 +89,18 @@ async fn a_backend_entry_follows_its_circuit_while_readiness_holds() {
         ServingStatus::Serving,
         "the service still serves, from the next backend"
     );
-    assert_eq!(next_status(&mut entry).await, ServingStatus::Serving, "half-open");
+    assert_eq!(
+        next_status(&mut entry).await,
+        ServingStatus::Serving,
+        "half-open"
+    );
     assert_eq!(answered_by_backend(&mut client).await, "first", "the trial");
-    assert_eq!(backend_status(&mut client, "first").await.consecutive_failures, 0);
+    assert_eq!(
+        backend_status(&mut client, "first")
+            .await
+            .consecutive_failures,
+        0
+    );
 }
 
 #[tokio::test]
@@ -85,9 +113,20 @@ async fn readiness_follows_the_active_backends_probes() {
     watch_until(&mut ready, ServingStatus::Serving).await;
 
     only.probes_fail(Some(ErrorKind::Unavailable));
-    assert_eq!(next_status(&mut ready).await, ServingStatus::NotServing, "one change");
-    assert_eq!(check(&channel, "rigger.backend.only").await, ServingStatus::NotServing);
-    assert_eq!(check(&channel, "").await, ServingStatus::Serving, "the process is alive");
+    assert_eq!(
+        next_status(&mut ready).await,
+        ServingStatus::NotServing,
+        "one change"
+    );
+    assert_eq!(
+        check(&channel, "rigger.backend.only").await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        check(&channel, "").await,
+        ServingStatus::Serving,
+        "the process is alive"
+    );
     let entry = backend_status(&mut client, "only").await;
     assert!(entry.last_error.contains("unavailable"), "{entry:?}");
 
@@ -109,7 +148,10 @@ async fn readiness_needs_the_backend_to_generate_not_only_to_answer_probes() {
     only.always(Reply::text(["OK"]).then(End::Fail(ErrorKind::Failed)));
     watch_until(&mut ready, ServingStatus::NotServing).await;
     let entry = backend_status(&mut server.client().await, "only").await;
-    assert!(entry.last_error.contains("test generation failed"), "{entry:?}");
+    assert!(
+        entry.last_error.contains("test generation failed"),
+        "{entry:?}"
+    );
 
     only.always(Reply::text(["OK"]));
     watch_until(&mut ready, ServingStatus::Serving).await;
@@ -120,7 +162,11 @@ async fn rigger_health_exits_zero_only_for_a_serving_entry() {
     let only = ScriptedBackend::new("only");
     let server = serve(&[], &[&only]).await;
     let channel = server.channel().await;
-    watch_until(&mut watch(&channel, INFERENCE_SERVICE).await, ServingStatus::Serving).await;
+    watch_until(
+        &mut watch(&channel, INFERENCE_SERVICE).await,
+        ServingStatus::Serving,
+    )
+    .await;
     // Run without blocking the runtime the server shares with this test.
     let check_of = |address: String, service: &'static str| async move {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_rigger-health"))
@@ -142,8 +188,15 @@ async fn rigger_health_exits_zero_only_for_a_serving_entry() {
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("NotFound"));
     only.probes_fail(Some(ErrorKind::Unavailable));
-    watch_until(&mut watch(&channel, "rigger.backend.only").await, ServingStatus::NotServing).await;
-    assert!(!run("rigger.backend.only").await.status.success(), "NOT_SERVING");
+    watch_until(
+        &mut watch(&channel, "rigger.backend.only").await,
+        ServingStatus::NotServing,
+    )
+    .await;
+    assert!(
+        !run("rigger.backend.only").await.status.success(),
+        "NOT_SERVING"
+    );
     let nobody = check_of(format!("127.0.0.1:{}", free_port()), "").await;
     assert!(!nobody.status.success(), "no server, no health");
 }

@@ -26,7 +26,10 @@ async fn scrape(address: &str) -> (String, String) {
 
 #[tokio::test]
 async fn metrics_count_calls_and_show_state() {
-    let (first, second) = (ScriptedBackend::new("first"), ScriptedBackend::new("second"));
+    let (first, second) = (
+        ScriptedBackend::new("first"),
+        ScriptedBackend::new("second"),
+    );
     first.next(Reply::refuse(ErrorKind::Busy));
     first.next(Reply::text(["Once"]).then(End::Hang));
     let address = format!("127.0.0.1:{}", free_port());

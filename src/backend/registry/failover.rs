@@ -365,10 +365,16 @@ mod tests {
         for error in &transient {
             for attempts in 1..=POLICY.retries {
                 let tried = Tried(vec![0; attempts as usize]);
-                assert!(pool.retry_after(0, error, &tried), "{error} after {attempts}");
+                assert!(
+                    pool.retry_after(0, error, &tried),
+                    "{error} after {attempts}"
+                );
             }
             let spent = Tried(vec![0; POLICY.retries as usize + 1]);
-            assert!(!pool.retry_after(0, error, &spent), "{error}: retries spent");
+            assert!(
+                !pool.retry_after(0, error, &spent),
+                "{error}: retries spent"
+            );
         }
         let about_the_request = [
             BackendError::Failed {
@@ -395,7 +401,9 @@ mod tests {
         for error in &about_the_request {
             assert!(!pool.retry_after(0, error, &tried(&[0])), "{error}");
         }
-        let retried = pool.entries[0].retried.load(std::sync::atomic::Ordering::Relaxed);
+        let retried = pool.entries[0]
+            .retried
+            .load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(retried, transient.len() as u64 * u64::from(POLICY.retries));
     }
 
@@ -412,7 +420,10 @@ mod tests {
         assert_eq!(pool.pick(&Tried::default()), Some(0), "busy is not down");
         let changes = pool.circuit_changed.subscribe();
         open_circuit(&pool, 0);
-        assert!(changes.has_changed().expect("open"), "health learns at once");
+        assert!(
+            changes.has_changed().expect("open"),
+            "health learns at once"
+        );
         assert_eq!(pool.pick(&Tried::default()), None);
     }
 
@@ -426,7 +437,11 @@ mod tests {
         assert_eq!(backoff(BASE, CAP, 1, 1.0), BASE);
         assert_eq!(backoff(BASE, CAP, 2, 1.0), BASE * 2);
         assert_eq!(backoff(BASE, CAP, 3, 1.0), BASE * 4);
-        assert_eq!(backoff(BASE, CAP, 0, 1.0), BASE, "no attempt yet counts as one");
+        assert_eq!(
+            backoff(BASE, CAP, 0, 1.0),
+            BASE,
+            "no attempt yet counts as one"
+        );
     }
 
     #[test]
