@@ -155,5 +155,9 @@ async fn a_call_waiting_for_a_slot_leaves_the_queue_at_its_deadline() {
         assert_expired(&status);
         until_admission(&client, 1, 0).await;
     }
-    assert_eq!(backend.requests().len(), 1, "the late calls never reached it");
+    assert_eq!(
+        backend.requests().len(),
+        1,
+        "the late calls never reached it"
+    );
 }

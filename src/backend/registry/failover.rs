@@ -446,8 +446,13 @@ mod tests {
 
     #[test]
     fn backoff_stops_growing_at_its_cap_without_overflowing() {
-        assert_eq!(backoff(BASE, CAP, 6, 1.0), CAP, "50ms · 32 is past 2s");
-        for attempts in [7, 31, 32, 33, u32::MAX] {
+        assert_eq!(
+            backoff(BASE, CAP, 6, 1.0),
+            BASE * 32,
+            "1.6 s, below the cap"
+        );
+        assert_eq!(backoff(BASE, CAP, 7, 1.0), CAP, "3.2 s would be past it");
+        for attempts in [8, 31, 32, 33, u32::MAX] {
             assert_eq!(backoff(BASE, CAP, attempts, 1.0), CAP, "{attempts}");
         }
         assert_eq!(backoff(Duration::MAX, CAP, 40, 0.5), CAP / 2);
