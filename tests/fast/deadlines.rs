@@ -2,6 +2,11 @@
 //! its maximum) bounds every call, streams and the wait for a slot
 //! included; past it the call ends with DEADLINE_EXCEEDED and the backend's
 //! stream is dropped, which is how a runtime learns to stop.
+//!
+//! Where the client is waiting for response headers (unary calls, a call
+//! waiting for a slot), tonic's client enforces a deadline it set itself
+//! and may give up first, under load; those cases use the server's default
+//! deadline instead, so that what is seen is the server's doing.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +23,7 @@ use crate::support::{
 };
 
 const DEADLINE: Duration = Duration::from_millis(300);
+const AN_HOUR: Duration = Duration::from_secs(3600);
 /// Well past the deadlines here, well short of a hanging call.
 const SOON_AFTER: Duration = Duration::from_secs(3);
 
@@ -65,18 +71,15 @@ async fn text_before_error(
 async fn unary_calls_end_at_the_deadline_and_drop_the_backend_stream() {
     let backend = ScriptedBackend::new("first");
     backend.always(Reply::hang());
-    let server = serve(&[], &[&backend]).await;
+    let server = serve(&["--default-deadline", "300ms"], &[&backend]).await;
     let mut client = server.client().await;
 
     let started = Instant::now();
     let status = client
-        .enhance_task(with_deadline(
-            EnhanceTaskRequest {
-                task: task(),
-                ..Default::default()
-            },
-            DEADLINE,
-        ))
+        .enhance_task(EnhanceTaskRequest {
+            task: task(),
+            ..Default::default()
+        })
         .await
         .expect_err("the backend never answers");
     assert_expired(&status);
@@ -84,13 +87,10 @@ async fn unary_calls_end_at_the_deadline_and_drop_the_backend_stream() {
     backend.dropped(1).await;
 
     let status = client
-        .decompose_task(with_deadline(
-            DecomposeTaskRequest {
-                task: task(),
-                ..Default::default()
-            },
-            DEADLINE,
-        ))
+        .decompose_task(DecomposeTaskRequest {
+            task: task(),
+            ..Default::default()
+        })
         .await
         .expect_err("the backend never answers");
     assert_expired(&status);
@@ -129,9 +129,8 @@ async fn calls_get_the_servers_default_deadline_and_at_most_its_maximum() {
     assert!(started.elapsed() < SOON_AFTER, "the default applies");
 
     let started = Instant::now();
-    let an_hour = Duration::from_secs(3600);
     let (_, status) =
-        text_before_error(with_deadline(greedy("A story", 64), an_hour), &mut client).await;
+        text_before_error(with_deadline(greedy("A story", 64), AN_HOUR), &mut client).await;
     assert_expired(&status);
     assert!(started.elapsed() < SOON_AFTER, "the maximum applies");
     backend.dropped(2).await;
@@ -141,15 +140,27 @@ async fn calls_get_the_servers_default_deadline_and_at_most_its_maximum() {
 async fn a_call_waiting_for_a_slot_leaves_the_queue_at_its_deadline() {
     let backend = ScriptedBackend::new("first");
     backend.always(Reply::hang());
-    let server = serve(&["--max-in-flight", "1", "--max-queue", "1"], &[&backend]).await;
+    let server = serve(
+        &[
+            "--max-in-flight",
+            "1",
+            "--max-queue",
+            "1",
+            "--default-deadline",
+            "300ms",
+        ],
+        &[&backend],
+    )
+    .await;
     let mut client = server.client().await;
+    // The running call's own deadline is far off.
     let _running = client
-        .generate(greedy("running", 8))
+        .generate(with_deadline(greedy("running", 8), AN_HOUR))
         .await
         .expect("admitted");
     for attempt in ["waiting", "waiting again"] {
         let status = client
-            .generate(with_deadline(greedy(attempt, 8), DEADLINE))
+            .generate(greedy(attempt, 8))
             .await
             .expect_err("no slot frees up in time");
         assert_expired(&status);
