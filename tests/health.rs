@@ -7,48 +7,20 @@
 
 mod support;
 
-use std::time::Duration;
-
 use futures_util::StreamExt;
 use rigger_inference::{
     proto::{GenerateRequest, GetStatusRequest, SamplingOptions},
     server::health::INFERENCE_SERVICE,
 };
-use support::{LlamaServer, TestServer, config, free_port, llama};
-use tonic::{Code, Streaming};
-use tonic_health::pb::{
-    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
-    health_client::HealthClient,
+use support::{
+    LlamaServer, TestServer, config, free_port,
+    health::{check, next_status, watch_until},
+    llama,
 };
-
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn next_status(watch: &mut Streaming<HealthCheckResponse>) -> ServingStatus {
-    let message = tokio::time::timeout(WAIT, watch.next())
-        .await
-        .expect("a health change within the wait")
-        .expect("the watch stream stays open")
-        .expect("no error on the watch stream");
-    ServingStatus::try_from(message.status).expect("a known status")
-}
-
-async fn watch_until(watch: &mut Streaming<HealthCheckResponse>, wanted: ServingStatus) {
-    while next_status(watch).await != wanted {}
-}
-
-async fn check(
-    health: &mut HealthClient<tonic::transport::Channel>,
-    service: &str,
-) -> ServingStatus {
-    let response = health
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .expect("known service")
-        .into_inner();
-    ServingStatus::try_from(response.status).unwrap()
-}
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 #[tokio::test]
 async fn readiness_follows_the_backend_down_and_back_up() {
@@ -60,7 +32,9 @@ async fn readiness_follows_the_backend_down_and_back_up() {
     let channel = server.channel().await;
     let mut health = HealthClient::new(channel.clone());
     let mut inference =
-        rigger_inference::proto::inference_service_client::InferenceServiceClient::new(channel);
+        rigger_inference::proto::inference_service_client::InferenceServiceClient::new(
+            channel.clone(),
+        );
 
     let mut watch = health
         .watch(HealthCheckRequest {
@@ -70,9 +44,9 @@ async fn readiness_follows_the_backend_down_and_back_up() {
         .unwrap()
         .into_inner();
     watch_until(&mut watch, ServingStatus::Serving).await;
-    assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
+    assert_eq!(check(&channel, "").await, ServingStatus::Serving);
     assert_eq!(
-        check(&mut health, "rigger.backend.openai").await,
+        check(&channel, "rigger.backend.openai").await,
         ServingStatus::Serving
     );
 
@@ -83,11 +57,11 @@ async fn readiness_follows_the_backend_down_and_back_up() {
         "one change, no repeats"
     );
     assert_eq!(
-        check(&mut health, "rigger.backend.openai").await,
+        check(&channel, "rigger.backend.openai").await,
         ServingStatus::NotServing
     );
     assert_eq!(
-        check(&mut health, "").await,
+        check(&channel, "").await,
         ServingStatus::Serving,
         "the process is alive"
     );
@@ -154,13 +128,13 @@ async fn auto_picks_a_reachable_backend_over_an_absent_ollama() {
     assert_eq!(report.backends[1].health_service, "rigger.backend.openai");
     let platform = report.platform.expect("platform");
     assert_eq!(platform.os, std::env::consts::OS);
-    let mut health = HealthClient::new(server.channel().await);
+    let channel = server.channel().await;
     assert_eq!(
-        check(&mut health, "rigger.backend.ollama").await,
+        check(&channel, "rigger.backend.ollama").await,
         ServingStatus::NotServing
     );
     assert_eq!(
-        check(&mut health, INFERENCE_SERVICE).await,
+        check(&channel, INFERENCE_SERVICE).await,
         ServingStatus::Serving
     );
 }
@@ -187,13 +161,13 @@ async fn auto_falls_back_to_the_embedded_engine_when_no_runtime_answers() {
             .expect("auto says why MLX was left out");
         assert!(mlx.reason.contains("accelerator"), "{mlx:?}");
     }
-    let mut health = HealthClient::new(server.channel().await);
+    let channel = server.channel().await;
     assert_eq!(
-        check(&mut health, "rigger.backend.embedded").await,
+        check(&channel, "rigger.backend.embedded").await,
         ServingStatus::Serving
     );
     assert_eq!(
-        check(&mut health, INFERENCE_SERVICE).await,
+        check(&channel, INFERENCE_SERVICE).await,
         ServingStatus::Serving,
         "ready once loaded"
     );
@@ -219,10 +193,11 @@ async fn health_answers_while_the_model_loads_and_a_corrupt_model_stops_startup(
     ]))
     .await;
 
-    let mut health = HealthClient::new(server.channel().await);
-    assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
+    let channel = server.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    assert_eq!(check(&channel, "").await, ServingStatus::Serving);
     assert_eq!(
-        check(&mut health, INFERENCE_SERVICE).await,
+        check(&channel, INFERENCE_SERVICE).await,
         ServingStatus::NotServing,
         "not ready while the model loads"
     );

@@ -6,11 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use rigger_inference::server::{PRIORITY_HEADER, RETRY_AFTER};
 use tonic::{Code, Request};
 
-use super::{serve, until, until_admission};
+use super::{serve, streaming, until, until_admission};
 use crate::support::{
     TestServer, admission, collect, generate, greedy,
     scripted::{Reply, ScriptedBackend},
@@ -92,12 +91,7 @@ async fn waiting_interactive_calls_go_before_batch_calls_that_came_first() {
     backend.next(Reply::text(["Hello", " world"]).held_after(1));
     let server = serve(&["--max-in-flight", "1", "--max-queue", "4"], &[&backend]).await;
     let mut client = server.client().await;
-    let mut running = client
-        .generate(greedy("running", 8))
-        .await
-        .expect("admitted")
-        .into_inner();
-    running.next().await.expect("text").expect("no error");
+    let running = streaming(&mut client, "running").await;
 
     let mut batch_client = client.clone();
     let batch = tokio::spawn(async move {

@@ -6,7 +6,9 @@
 use futures_util::StreamExt;
 use rigger_inference::proto::{EnhanceTaskRequest, Task};
 
-use super::{serve, until_admission};
+use std::future::Future;
+
+use super::{Client, serve, streaming, until_admission};
 use crate::support::{
     generate, greedy,
     scripted::{End, Reply, ScriptedBackend},
@@ -18,14 +20,7 @@ async fn dropping_a_stream_mid_generation_stops_the_backend_and_frees_the_slot()
     backend.next(Reply::text(["Once", " upon"]).then(End::Hang));
     let server = serve(&["--max-in-flight", "1"], &[&backend]).await;
     let mut client = server.client().await;
-    let mut stream = client
-        .generate(greedy("A long story", 2000))
-        .await
-        .expect("starts")
-        .into_inner();
-    stream.next().await.expect("text").expect("no error");
-
-    drop(stream);
+    drop(streaming(&mut client, "A long story").await);
     let streams = backend.dropped(1).await;
     assert_eq!(streams.finished, 0);
     until_admission(&client, 0, 0).await;
@@ -34,20 +29,19 @@ async fn dropping_a_stream_mid_generation_stops_the_backend_and_frees_the_slot()
         .expect("the only slot serves the next call");
 }
 
-#[tokio::test]
-async fn leaving_before_the_first_token_stops_the_backend() {
+/// Makes `call` (to a backend that never answers) give up once the backend
+/// has its request, and checks that the backend stream is dropped and the
+/// slot freed.
+async fn leave<F, T>(call: impl FnOnce(Client) -> F)
+where
+    F: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let backend = ScriptedBackend::new("first");
     backend.always(Reply::hang());
     let server = serve(&[], &[&backend]).await;
     let client = server.client().await;
-    let mut caller = client.clone();
-    let call = tokio::spawn(async move {
-        let mut stream = caller
-            .generate(greedy("A long prompt", 8))
-            .await?
-            .into_inner();
-        stream.next().await.transpose()
-    });
+    let call = tokio::spawn(call(client.clone()));
     backend.started(1).await;
     call.abort();
     backend.dropped(1).await;
@@ -55,13 +49,20 @@ async fn leaving_before_the_first_token_stops_the_backend() {
 }
 
 #[tokio::test]
+async fn leaving_before_the_first_token_stops_the_backend() {
+    leave(|mut caller| async move {
+        let mut stream = caller
+            .generate(greedy("A long prompt", 8))
+            .await?
+            .into_inner();
+        stream.next().await.transpose()
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn leaving_a_unary_call_stops_the_backend() {
-    let backend = ScriptedBackend::new("first");
-    backend.always(Reply::hang());
-    let server = serve(&[], &[&backend]).await;
-    let client = server.client().await;
-    let mut caller = client.clone();
-    let call = tokio::spawn(async move {
+    leave(|mut caller| async move {
         caller
             .enhance_task(EnhanceTaskRequest {
                 task: Some(Task {
@@ -71,9 +72,6 @@ async fn leaving_a_unary_call_stops_the_backend() {
                 ..Default::default()
             })
             .await
-    });
-    backend.started(1).await;
-    call.abort();
-    backend.dropped(1).await;
-    until_admission(&client, 0, 0).await;
+    })
+    .await;
 }

@@ -10,9 +10,10 @@ use rigger_inference::{
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use super::{next_status, serve, watch, watch_until};
+use super::{serve, streaming};
 use crate::support::{
     collect, greedy,
+    health::{next_status, watch, watch_until},
     scripted::{End, Reply, ScriptedBackend},
 };
 
@@ -25,12 +26,7 @@ async fn open_calls_finish_and_new_ones_are_refused() {
     let mut client = server.client().await;
     let mut ready = watch(&channel, INFERENCE_SERVICE).await;
     watch_until(&mut ready, ServingStatus::Serving).await;
-    let mut open = client
-        .generate(greedy("open", 8))
-        .await
-        .expect("starts")
-        .into_inner();
-    open.next().await.expect("text").expect("no error");
+    let open = streaming(&mut client, "open").await;
 
     server.shut_down();
     assert_eq!(next_status(&mut ready).await, ServingStatus::NotServing);
@@ -64,12 +60,7 @@ async fn calls_past_the_grace_period_end_as_cancelled() {
     backend.always(Reply::text(["Once upon"]).then(End::Hang));
     let mut server = serve(&["--shutdown-grace", "300ms"], &[&backend]).await;
     let mut client = server.client().await;
-    let mut open = client
-        .generate(greedy("open", 8))
-        .await
-        .expect("starts")
-        .into_inner();
-    open.next().await.expect("text").expect("no error");
+    let mut open = streaming(&mut client, "open").await;
 
     server.shut_down();
     let mut last = None;

@@ -11,11 +11,10 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use super::{
-    answered_by_backend, backend_status, check, next_status, serve, serve_with, watch, watch_until,
-};
+use super::{answered_by_backend, backend_status, serve, serve_with};
 use crate::support::{
     config, free_port,
+    health::{check, next_status, watch, watch_until},
     scripted::{End, ErrorKind, Reply, ScriptedBackend},
 };
 

@@ -18,18 +18,16 @@ mod validation;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
 use rigger_inference::{
     backend::Backend,
     config::Config,
-    proto::{BackendStatus, GetStatusResponse, inference_service_client::InferenceServiceClient},
+    proto::{
+        BackendStatus, GenerateResponse, GetStatusResponse,
+        inference_service_client::InferenceServiceClient,
+    },
 };
 use support::{TestServer, scripted::ScriptedBackend};
-use tonic::{Streaming, transport::Channel};
-use tonic_health::pb::{
-    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
-    health_client::HealthClient,
-};
+use tonic::transport::Channel;
 
 /// How long a test waits for something that should happen.
 const WAIT: Duration = Duration::from_secs(10);
@@ -98,40 +96,6 @@ async fn backend_status(client: &mut Client, name: &str) -> BackendStatus {
         .unwrap_or_else(|| panic!("GetStatus lists {name}"))
 }
 
-async fn check(channel: &Channel, service: &str) -> ServingStatus {
-    let response = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .expect("a known service")
-        .into_inner();
-    ServingStatus::try_from(response.status).expect("a known status")
-}
-
-async fn watch(channel: &Channel, service: &str) -> Streaming<HealthCheckResponse> {
-    HealthClient::new(channel.clone())
-        .watch(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .expect("Watch starts")
-        .into_inner()
-}
-
-async fn next_status(watch: &mut Streaming<HealthCheckResponse>) -> ServingStatus {
-    let message = tokio::time::timeout(WAIT, watch.next())
-        .await
-        .expect("a health change within the wait")
-        .expect("the watch stream stays open")
-        .expect("no error on the watch stream");
-    ServingStatus::try_from(message.status).expect("a known status")
-}
-
-async fn watch_until(watch: &mut Streaming<HealthCheckResponse>, wanted: ServingStatus) {
-    while next_status(watch).await != wanted {}
-}
-
 /// Which backend answered a short generation.
 async fn answered_by_backend(client: &mut Client) -> String {
     support::generate(client, support::greedy("Say hello.", 4))
@@ -141,4 +105,18 @@ async fn answered_by_backend(client: &mut Client) -> String {
         .meta
         .expect("meta")
         .backend
+}
+
+/// A Generate call started, its first message read.
+async fn streaming(client: &mut Client, prompt: &str) -> tonic::Streaming<GenerateResponse> {
+    let mut stream = client
+        .generate(support::greedy(prompt, 8))
+        .await
+        .expect("starts")
+        .into_inner();
+    futures_util::StreamExt::next(&mut stream)
+        .await
+        .expect("a first message")
+        .expect("no error");
+    stream
 }

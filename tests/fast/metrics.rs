@@ -2,11 +2,10 @@
 //! and code (a client that leaves counts as CANCELLED), first-token times,
 //! admission state, and each backend's health, circuit and retries.
 
-use futures_util::StreamExt;
 use rigger_inference::{config::MetricsListen, proto::GenerateRequest};
 use tonic::Code;
 
-use super::serve_with;
+use super::{serve_with, streaming};
 use crate::support::{
     config, free_port, generate, greedy,
     scripted::{End, ErrorKind, Reply, ScriptedBackend},
@@ -42,13 +41,7 @@ async fn metrics_count_calls_and_show_state() {
         .await
         .expect("the second backend answers");
     assert_eq!(passed_on.summary.meta.expect("meta").backend, "second");
-    let mut left = client
-        .generate(greedy("A story", 8))
-        .await
-        .expect("starts")
-        .into_inner();
-    left.next().await.expect("text").expect("no error");
-    drop(left);
+    drop(streaming(&mut client, "A story").await);
     first.dropped(1).await;
     generate(&mut client, greedy("Name a colour.", 8))
         .await

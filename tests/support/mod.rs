@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod health;
 pub mod ollama;
 pub mod scripted;
 
