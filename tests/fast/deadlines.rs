@@ -18,7 +18,7 @@ use tonic::{Code, Request, Status};
 
 use super::{serve, until_admission};
 use crate::support::{
-    greedy,
+    generate, greedy,
     scripted::{End, Reply, ScriptedBackend},
 };
 
@@ -171,4 +171,24 @@ async fn a_call_waiting_for_a_slot_leaves_the_queue_at_its_deadline() {
         1,
         "the late calls never reached it"
     );
+}
+
+#[tokio::test]
+async fn a_backend_that_answers_within_the_deadline_is_not_cut() {
+    const THINKING: Duration = Duration::from_millis(50);
+    let backend = ScriptedBackend::new("first");
+    backend.always(Reply::text(["Hello", " world"]).after(THINKING));
+    let server = serve(&["--default-deadline", "5s"], &[&backend]).await;
+    let mut client = server.client().await;
+    let answer = generate(&mut client, greedy("Hi", 8))
+        .await
+        .expect("answered in time");
+    assert_eq!(answer.text, "Hello world");
+    let meta = answer.summary.meta.expect("meta");
+    let first_token = meta.time_to_first_token.expect("a first-token time");
+    assert!(
+        Duration::try_from(first_token).expect("not negative") >= THINKING,
+        "the first token came after the backend's delay: {first_token:?}"
+    );
+    assert_eq!(backend.streams().finished, 1);
 }
