@@ -45,6 +45,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The error of this kind that `backend` reports.
     pub fn error(self, backend: &'static str) -> BackendError {
         let reason = "scripted".to_owned();
         match self {
@@ -166,7 +167,8 @@ struct Script {
     requests: Vec<GenerationRequest>,
 }
 
-/// A backend that follows a script; cheap to clone into a test's hands.
+/// A backend that follows a script; the test keeps an `Arc` of it to change
+/// the script and read what it recorded while the server uses it.
 pub struct ScriptedBackend {
     name: &'static str,
     capabilities: Capabilities,
