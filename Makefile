@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make run   sets up and starts the server on its default backend
 #   make test  sets up and runs the whole test suite (what CI runs)
+# and, while changing the code, make test-fast (seconds, no runtimes).
 # Configuration comes from the environment (see README); nothing here
 # overrides it.
 
@@ -17,7 +18,7 @@ CARGO_LINTED := source "$(RIGGER_CACHE_DIR)/build.env" \
 	&& RUSTC_WORKSPACE_WRAPPER="$$(rustc --print sysroot)/bin/clippy-driver" \
 	CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" cargo
 
-.PHONY: run test setup lint bench bench-kit bench-mlx eval fuzz
+.PHONY: run test test-fast setup lint bench bench-kit bench-mlx eval fuzz
 
 setup:
 	scripts/setup-python.sh >/dev/null
@@ -42,6 +43,13 @@ test: setup
 	$(CARGO_LINTED) build --locked --bins
 	$(CARGO_LINTED) test --locked --all-targets --no-run
 	$(CARGO_LINTED) test --locked --lib --bins --tests
+
+# The fast tier: the unit tests and tests/fast/ (the whole service over
+# scripted in-process backends). No Python, model or runtime process, so
+# only the build setup is needed.
+test-fast:
+	scripts/setup-build.sh >/dev/null
+	$(CARGO) test --locked --lib --test fast
 
 # Every benchmark, one after another (about 15 minutes): the kit (gateway
 # overhead, relay, scaling, memory; writes benches/results/), the embedded

@@ -1,10 +1,11 @@
 //! Generate through the OpenAI-compatible backend against a real llama.cpp
-//! server: streaming, usage, stop sequences, JSON Schema, model lookup.
+//! server: streaming, usage, stop sequences, JSON Schema, model lookup; and
+//! against a port nothing listens on.
 
 mod support;
 
 use rigger_inference::proto::{ChatMessage, FinishReason, GenerateRequest, Role, SamplingOptions};
-use support::{MODEL_ALIAS, TestServer, collect, openai_config};
+use support::{MODEL_ALIAS, TestServer, collect, config, free_port, openai_config};
 use tonic::Code;
 
 fn greedy(max_tokens: u32) -> Option<SamplingOptions> {
@@ -165,4 +166,25 @@ async fn an_unserved_model_is_not_found_and_names_it() {
         .expect("the served model by name")
         .into_inner();
     collect(stream).await.expect("generation succeeded");
+}
+
+#[tokio::test]
+async fn a_stopped_server_is_unavailable() {
+    let dead = format!("http://127.0.0.1:{}/v1", free_port());
+    let server =
+        TestServer::start(config(&["--backend", "openai", "--openai-base-url", &dead])).await;
+    let mut client = server.client().await;
+    let status = client
+        .generate(GenerateRequest {
+            prompt: "Hi".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("nothing listens on the backend port");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("backend openai is unavailable"),
+        "{}",
+        status.message()
+    );
 }

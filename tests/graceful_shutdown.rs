@@ -1,6 +1,8 @@
 //! SIGTERM on the real binary: readiness goes NOT_SERVING first, new calls
-//! are refused, open streams finish within the grace period or end as
-//! cancelled, and the process exits 0.
+//! are refused, an open stream on the llama.cpp server finishes within the
+//! grace period, and the process exits 0. What the drain does past the grace
+//! period is the fast tier's (tests/fast/drain.rs): only the signal needs
+//! the real binary.
 
 mod support;
 
@@ -130,31 +132,5 @@ async fn sigterm_drains_open_streams_and_refuses_new_calls() {
     assert_eq!(summary.finish_reason, FinishReason::Length as i32);
     assert_eq!(summary.meta.unwrap().completion_tokens, 120);
     drop((health, inference, channel));
-    assert_eq!(binary.exit_code().await, Some(0));
-}
-
-#[tokio::test]
-async fn streams_past_the_grace_period_end_as_cancelled() {
-    let binary = Binary::start("500ms");
-    let mut inference = InferenceServiceClient::new(binary.channel().await);
-    let mut stream = inference
-        .generate(greedy(STORY, 4000))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        matches!(stream.next().await, Some(Ok(_))),
-        "generation started"
-    );
-    binary.terminate();
-    let mut summary = None;
-    while let Some(message) = stream.next().await {
-        if let Some(Event::Summary(last)) = message.expect("no error").event {
-            summary = Some(last);
-        }
-    }
-    let summary = summary.expect("a summary even when cut");
-    assert_eq!(summary.finish_reason, FinishReason::Cancelled as i32);
-    drop(inference);
     assert_eq!(binary.exit_code().await, Some(0));
 }

@@ -1,50 +1,26 @@
-//! The gRPC health protocol: Check and Watch per entry, readiness that
-//! follows the active backend as it stops and returns, and `auto` selection.
+//! Health against real runtimes: readiness that follows a llama.cpp server
+//! as it stops and returns (a fresh connection after the restart), `auto`
+//! selection among the runtimes that answer, and the embedded engine's
+//! model load. The protocol itself (Check, Watch, entries that follow
+//! circuits and probes, readiness by generation) is the fast tier's, in
+//! tests/fast/health.rs.
 
 mod support;
-
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use rigger_inference::{
     proto::{GenerateRequest, GetStatusRequest, SamplingOptions},
     server::health::INFERENCE_SERVICE,
 };
-use support::{LlamaServer, TestServer, config, free_port, llama};
-use tonic::{Code, Streaming};
-use tonic_health::pb::{
-    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
-    health_client::HealthClient,
+use support::{
+    LlamaServer, TestServer, config, free_port,
+    health::{check, next_status, watch_until},
+    llama,
 };
-
-const WAIT: Duration = Duration::from_secs(20);
-
-async fn next_status(watch: &mut Streaming<HealthCheckResponse>) -> ServingStatus {
-    let message = tokio::time::timeout(WAIT, watch.next())
-        .await
-        .expect("a health change within the wait")
-        .expect("the watch stream stays open")
-        .expect("no error on the watch stream");
-    ServingStatus::try_from(message.status).expect("a known status")
-}
-
-async fn watch_until(watch: &mut Streaming<HealthCheckResponse>, wanted: ServingStatus) {
-    while next_status(watch).await != wanted {}
-}
-
-async fn check(
-    health: &mut HealthClient<tonic::transport::Channel>,
-    service: &str,
-) -> ServingStatus {
-    let response = health
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .expect("known service")
-        .into_inner();
-    ServingStatus::try_from(response.status).unwrap()
-}
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 #[tokio::test]
 async fn readiness_follows_the_backend_down_and_back_up() {
@@ -56,7 +32,9 @@ async fn readiness_follows_the_backend_down_and_back_up() {
     let channel = server.channel().await;
     let mut health = HealthClient::new(channel.clone());
     let mut inference =
-        rigger_inference::proto::inference_service_client::InferenceServiceClient::new(channel);
+        rigger_inference::proto::inference_service_client::InferenceServiceClient::new(
+            channel.clone(),
+        );
 
     let mut watch = health
         .watch(HealthCheckRequest {
@@ -66,9 +44,9 @@ async fn readiness_follows_the_backend_down_and_back_up() {
         .unwrap()
         .into_inner();
     watch_until(&mut watch, ServingStatus::Serving).await;
-    assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
+    assert_eq!(check(&channel, "").await, ServingStatus::Serving);
     assert_eq!(
-        check(&mut health, "rigger.backend.openai").await,
+        check(&channel, "rigger.backend.openai").await,
         ServingStatus::Serving
     );
 
@@ -79,11 +57,11 @@ async fn readiness_follows_the_backend_down_and_back_up() {
         "one change, no repeats"
     );
     assert_eq!(
-        check(&mut health, "rigger.backend.openai").await,
+        check(&channel, "rigger.backend.openai").await,
         ServingStatus::NotServing
     );
     assert_eq!(
-        check(&mut health, "").await,
+        check(&channel, "").await,
         ServingStatus::Serving,
         "the process is alive"
     );
@@ -125,32 +103,6 @@ async fn readiness_follows_the_backend_down_and_back_up() {
 }
 
 #[tokio::test]
-async fn unknown_services_follow_the_protocol() {
-    let server = TestServer::start(support::openai_config()).await;
-    let mut health = HealthClient::new(server.channel().await);
-    let status = health
-        .check(HealthCheckRequest {
-            service: "no.such.Service".into(),
-        })
-        .await
-        .expect_err("Check on an unknown service");
-    assert_eq!(status.code(), Code::NotFound);
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: "no.such.Service".into(),
-        })
-        .await
-        .expect("Watch on an unknown service is not an error")
-        .into_inner();
-    assert_eq!(next_status(&mut watch).await, ServingStatus::ServiceUnknown);
-    let quiet = tokio::time::timeout(Duration::from_millis(600), watch.next()).await;
-    assert!(
-        quiet.is_err(),
-        "the stream stays open without repeating: {quiet:?}"
-    );
-}
-
-#[tokio::test]
 async fn auto_picks_a_reachable_backend_over_an_absent_ollama() {
     let no_ollama = format!("127.0.0.1:{}", free_port());
     let server = TestServer::start(config(&[
@@ -176,13 +128,13 @@ async fn auto_picks_a_reachable_backend_over_an_absent_ollama() {
     assert_eq!(report.backends[1].health_service, "rigger.backend.openai");
     let platform = report.platform.expect("platform");
     assert_eq!(platform.os, std::env::consts::OS);
-    let mut health = HealthClient::new(server.channel().await);
+    let channel = server.channel().await;
     assert_eq!(
-        check(&mut health, "rigger.backend.ollama").await,
+        check(&channel, "rigger.backend.ollama").await,
         ServingStatus::NotServing
     );
     assert_eq!(
-        check(&mut health, INFERENCE_SERVICE).await,
+        check(&channel, INFERENCE_SERVICE).await,
         ServingStatus::Serving
     );
 }
@@ -209,13 +161,13 @@ async fn auto_falls_back_to_the_embedded_engine_when_no_runtime_answers() {
             .expect("auto says why MLX was left out");
         assert!(mlx.reason.contains("accelerator"), "{mlx:?}");
     }
-    let mut health = HealthClient::new(server.channel().await);
+    let channel = server.channel().await;
     assert_eq!(
-        check(&mut health, "rigger.backend.embedded").await,
+        check(&channel, "rigger.backend.embedded").await,
         ServingStatus::Serving
     );
     assert_eq!(
-        check(&mut health, INFERENCE_SERVICE).await,
+        check(&channel, INFERENCE_SERVICE).await,
         ServingStatus::Serving,
         "ready once loaded"
     );
@@ -241,10 +193,11 @@ async fn health_answers_while_the_model_loads_and_a_corrupt_model_stops_startup(
     ]))
     .await;
 
-    let mut health = HealthClient::new(server.channel().await);
-    assert_eq!(check(&mut health, "").await, ServingStatus::Serving);
+    let channel = server.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    assert_eq!(check(&channel, "").await, ServingStatus::Serving);
     assert_eq!(
-        check(&mut health, INFERENCE_SERVICE).await,
+        check(&channel, INFERENCE_SERVICE).await,
         ServingStatus::NotServing,
         "not ready while the model loads"
     );
@@ -281,71 +234,4 @@ async fn health_answers_while_the_model_loads_and_a_corrupt_model_stops_startup(
         message.contains(fifo.to_str().unwrap()) && message.contains("GGUF"),
         "{message}"
     );
-}
-
-#[tokio::test]
-async fn readiness_needs_the_backend_to_generate_not_only_to_answer_probes() {
-    use std::sync::atomic::Ordering;
-    let stand_in = support::ollama::OllamaStandIn::start(&llama().openai_url()).await;
-    let host = stand_in.host();
-    let mut settings = config(&["--backend", "ollama", "--ollama-host", &host]);
-    settings.readiness_generation_interval = Duration::from_millis(300);
-    let server = TestServer::start(settings).await;
-    let mut health = HealthClient::new(server.channel().await);
-    let mut ready = health
-        .watch(HealthCheckRequest {
-            service: INFERENCE_SERVICE.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    watch_until(&mut ready, ServingStatus::Serving).await;
-
-    // Ollama still answers /api/version and /api/tags, but every generation
-    // now fails after its first token.
-    stand_in.controls.fail_after.store(1, Ordering::SeqCst);
-    watch_until(&mut ready, ServingStatus::NotServing).await;
-    let report = server
-        .client()
-        .await
-        .get_status(GetStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        report.backends[0]
-            .last_error
-            .contains("test generation failed"),
-        "{report:?}"
-    );
-
-    stand_in.controls.fail_after.store(0, Ordering::SeqCst);
-    watch_until(&mut ready, ServingStatus::Serving).await;
-}
-
-#[tokio::test]
-async fn rigger_health_exits_zero_only_for_a_serving_entry() {
-    let server = TestServer::start(config(&["--backend", "embedded"])).await;
-    // Run without blocking the runtime the server shares with this test.
-    let check_of = |address: String, service: &'static str| async move {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_rigger-health"))
-            .args([address.as_str(), service])
-            .output()
-            .await
-            .expect("run rigger-health")
-    };
-    let run = |service| check_of(server.addr.to_string(), service);
-    for service in ["", INFERENCE_SERVICE, "rigger.backend.embedded"] {
-        let output = run(service).await;
-        assert!(
-            output.status.success(),
-            "{service:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let unknown = run("no.such.Service").await;
-    assert!(!unknown.status.success());
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("NotFound"));
-    let nobody = check_of(format!("127.0.0.1:{}", free_port()), "").await;
-    assert!(!nobody.status.success(), "no server, no health");
 }

@@ -86,6 +86,13 @@ impl State {
     fn queued(&self) -> usize {
         self.interactive.len() + self.batch.len()
     }
+
+    /// Drops the places of callers that left while waiting (cancelled,
+    /// deadline passed), so they neither fill the queue nor show in it.
+    fn forget_departed(&mut self) {
+        self.interactive.retain(|waiter| !waiter.is_closed());
+        self.batch.retain(|waiter| !waiter.is_closed());
+    }
 }
 
 pub struct Admission {
@@ -113,6 +120,7 @@ impl Admission {
         let arrived = Instant::now();
         let waiting = {
             let mut state = self.lock();
+            state.forget_departed();
             if state.in_flight < self.limits.max_in_flight && state.queued() == 0 {
                 state.in_flight += 1;
                 state.admitted += 1;
@@ -138,7 +146,8 @@ impl Admission {
     }
 
     pub fn stats(&self) -> AdmissionStats {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.forget_departed();
         AdmissionStats {
             limits: self.limits,
             in_flight: state.in_flight,

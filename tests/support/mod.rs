@@ -1,25 +1,31 @@
 //! Shared fixtures of the integration tests: the real llama.cpp server, the
-//! Ollama stand-in, and a rigger-inference server on a loopback port.
+//! Ollama stand-in, the scripted in-process backend, and a rigger-inference
+//! server on a loopback port.
 //!
 //! Each test binary starts at most one llama.cpp server (`llama()`), shared by
 //! its tests; tests that stop their backend start a private one.
 
 #![allow(dead_code)]
 
+pub mod health;
 pub mod ollama;
+pub mod scripted;
 
 use std::{
+    future::Future,
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::PathBuf,
+    pin::Pin,
     process::{Child, ChildStdin, Command, Stdio},
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
     time::Duration,
 };
 
 use clap::Parser;
 use futures_util::StreamExt;
 use rigger_inference::{
+    backend::Backend,
     config::Config,
     proto::{
         GenerateRequest, GenerateResponse, GenerationSummary, GetStatusRequest,
@@ -187,6 +193,9 @@ pub fn openai_config() -> Config {
     ])
 }
 
+/// What `serve` waits on to shut down.
+type ShutdownSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// A rigger-inference server on a loopback port, stopped on drop.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -198,8 +207,22 @@ impl TestServer {
     /// Starts a server and waits until its backends are selected (and the
     /// embedded model loaded), as a client retrying UNAVAILABLE would.
     pub async fn start(config: Config) -> Self {
-        let server = Self::spawn(config).await;
-        let mut client = server.client().await;
+        Self::spawn(config).await.ready().await
+    }
+
+    /// Starts a server over `backends` (in failover order) instead of those
+    /// the configuration selects.
+    pub async fn with_backends(config: Config, backends: Vec<Arc<dyn Backend>>) -> Self {
+        Self::launch(|listener, stop| {
+            rigger_inference::app::serve_backends(listener, config, backends, stop)
+        })
+        .await
+        .ready()
+        .await
+    }
+
+    async fn ready(self) -> Self {
+        let mut client = self.client().await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             match client.get_status(GetStatusRequest {}).await {
@@ -209,25 +232,42 @@ impl TestServer {
                 {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                _ => return server,
+                _ => return self,
             }
         }
     }
 
     /// Starts a server without waiting for its backends.
     pub async fn spawn(config: Config) -> Self {
+        Self::launch(|listener, stop| rigger_inference::app::serve(listener, config, stop)).await
+    }
+
+    async fn launch<F>(serve: impl FnOnce(TcpListener, ShutdownSignal) -> F) -> Self
+    where
+        F: Future<Output = Result<(), rigger_inference::server::ServerError>> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
         let (shutdown, stop) = oneshot::channel();
-        let handle = tokio::spawn(rigger_inference::app::serve(listener, config, async {
-            let _ = stop.await;
-        }));
+        let handle = tokio::spawn(serve(
+            listener,
+            Box::pin(async {
+                let _ = stop.await;
+            }),
+        ));
         Self {
             addr,
             shutdown: Some(shutdown),
             handle: Some(handle),
+        }
+    }
+
+    /// Asks the server to shut down (as SIGTERM does) without waiting.
+    pub fn shut_down(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
         }
     }
 
@@ -259,9 +299,7 @@ impl TestServer {
 
     /// Stops the server and returns how `serve` ended.
     pub async fn stop(mut self) -> Result<(), rigger_inference::server::ServerError> {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
+        self.shut_down();
         self.handle
             .take()
             .expect("stopped once")
@@ -272,9 +310,7 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
+        self.shut_down();
     }
 }
 

@@ -15,6 +15,24 @@ use futures_util::{StreamExt, future::BoxFuture, stream};
 use super::{Pool, breaker::BreakerPolicy};
 use crate::backend::{BackendError, ChunkStream, GenerationRequest};
 
+/// The longest wait before a backend that failed a call is tried again: the
+/// call has sent nothing yet, and an interactive caller is better served by
+/// an error after a couple of seconds than by a longer silence.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How long a call waits before trying again a backend it already tried,
+/// after `attempts` attempts: drawn uniformly below
+/// `min(cap, base · 2^(attempts - 1))` ("full jitter"), so callers retrying
+/// together spread out. `fraction` is the random draw in [0, 1).
+fn backoff(base: Duration, cap: Duration, attempts: u32, fraction: f64) -> Duration {
+    let growth = 1u32
+        .checked_shl(attempts.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    base.saturating_mul(growth)
+        .min(cap)
+        .mul_f64(fraction.clamp(0.0, 1.0))
+}
+
 /// How calls move between backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FailoverPolicy {
@@ -63,7 +81,13 @@ impl Pool {
                     return Err(last_error.unwrap_or_else(|| self.circuits_open()));
                 };
                 if tried.includes(index) {
-                    tokio::time::sleep(self.backoff(tried.attempts())).await;
+                    let wait = backoff(
+                        self.policy.backoff,
+                        MAX_BACKOFF,
+                        tried.attempts(),
+                        crate::random::fraction(),
+                    );
+                    tokio::time::sleep(wait).await;
                 }
                 tried.0.push(index);
                 match self.entries[index].backend.generate(request.clone()).await {
@@ -163,14 +187,273 @@ impl Pool {
             .join("; ");
         BackendError::CircuitsOpen { circuits }
     }
+}
 
-    /// A wait drawn uniformly below `backoff · 2^(attempts - 1)` ("full
-    /// jitter"), so callers retrying together spread out.
-    fn backoff(&self, attempts: u32) -> Duration {
-        let bound = self
-            .policy
-            .backoff
-            .saturating_mul(1 << attempts.saturating_sub(1).min(16));
-        bound.mul_f64(crate::random::fraction())
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::backend::{
+        Backend, Capabilities, ProbeReport, SchemaSupport,
+        registry::{BackendHealth, Entry},
+    };
+
+    /// A backend that is never asked to generate: routing is decided
+    /// before that.
+    struct Named(&'static str);
+
+    #[async_trait]
+    impl Backend for Named {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+
+        fn endpoint(&self) -> String {
+            "nowhere".to_owned()
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                streaming: true,
+                json_schema: SchemaSupport::Requested,
+                seed: false,
+            }
+        }
+
+        async fn probe(&self) -> Result<ProbeReport, BackendError> {
+            Ok(ProbeReport::default())
+        }
+
+        async fn generate(&self, _: GenerationRequest) -> Result<ChunkStream, BackendError> {
+            unreachable!("routing decisions never generate")
+        }
+    }
+
+    const POLICY: FailoverPolicy = FailoverPolicy {
+        breaker: BreakerPolicy {
+            failures: 2,
+            cooldown: Duration::from_secs(3600),
+        },
+        retries: 2,
+        backoff: Duration::from_millis(50),
+    };
+
+    fn pool(size: usize) -> Pool {
+        const NAMES: [&str; 3] = ["first", "second", "third"];
+        Pool {
+            entries: NAMES[..size]
+                .iter()
+                .map(|name| Entry::new(Arc::new(Named(name)), POLICY.breaker))
+                .collect(),
+            policy: POLICY,
+            circuit_changed: tokio::sync::watch::Sender::new(()),
+        }
+    }
+
+    fn tried(indices: &[usize]) -> Tried {
+        Tried(indices.to_vec())
+    }
+
+    fn down(backend: &'static str) -> BackendError {
+        BackendError::Unavailable {
+            backend,
+            endpoint: "nowhere".to_owned(),
+            reason: "test".to_owned(),
+        }
+    }
+
+    fn probed(pool: &Pool, index: usize, health: BackendHealth) {
+        pool.entries[index]
+            .state
+            .write()
+            .expect("not poisoned")
+            .health = health;
+    }
+
+    fn open_circuit(pool: &Pool, index: usize) {
+        for _ in 0..POLICY.breaker.failures {
+            pool.failed(index, &down("test"));
+        }
+    }
+
+    #[test]
+    fn calls_go_to_the_first_configured_backend_up_or_not_yet_probed() {
+        let pool = pool(3);
+        assert_eq!(pool.pick(&Tried::default()), Some(0), "before any probe");
+        for index in 0..3 {
+            probed(&pool, index, BackendHealth::Serving);
+        }
+        assert_eq!(pool.pick(&Tried::default()), Some(0));
+        assert_eq!(pool.preference(Instant::now()), [0, 1, 2]);
+    }
+
+    #[test]
+    fn backends_a_call_has_not_tried_come_before_those_it_has() {
+        let pool = pool(3);
+        assert_eq!(pool.pick(&tried(&[0])), Some(1));
+        assert_eq!(pool.pick(&tried(&[0, 1])), Some(2));
+        assert_eq!(pool.pick(&tried(&[1])), Some(0));
+        assert_eq!(
+            pool.pick(&tried(&[0, 1, 2])),
+            Some(0),
+            "once all were tried, the configured order again"
+        );
+    }
+
+    #[test]
+    fn open_circuits_are_skipped_and_none_left_means_no_pick() {
+        let pool = pool(2);
+        open_circuit(&pool, 0);
+        assert_eq!(pool.preference(Instant::now()), [1]);
+        assert_eq!(pool.pick(&Tried::default()), Some(1));
+        assert_eq!(pool.pick(&tried(&[1])), Some(1), "tried, but the only one");
+        open_circuit(&pool, 1);
+        assert_eq!(pool.pick(&Tried::default()), None);
+        let BackendError::CircuitsOpen { circuits } = pool.circuits_open() else {
+            panic!("every circuit is open");
+        };
+        assert!(
+            circuits.contains("first is open for") && circuits.contains("second is open for"),
+            "{circuits}"
+        );
+    }
+
+    #[test]
+    fn backends_failing_their_probes_come_last_but_are_not_dropped() {
+        let pool = pool(3);
+        probed(&pool, 0, BackendHealth::NotServing);
+        probed(&pool, 1, BackendHealth::Serving);
+        assert_eq!(
+            pool.preference(Instant::now()),
+            [1, 2, 0],
+            "a probe can be stale, so a failing backend stays a last resort"
+        );
+        assert_eq!(pool.pick(&Tried::default()), Some(1));
+        assert_eq!(pool.pick(&tried(&[1, 2])), Some(0));
+        open_circuit(&pool, 0);
+        assert_eq!(pool.preference(Instant::now()), [1, 2]);
+    }
+
+    #[test]
+    fn only_transient_errors_are_retried_and_only_within_the_retries() {
+        let pool = pool(2);
+        let transient = [
+            down("first"),
+            BackendError::Busy {
+                backend: "first",
+                reason: "test".to_owned(),
+            },
+            BackendError::Overloaded {
+                backend: "first",
+                reason: "test".to_owned(),
+            },
+        ];
+        for error in &transient {
+            for attempts in 1..=POLICY.retries {
+                let tried = Tried(vec![0; attempts as usize]);
+                assert!(
+                    pool.retry_after(0, error, &tried),
+                    "{error} after {attempts}"
+                );
+            }
+            let spent = Tried(vec![0; POLICY.retries as usize + 1]);
+            assert!(
+                !pool.retry_after(0, error, &spent),
+                "{error}: retries spent"
+            );
+        }
+        let about_the_request = [
+            BackendError::Failed {
+                backend: "first",
+                reason: "test".to_owned(),
+            },
+            BackendError::Protocol {
+                backend: "first",
+                reason: "test".to_owned(),
+            },
+            BackendError::ModelNotFound {
+                backend: "first",
+                model: "test".to_owned(),
+            },
+            BackendError::NoDefaultModel { backend: "first" },
+            BackendError::Rejected {
+                backend: "first",
+                reason: "test".to_owned(),
+            },
+            BackendError::CircuitsOpen {
+                circuits: "test".to_owned(),
+            },
+        ];
+        for error in &about_the_request {
+            assert!(!pool.retry_after(0, error, &tried(&[0])), "{error}");
+        }
+        let retried = pool.entries[0]
+            .retried
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(retried, transient.len() as u64 * u64::from(POLICY.retries));
+    }
+
+    #[test]
+    fn only_outages_count_against_a_circuit() {
+        let pool = pool(1);
+        let full = BackendError::Busy {
+            backend: "first",
+            reason: "test".to_owned(),
+        };
+        for _ in 0..POLICY.breaker.failures {
+            pool.failed(0, &full);
+        }
+        assert_eq!(pool.pick(&Tried::default()), Some(0), "busy is not down");
+        let changes = pool.circuit_changed.subscribe();
+        open_circuit(&pool, 0);
+        assert!(
+            changes.has_changed().expect("open"),
+            "health learns at once"
+        );
+        assert_eq!(pool.pick(&Tried::default()), None);
+    }
+
+    const BASE: Duration = Duration::from_millis(50);
+    const CAP: Duration = Duration::from_secs(2);
+    /// The largest draw `random::fraction` returns.
+    const ALMOST_ONE: f64 = 1.0 - f64::EPSILON;
+
+    #[test]
+    fn backoff_bound_doubles_with_each_attempt() {
+        assert_eq!(backoff(BASE, CAP, 1, 1.0), BASE);
+        assert_eq!(backoff(BASE, CAP, 2, 1.0), BASE * 2);
+        assert_eq!(backoff(BASE, CAP, 3, 1.0), BASE * 4);
+        assert_eq!(
+            backoff(BASE, CAP, 0, 1.0),
+            BASE,
+            "no attempt yet counts as one"
+        );
+    }
+
+    #[test]
+    fn backoff_stops_growing_at_its_cap_without_overflowing() {
+        assert_eq!(
+            backoff(BASE, CAP, 6, 1.0),
+            BASE * 32,
+            "1.6 s, below the cap"
+        );
+        assert_eq!(backoff(BASE, CAP, 7, 1.0), CAP, "3.2 s would be past it");
+        for attempts in [8, 31, 32, 33, u32::MAX] {
+            assert_eq!(backoff(BASE, CAP, attempts, 1.0), CAP, "{attempts}");
+        }
+        assert_eq!(backoff(Duration::MAX, CAP, 40, 0.5), CAP / 2);
+    }
+
+    #[test]
+    fn backoff_is_drawn_between_zero_and_its_bound() {
+        for attempts in 1..8 {
+            let bound = backoff(BASE, CAP, attempts, 1.0);
+            assert_eq!(backoff(BASE, CAP, attempts, 0.0), Duration::ZERO);
+            assert_eq!(backoff(BASE, CAP, attempts, 0.25), bound.mul_f64(0.25));
+            assert!(backoff(BASE, CAP, attempts, ALMOST_ONE) <= bound);
+        }
+        assert_eq!(backoff(BASE, CAP, 1, -1.0), Duration::ZERO, "clamped");
+        assert_eq!(backoff(BASE, CAP, 1, 7.0), BASE, "clamped");
     }
 }
