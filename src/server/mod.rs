@@ -10,6 +10,7 @@ mod deadline;
 mod drain;
 pub mod health;
 mod metrics;
+mod rpc;
 mod service;
 mod status;
 mod telemetry;
@@ -28,6 +29,7 @@ pub use deadline::DeadlinePolicy;
 use metrics::{Metrics, Snapshot};
 pub use service::InferenceApi;
 use service::{Backends, Shared};
+pub use telemetry::TelemetryError;
 pub use validate::{Limits, ValidationError};
 
 use crate::{
@@ -58,6 +60,8 @@ pub enum ServerError {
     Auth(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`).
@@ -164,20 +168,9 @@ async fn serve_selected(
     selecting: impl Future<Output = Result<BackendRegistry, SelectionError>> + Send,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let (spans, exporting) = match &config.otlp_endpoint {
-        Some(endpoint) => {
-            tracing::info!(endpoint, "exporting call spans over OTLP/HTTP");
-            let (spans, task) =
-                telemetry::SpanExport::start(endpoint, config.otel_service_name.clone());
-            (Some(spans), Some(task))
-        }
-        None => (None, None),
-    };
-    let served = serve_calls(listener, config, selecting, shutdown, spans).await;
-    // The exporter sends what is left once the last call let go of it.
-    if let Some(task) = exporting {
-        let _ = tokio::time::timeout(CUT_FLUSH, task).await;
-    }
+    let telemetry = telemetry::Telemetry::start(&config.telemetry)?;
+    let served = serve_calls(listener, config, selecting, shutdown, telemetry.clone()).await;
+    telemetry.shutdown().await;
     served
 }
 
@@ -186,7 +179,7 @@ async fn serve_calls(
     config: Config,
     selecting: impl Future<Output = Result<BackendRegistry, SelectionError>> + Send,
     shutdown: impl Future<Output = ()> + Send,
-    spans: Option<Arc<telemetry::SpanExport>>,
+    telemetry: telemetry::Telemetry,
 ) -> Result<(), ServerError> {
     let selecting = async move { selecting.await.map(Arc::new) };
     tokio::pin!(shutdown);
@@ -257,7 +250,7 @@ async fn serve_calls(
         },
         drain: drain.clone(),
         metrics,
-        spans,
+        telemetry,
     });
     let token = config.bearer_token().map_err(ServerError::Auth)?;
     let exempt = &config.auth_exempt;
