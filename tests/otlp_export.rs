@@ -1,0 +1,326 @@
+//! OTLP export of call spans, over each protocol a collector speaks: gRPC
+//! (the collector's `TraceService`, from `opentelemetry-proto`), HTTP with
+//! protobuf bodies and HTTP with JSON bodies (an axum route at
+//! `/v1/traces`). Each exported span is a SERVER span named after the
+//! method called, in the caller's trace with the caller's span as parent,
+//! the parent of the backend's request, and carries the RPC and status
+//! attributes; a caller that does not sample keeps its spans unexported.
+//! The backend is the Ollama stand-in, which records the trace headers it
+//! receives.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, header::CONTENT_TYPE},
+    routing::post,
+};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{AnyValue, any_value::Value},
+    trace::v1::{Span, span::SpanKind, status::StatusCode},
+};
+use prost::Message;
+use rigger_inference::proto::{
+    DecomposeTaskRequest, EnhanceTaskRequest, GenerateRequest, Task,
+    inference_service_client::InferenceServiceClient,
+};
+use support::{TestServer, config, greedy, llama, ollama::OllamaStandIn};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Code, Request, Response, Status, transport::Channel};
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_SPAN: &str = "00f067aa0ba902b7";
+const UNSAMPLED_TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+const SERVICE: &str = "rigger.inference.v1.InferenceService";
+
+/// What a collector received.
+type Received = Arc<Mutex<Vec<ExportTraceServiceRequest>>>;
+
+/// A collector's `TraceService` keeping what it receives.
+struct GrpcCollector(Received);
+
+#[tonic::async_trait]
+impl TraceService for GrpcCollector {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        self.0.lock().unwrap().push(request.into_inner());
+        Ok(Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// An OTLP/gRPC collector on loopback: its endpoint and what it receives.
+async fn grpc_collector() -> (String, Received) {
+    let received = Received::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+    let service = TraceServiceServer::new(GrpcCollector(received.clone()));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    (endpoint, received)
+}
+
+/// An OTLP/HTTP collector on loopback taking protobuf and JSON bodies, as
+/// their content type says, and answering in kind.
+async fn http_collector() -> (String, Received) {
+    async fn export(
+        State(received): State<Received>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> (HeaderMap, Vec<u8>) {
+        let json = headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|kind| kind.as_bytes().starts_with(b"application/json"));
+        let request = if json {
+            serde_json::from_slice(&body).expect("an OTLP/JSON request")
+        } else {
+            ExportTraceServiceRequest::decode(body).expect("an OTLP/protobuf request")
+        };
+        received.lock().unwrap().push(request);
+        let mut answer = HeaderMap::new();
+        let response = ExportTraceServiceResponse::default();
+        if json {
+            answer.insert(CONTENT_TYPE, "application/json".parse().unwrap());
+            (answer, serde_json::to_vec(&response).unwrap())
+        } else {
+            answer.insert(CONTENT_TYPE, "application/x-protobuf".parse().unwrap());
+            (answer, response.encode_to_vec())
+        }
+    }
+    let received = Received::default();
+    let app = Router::new()
+        .route("/v1/traces", post(export))
+        .with_state(received.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (endpoint, received)
+}
+
+fn traced<T>(message: T, traceparent: &str, tracestate: Option<&str>) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().expect("ASCII"));
+    if let Some(state) = tracestate {
+        request
+            .metadata_mut()
+            .insert("tracestate", state.parse().expect("ASCII"));
+    }
+    request
+}
+
+async fn generate(client: &mut InferenceServiceClient<Channel>, request: Request<GenerateRequest>) {
+    let stream = client.generate(request).await.expect("starts").into_inner();
+    support::collect(stream).await.expect("completes");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|attribute| attribute.key == key)
+        .and_then(|attribute| attribute.value.as_ref())
+        .and_then(|value: &AnyValue| value.value.as_ref())
+}
+
+fn string(value: &str) -> Option<Value> {
+    Some(Value::StringValue(value.to_owned()))
+}
+
+/// Serves calls with spans exported over `protocol` to `collector`, then
+/// checks what arrived.
+async fn calls_are_exported((endpoint, received): (String, Received), protocol: &str) {
+    let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
+    let server = TestServer::start(config(&[
+        "--backend",
+        "ollama",
+        "--ollama-host",
+        &stand_in.host(),
+        "--otlp-endpoint",
+        &endpoint,
+        "--otlp-protocol",
+        protocol,
+        "--otel-resource-attributes",
+        "deployment.environment=test",
+    ]))
+    .await;
+    let mut client = server.client().await;
+    let parent = format!("00-{TRACE_ID}-{PARENT_SPAN}-01");
+    generate(
+        &mut client,
+        traced(greedy("Say hi.", 2), &parent, Some("rojo=1")),
+    )
+    .await;
+    generate(&mut client, Request::new(greedy("Say hi.", 2))).await;
+    generate(
+        &mut client,
+        traced(
+            greedy("Say hi.", 2),
+            &format!("00-{UNSAMPLED_TRACE_ID}-b7ad6b7169203331-00"),
+            None,
+        ),
+    )
+    .await;
+    let mut unknown_model = greedy("Say hi.", 2);
+    unknown_model.model = "llama3.1".into();
+    let status = client
+        .generate(traced(unknown_model, &parent, None))
+        .await
+        .expect_err("not served");
+    assert_eq!(status.code(), Code::NotFound);
+    // Invalid (no title), so answered at once: their spans name their RPCs.
+    let untitled = Some(Task::default());
+    let enhance = EnhanceTaskRequest {
+        task: untitled.clone(),
+        ..Default::default()
+    };
+    let decompose = DecomposeTaskRequest {
+        task: untitled,
+        ..Default::default()
+    };
+    let enhanced = client.enhance_task(traced(enhance, &parent, None)).await;
+    let decomposed = client
+        .decompose_task(traced(decompose, &parent, None))
+        .await;
+    assert_eq!(enhanced.expect_err("invalid").code(), Code::InvalidArgument);
+    assert_eq!(
+        decomposed.expect_err("invalid").code(),
+        Code::InvalidArgument
+    );
+    drop(client);
+    // Stopping sends what is queued.
+    server.stop().await.expect("clean stop");
+
+    let requests = received.lock().unwrap().clone();
+    let resource = requests[0].resource_spans[0]
+        .resource
+        .clone()
+        .expect("a resource");
+    let resource_attribute = |key: &str| {
+        resource
+            .attributes
+            .iter()
+            .find(|attribute| attribute.key == key)
+            .and_then(|attribute| attribute.value.clone())
+            .and_then(|value| value.value)
+    };
+    assert_eq!(
+        resource_attribute("service.name"),
+        string("rigger-inference")
+    );
+    assert_eq!(resource_attribute("deployment.environment"), string("test"));
+    let spans: Vec<Span> = requests
+        .into_iter()
+        .flat_map(|request| request.resource_spans)
+        .flat_map(|resource| resource.scope_spans)
+        .flat_map(|scope| scope.spans)
+        .collect();
+    assert_eq!(
+        spans.len(),
+        5,
+        "every call but the unsampled one: {spans:#?}"
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|span| hex(&span.trace_id) != UNSAMPLED_TRACE_ID)
+    );
+    let seen = stand_in.controls.trace_headers.lock().unwrap().clone();
+    let backend_parent = |call: usize| {
+        let traceparent = seen[call].0.clone().expect("traceparent sent");
+        let fields: Vec<&str> = traceparent.split('-').collect();
+        (fields[1].to_owned(), fields[2].to_owned())
+    };
+
+    let continued = spans
+        .iter()
+        .find(|span| {
+            hex(&span.trace_id) == TRACE_ID
+                && attribute(span, "rigger.backend") == string("ollama").as_ref()
+                && attribute(span, "rpc.grpc.status_code") == Some(&Value::IntValue(0))
+        })
+        .expect("the continued call's span");
+    assert_eq!(hex(&continued.parent_span_id), PARENT_SPAN);
+    assert_eq!(
+        (TRACE_ID.to_owned(), hex(&continued.span_id)),
+        backend_parent(0),
+        "the backend's parent is the exported span"
+    );
+    assert_eq!(continued.name, format!("{SERVICE}/Generate"));
+    assert_eq!(continued.kind, SpanKind::Server as i32);
+    assert_eq!(continued.trace_state, "rojo=1");
+    assert_eq!(attribute(continued, "rpc.system"), string("grpc").as_ref());
+    assert_eq!(
+        attribute(continued, "rpc.service"),
+        string(SERVICE).as_ref()
+    );
+    assert_eq!(
+        attribute(continued, "rpc.method"),
+        string("Generate").as_ref()
+    );
+    assert!(continued.end_time_unix_nano > continued.start_time_unix_nano);
+
+    let (root_trace, root_span) = backend_parent(1);
+    let root = spans
+        .iter()
+        .find(|span| hex(&span.trace_id) == root_trace)
+        .expect("the new trace's span");
+    assert!(root.parent_span_id.is_empty(), "{root:?}");
+    assert_eq!(hex(&root.span_id), root_span);
+
+    let failed = spans
+        .iter()
+        .find(|span| attribute(span, "rpc.grpc.status_code") == Some(&Value::IntValue(5)))
+        .expect("the NOT_FOUND call's span");
+    assert_eq!(hex(&failed.parent_span_id), PARENT_SPAN);
+    assert_eq!(
+        failed.status.as_ref().map_or(0, |status| status.code),
+        StatusCode::Unset as i32,
+        "NOT_FOUND is the caller's error, not the server's"
+    );
+
+    for method in ["EnhanceTask", "DecomposeTask"] {
+        let span = spans
+            .iter()
+            .find(|span| span.name == format!("{SERVICE}/{method}"))
+            .unwrap_or_else(|| panic!("a {method} span: {spans:#?}"));
+        assert_eq!(attribute(span, "rpc.method"), string(method).as_ref());
+        assert_eq!(
+            attribute(span, "rpc.grpc.status_code"),
+            Some(&Value::IntValue(Code::InvalidArgument as i64))
+        );
+        assert_eq!(hex(&span.parent_span_id), PARENT_SPAN);
+    }
+}
+
+#[tokio::test]
+async fn calls_are_exported_over_grpc() {
+    calls_are_exported(grpc_collector().await, "grpc").await;
+}
+
+#[tokio::test]
+async fn calls_are_exported_over_http_with_protobuf() {
+    calls_are_exported(http_collector().await, "http/protobuf").await;
+}
+
+#[tokio::test]
+async fn calls_are_exported_over_http_with_json() {
+    calls_are_exported(http_collector().await, "http/json").await;
+}
