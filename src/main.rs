@@ -6,7 +6,7 @@ use rigger_inference::{config::Config, server};
 #[tokio::main]
 async fn main() {
     let config = Config::parse();
-    server::init_tracing(config.log_format);
+    let export = server::init_tracing_with_export(config.log_format, &config.telemetry);
     let code = match server::run(config).await {
         Ok(()) => 0,
         Err(error) => {
@@ -15,6 +15,7 @@ async fn main() {
             1
         }
     };
+    export.shutdown().await;
     // Exits here rather than by returning: dropping the runtime would wait
     // for a model load still running on a blocking thread after an early
     // shutdown.

@@ -34,7 +34,7 @@ pub use validate::{Limits, ValidationError};
 
 use crate::{
     backend::{Backend, BackendRegistry, FailoverPolicy, GenerationCheck, SelectionError},
-    config::{Config, LogFormat},
+    config::{Config, LogFormat, TelemetryConfig},
     proto::{self, inference_service_server::InferenceServiceServer},
     task::{CacheSettings, TaskRunner},
 };
@@ -66,12 +66,55 @@ pub enum ServerError {
 
 /// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`).
 pub fn init_tracing(format: LogFormat) {
+    subscribe(format, None);
+}
+
+/// Installs the global tracing subscriber as [`init_tracing`] does; with an
+/// OTLP endpoint, tracing's spans and events are exported too
+/// (`tracing-opentelemetry`), each call's under its SERVER span. An
+/// exporter that cannot be built is left to [`serve`] to report.
+pub fn init_tracing_with_export(format: LogFormat, settings: &TelemetryConfig) -> TracingExport {
+    let exported = settings
+        .otlp_endpoint
+        .as_ref()
+        .and_then(|_| telemetry::Telemetry::start(settings).ok());
+    subscribe(format, exported.as_ref());
+    TracingExport(exported)
+}
+
+fn subscribe(format: LogFormat, exported: Option<&telemetry::Telemetry>) {
+    use tracing_subscriber::{
+        Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt,
+    };
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let export = exported.map(|telemetry| {
+        tracing_opentelemetry::layer()
+            .with_tracer(telemetry.tracer())
+            // Backend requests keep naming the call's SERVER span as their
+            // parent, as they do without this layer.
+            .with_context_activation(false)
+            // The exporter's own events would feed back into it.
+            .with_filter(filter_fn(|metadata| {
+                !metadata.target().starts_with("opentelemetry")
+            }))
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(export);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt::layer()).init(),
+        LogFormat::Json => registry.with(fmt::layer().json()).init(),
+    }
+}
+
+/// The export [`init_tracing_with_export`] started, flushed before the process exits.
+pub struct TracingExport(Option<telemetry::Telemetry>);
+
+impl TracingExport {
+    pub async fn shutdown(self) {
+        if let Some(telemetry) = self.0 {
+            telemetry.shutdown().await;
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{
     admission::{Admission, AdmissionStats, Permit, Priority},
@@ -99,6 +100,9 @@ impl InferenceApi {
             trace_id = %ids.trace_id(),
             span_id = %ids.span_id()
         );
+        // Exported only where `init_tracing_with_export` installed its layer; an error
+        // says it did not.
+        let _ = log.set_parent(span.context().clone());
         Traced { span, log }
     }
 

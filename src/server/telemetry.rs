@@ -108,6 +108,10 @@ impl Telemetry {
         })
     }
 
+    pub(super) fn tracer(&self) -> SdkTracer {
+        self.tracer.clone()
+    }
+
     /// Starts the span of a call to `rpc` whose metadata is `metadata`.
     pub(super) fn call(&self, rpc: Rpc, metadata: &MetadataMap) -> CallSpan {
         let parent = TraceContextPropagator::new().extract(&Metadata(metadata));
