@@ -6,17 +6,22 @@
 //! the parent of the backend's request, and carries the RPC and status
 //! attributes; a caller that does not sample keeps its spans unexported.
 //! The backend is the Ollama stand-in, which records the trace headers it
-//! receives.
+//! receives. The binary reads the standard `OTEL_*` variables and exports
+//! each call's log span under the call's span (`tracing-opentelemetry`).
 
 mod support;
 
-use std::sync::{Arc, Mutex};
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{
     Router,
     body::Bytes,
     extract::State,
-    http::{HeaderMap, header::CONTENT_TYPE},
+    http::{HeaderMap, HeaderValue, StatusCode as HttpStatus, header::CONTENT_TYPE},
     routing::post,
 };
 use opentelemetry_proto::tonic::{
@@ -32,7 +37,7 @@ use rigger_inference::proto::{
     DecomposeTaskRequest, EnhanceTaskRequest, GenerateRequest, Task,
     inference_service_client::InferenceServiceClient,
 };
-use support::{TestServer, config, greedy, llama, ollama::OllamaStandIn};
+use support::{TestServer, config, free_port, greedy, llama, ollama::OllamaStandIn};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, Request, Response, Status, transport::Channel};
@@ -73,33 +78,35 @@ async fn grpc_collector() -> (String, Received) {
     (endpoint, received)
 }
 
-/// An OTLP/HTTP collector on loopback taking protobuf and JSON bodies, as
-/// their content type says, and answering in kind.
-async fn http_collector() -> (String, Received) {
-    async fn export(
-        State(received): State<Received>,
-        headers: HeaderMap,
-        body: Bytes,
-    ) -> (HeaderMap, Vec<u8>) {
-        let json = headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|kind| kind.as_bytes().starts_with(b"application/json"));
+/// An OTLP/HTTP collector on loopback taking bodies of `content_type`
+/// only (`application/x-protobuf` or `application/json`) and answering in
+/// kind.
+async fn http_collector(content_type: &'static str) -> (String, Received) {
+    let export = move |State(received): State<Received>, headers: HeaderMap, body: Bytes| async move {
+        let json = content_type == "application/json";
+        if headers.get(CONTENT_TYPE).map(|kind| kind.as_bytes()) != Some(content_type.as_bytes()) {
+            return (
+                HttpStatus::UNSUPPORTED_MEDIA_TYPE,
+                HeaderMap::new(),
+                Vec::new(),
+            );
+        }
         let request = if json {
             serde_json::from_slice(&body).expect("an OTLP/JSON request")
         } else {
             ExportTraceServiceRequest::decode(body).expect("an OTLP/protobuf request")
         };
         received.lock().unwrap().push(request);
-        let mut answer = HeaderMap::new();
         let response = ExportTraceServiceResponse::default();
-        if json {
-            answer.insert(CONTENT_TYPE, "application/json".parse().unwrap());
-            (answer, serde_json::to_vec(&response).unwrap())
+        let mut answer = HeaderMap::new();
+        answer.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        let body = if json {
+            serde_json::to_vec(&response).unwrap()
         } else {
-            answer.insert(CONTENT_TYPE, "application/x-protobuf".parse().unwrap());
-            (answer, response.encode_to_vec())
-        }
-    }
+            response.encode_to_vec()
+        };
+        (HttpStatus::OK, answer, body)
+    };
     let received = Received::default();
     let app = Router::new()
         .route("/v1/traces", post(export))
@@ -317,10 +324,128 @@ async fn calls_are_exported_over_grpc() {
 
 #[tokio::test]
 async fn calls_are_exported_over_http_with_protobuf() {
-    calls_are_exported(http_collector().await, "http/protobuf").await;
+    calls_are_exported(
+        http_collector("application/x-protobuf").await,
+        "http/protobuf",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn calls_are_exported_over_http_with_json() {
-    calls_are_exported(http_collector().await, "http/json").await;
+    calls_are_exported(http_collector("application/json").await, "http/json").await;
+}
+
+/// The binary, killed if a test fails before it exits.
+struct Binary(Child);
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+// Several threads: the collector answers while this one waits for the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reads_the_otel_variables_and_exports_log_spans_under_the_call() {
+    let (endpoint, received) = grpc_collector().await;
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut binary = Binary(
+        Command::new(env!("CARGO_BIN_EXE_rigger-inference"))
+            .env("RIGGER_LISTEN", &address)
+            .env("RIGGER_METRICS_LISTEN", "off")
+            .env("INFERENCE_BACKEND", "openai")
+            .env("OPENAI_BASE_URL", llama().openai_url())
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            .env("OTEL_SERVICE_NAME", "from-variables")
+            .env(
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=variables",
+            )
+            .env("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the binary"),
+    );
+    let channel = Channel::from_shared(format!("http://{address}")).unwrap();
+    let mut client = loop {
+        match channel.connect().await {
+            Ok(channel) => break InferenceServiceClient::new(channel),
+            Err(_) if binary.0.try_wait().unwrap().is_none() => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("the binary exited: {error}"),
+        }
+    };
+    let parent = format!("00-{TRACE_ID}-{PARENT_SPAN}-01");
+    let request = || traced(greedy("Say hi.", 2), &parent, None);
+    // Retried until the backend is selected.
+    let stream = loop {
+        match client.generate(request()).await {
+            Err(status) if status.code() == Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            started => break started.expect("starts").into_inner(),
+        }
+    };
+    support::collect(stream).await.expect("completes");
+    generate(&mut client, Request::new(greedy("Say hi.", 2))).await;
+    drop(client);
+    let pid = binary.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let child = &mut binary.0;
+    let exited = tokio::task::block_in_place(|| child.wait().expect("wait for the binary"));
+    assert!(exited.success(), "{exited}");
+
+    let requests = received.lock().unwrap().clone();
+    let resources: Vec<_> = requests
+        .iter()
+        .flat_map(|request| &request.resource_spans)
+        .collect();
+    for resource in &resources {
+        let attributes = &resource.resource.as_ref().expect("a resource").attributes;
+        let value = |key: &str| {
+            attributes
+                .iter()
+                .find(|attribute| attribute.key == key)
+                .and_then(|attribute| attribute.value.clone())
+                .and_then(|value| value.value)
+        };
+        assert_eq!(value("service.name"), string("from-variables"));
+        assert_eq!(value("deployment.environment"), string("variables"));
+    }
+    let spans: Vec<&Span> = resources
+        .iter()
+        .flat_map(|resource| &resource.scope_spans)
+        .flat_map(|scope| &scope.spans)
+        .collect();
+    assert!(
+        spans.iter().all(|span| hex(&span.trace_id) == TRACE_ID),
+        "the call without a parent is not sampled: {spans:#?}"
+    );
+    let server = spans
+        .iter()
+        .find(|span| span.kind == SpanKind::Server as i32)
+        .expect("the call's span");
+    assert_eq!(hex(&server.parent_span_id), PARENT_SPAN);
+    assert_eq!(
+        attribute(server, "rigger.backend"),
+        string("openai").as_ref()
+    );
+    let log = spans
+        .iter()
+        .find(|span| span.name == "call")
+        .expect("the call's log span");
+    assert_eq!(log.kind, SpanKind::Internal as i32);
+    assert_eq!(log.parent_span_id, server.span_id);
+    assert_eq!(attribute(log, "rpc"), string("generate").as_ref());
 }
