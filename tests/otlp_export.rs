@@ -216,6 +216,7 @@ async fn calls_are_exported((endpoint, received): (String, Received), protocol: 
     server.stop().await.expect("clean stop");
 
     let requests = received.lock().unwrap().clone();
+    assert!(!requests.is_empty(), "the collector received nothing");
     let resource = requests[0].resource_spans[0]
         .resource
         .clone()
