@@ -37,7 +37,7 @@ use rigger_inference::proto::{
     DecomposeTaskRequest, EnhanceTaskRequest, GenerateRequest, Task,
     inference_service_client::InferenceServiceClient,
 };
-use support::{TestServer, config, free_port, greedy, llama, ollama::OllamaStandIn};
+use support::{TestServer, config, free_port, greedy, llama, ollama::OllamaStandIn, traced};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, Request, Response, Status, transport::Channel};
@@ -115,19 +115,6 @@ async fn http_collector(content_type: &'static str) -> (String, Received) {
     let endpoint = format!("http://{}", listener.local_addr().expect("address"));
     tokio::spawn(async move { axum::serve(listener, app).await });
     (endpoint, received)
-}
-
-fn traced<T>(message: T, traceparent: &str, tracestate: Option<&str>) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("traceparent", traceparent.parse().expect("ASCII"));
-    if let Some(state) = tracestate {
-        request
-            .metadata_mut()
-            .insert("tracestate", state.parse().expect("ASCII"));
-    }
-    request
 }
 
 async fn generate(client: &mut InferenceServiceClient<Channel>, request: Request<GenerateRequest>) {

@@ -8,24 +8,11 @@
 mod support;
 
 use rigger_inference::proto::GenerateRequest;
-use support::{TestServer, config, greedy, llama, ollama::OllamaStandIn};
+use support::{TestServer, config, greedy, llama, ollama::OllamaStandIn, traced};
 use tonic::Request;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_SPAN: &str = "00f067aa0ba902b7";
-
-fn traced(traceparent: &str, tracestate: Option<&str>) -> Request<GenerateRequest> {
-    let mut request = Request::new(greedy("Say hi.", 2));
-    request
-        .metadata_mut()
-        .insert("traceparent", traceparent.parse().expect("ASCII"));
-    if let Some(state) = tracestate {
-        request
-            .metadata_mut()
-            .insert("tracestate", state.parse().expect("ASCII"));
-    }
-    request
-}
 
 /// The (trace id, parent span, flags) of a `traceparent` the backend got.
 fn parts(traceparent: &str) -> (String, String, String) {
@@ -57,9 +44,14 @@ async fn the_callers_trace_reaches_the_backend_and_calls_without_one_get_their_o
     let mut client = server.client().await;
     let parent = format!("00-{TRACE_ID}-{PARENT_SPAN}-01");
     for request in [
-        traced(&parent, Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")),
+        traced(
+            greedy("Say hi.", 2),
+            &parent,
+            Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"),
+        ),
         Request::new(greedy("Say hi.", 2)),
         traced(
+            greedy("Say hi.", 2),
             &format!("00-{TRACE_ID}-0000000000000000-01"),
             Some("rojo=1"),
         ),
