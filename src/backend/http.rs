@@ -6,14 +6,14 @@ use std::{collections::VecDeque, pin::Pin};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream};
-
-use super::{BackendError, Chunk, ChunkStream, Message, Sampling};
 use opentelemetry::{
     Context,
     propagation::{Injector, TextMapPropagator},
 };
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+use super::{BackendError, Chunk, ChunkStream, Message, Sampling};
 
 /// Longest line accepted from a backend; a longer one is a protocol error,
 /// not unbounded buffering.
