@@ -316,7 +316,7 @@ fn print_summary(summary: &Summary) {
 async fn main() {
     let args = Args::parse();
     if args.verbose {
-        rigger_inference::app::init_tracing(rigger_inference::config::LogFormat::Text);
+        rigger_inference::server::init_tracing(rigger_inference::config::LogFormat::Text);
     }
     let corpus: Vec<CorpusTask> =
         serde_json::from_slice(&std::fs::read(&args.corpus).expect("read the corpus"))

@@ -23,24 +23,13 @@ use crate::{
         ollama::{OllamaBackend, OllamaSettings},
         openai::{OpenAiBackend, OpenAiSettings},
     },
-    config::{BackendChoice, Config, LogFormat, cache_dir},
+    config::{BackendChoice, Config, cache_dir},
     server::{
         self, AdmissionLimits, DeadlinePolicy, Limits, ServerError, ServerSettings,
         auth::BearerToken,
     },
     task::{CacheSettings, TaskRunner},
 };
-
-/// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`).
-pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
 
 /// Longest wait between restarts of an MLX worker that keeps dying.
 const MLX_MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
@@ -121,8 +110,7 @@ pub fn server_settings(config: &Config) -> Result<ServerSettings, ServerError> {
             },
         ),
         shutdown_grace: config.shutdown_grace,
-        otlp_endpoint: config.otlp_endpoint.clone(),
-        otel_service_name: config.otel_service_name.clone(),
+        telemetry: config.telemetry.clone(),
     })
 }
 

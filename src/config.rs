@@ -293,19 +293,98 @@ pub struct Config {
     #[arg(long, env = "RIGGER_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
-    /// OpenTelemetry collector to export one span per inference call to
-    /// (OTLP over HTTP, JSON; its base URL, e.g. `http://127.0.0.1:4318`).
-    /// Unset: no export; trace context is still passed on to backends.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
-
-    /// `service.name` of the exported spans.
-    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "rigger-inference")]
-    pub otel_service_name: String,
+    /// OpenTelemetry: trace export of inference calls.
+    #[command(flatten)]
+    pub telemetry: TelemetryConfig,
 
     /// Log format.
     #[arg(long, env = "RIGGER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, ignore_case = true)]
     pub log_format: LogFormat,
+}
+
+/// OpenTelemetry settings, under the standard `OTEL_*` variables. Export is
+/// off until an endpoint is given; trace context is passed on to backends
+/// either way.
+#[derive(Clone, Debug, clap::Args)]
+pub struct TelemetryConfig {
+    /// OTLP collector to export one span per inference call to: its base URL
+    /// (`http://127.0.0.1:4317` for gRPC; for HTTP `/v1/traces` is appended
+    /// to it). Unset: no export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// OTLP transport and encoding.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum, default_value_t = OtlpProtocol::HttpProtobuf)]
+    pub otlp_protocol: OtlpProtocol,
+
+    /// `service.name` of the exported spans; unset: the `service.name` of
+    /// `--otel-resource-attributes`, else `rigger-inference`.
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
+
+    /// Which new spans are recorded (a `parentbased_*` sampler follows the
+    /// caller's decision when the call continues a trace).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER", value_enum, default_value_t = TracesSampler::ParentbasedAlwaysOn)]
+    pub otel_traces_sampler: TracesSampler,
+
+    /// Ratio of traces the `*traceidratio` samplers record, 0 to 1.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub otel_traces_sampler_arg: f64,
+
+    /// Attributes of the exported resource, `key=value`, comma-separated
+    /// (`deployment.environment=prod,service.namespace=rigger`).
+    #[arg(long, env = "OTEL_RESOURCE_ATTRIBUTES", value_delimiter = ',', value_parser = parse_resource_attribute)]
+    pub otel_resource_attributes: Vec<ResourceAttribute>,
+}
+
+/// The values of `OTEL_EXPORTER_OTLP_PROTOCOL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (collectors listen on 4317).
+    #[value(name = "grpc")]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (collectors listen on 4318).
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+    /// OTLP/HTTP with JSON bodies.
+    #[value(name = "http/json")]
+    HttpJson,
+}
+
+/// The values of `OTEL_TRACES_SAMPLER` that need no remote service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum TracesSampler {
+    AlwaysOn,
+    AlwaysOff,
+    Traceidratio,
+    ParentbasedAlwaysOn,
+    ParentbasedAlwaysOff,
+    ParentbasedTraceidratio,
+}
+
+/// One `key=value` of `OTEL_RESOURCE_ATTRIBUTES`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceAttribute {
+    pub key: String,
+    pub value: String,
+}
+
+fn parse_resource_attribute(entry: &str) -> Result<ResourceAttribute, String> {
+    match entry.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok(ResourceAttribute {
+            key: key.trim().to_owned(),
+            value: value.trim().to_owned(),
+        }),
+        _ => Err(format!("{entry:?} is not key=value")),
+    }
+}
+
+fn parse_ratio(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("{value:?} is not a ratio between 0 and 1")),
+    }
 }
 
 /// A secret setting: its `Debug` form never shows the value, so logging a
@@ -418,6 +497,50 @@ mod tests {
         assert_eq!(config.ollama_host, "http://127.0.0.1:11434");
         assert_eq!(config.openai_base_url, None);
         assert_eq!(config.probe_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_standard_otel_variables_parse_into_the_telemetry_settings() {
+        let config = Config::parse_from([
+            "x",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--otlp-protocol",
+            "grpc",
+            "--otel-traces-sampler",
+            "parentbased_traceidratio",
+            "--otel-traces-sampler-arg",
+            "0.25",
+            "--otel-resource-attributes",
+            "deployment.environment=prod, service.namespace = rigger",
+        ]);
+        let telemetry = config.telemetry;
+        assert_eq!(telemetry.otlp_protocol, OtlpProtocol::Grpc);
+        assert_eq!(
+            telemetry.otel_traces_sampler,
+            TracesSampler::ParentbasedTraceidratio
+        );
+        assert_eq!(telemetry.otel_traces_sampler_arg, 0.25);
+        assert_eq!(
+            telemetry.otel_resource_attributes[1],
+            ResourceAttribute {
+                key: "service.namespace".into(),
+                value: "rigger".into()
+            }
+        );
+        let defaults = Config::parse_from(["x"]).telemetry;
+        assert_eq!(defaults.otlp_endpoint, None, "export is off by default");
+        assert_eq!(defaults.otlp_protocol, OtlpProtocol::HttpProtobuf);
+        for invalid in [
+            ["--otlp-protocol", "http"],
+            ["--otel-traces-sampler-arg", "1.5"],
+            ["--otel-resource-attributes", "no-value"],
+        ] {
+            assert!(
+                Config::try_parse_from(["x", invalid[0], invalid[1]]).is_err(),
+                "{invalid:?}"
+            );
+        }
     }
 
     #[test]

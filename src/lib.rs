@@ -15,7 +15,6 @@ pub mod loadgen;
 mod random;
 pub mod server;
 pub mod task;
-pub mod trace_context;
 
 /// Generated gRPC contracts of package `rigger.inference.v1`.
 pub mod proto {

@@ -6,9 +6,14 @@ use std::{collections::VecDeque, pin::Pin};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream};
+use opentelemetry::{
+    Context,
+    propagation::{Injector, TextMapPropagator},
+};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::{BackendError, Chunk, ChunkStream, Message, Sampling};
-use crate::trace_context::{TRACEPARENT, TRACESTATE, TraceContext};
 
 /// Longest line accepted from a backend; a longer one is a protocol error,
 /// not unbounded buffering.
@@ -86,20 +91,19 @@ pub(crate) struct HttpTarget<'a> {
 }
 
 impl HttpTarget<'_> {
-    /// Sends a request, within the trace of the call it serves; a transport
-    /// failure or a non-success status becomes the matching
+    /// Sends a request, within the trace of the call it serves (W3C
+    /// `traceparent`/`tracestate` naming the call's span as the parent); a
+    /// transport failure or a non-success status becomes the matching
     /// [`BackendError`], with the backend's own message.
     pub(crate) async fn send(
         &self,
-        mut request: reqwest::RequestBuilder,
+        request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, BackendError> {
-        if let Some(call) = TraceContext::current() {
-            request = request.header(TRACEPARENT, call.traceparent());
-            if let Some(state) = call.tracestate() {
-                request = request.header(TRACESTATE, state);
-            }
-        }
+        let mut trace = HeaderMap::new();
+        TraceContextPropagator::new()
+            .inject_context(&Context::current(), &mut TraceHeaders(&mut trace));
         let response = request
+            .headers(trace)
             .send()
             .await
             .map_err(|error| self.transport(error))?;
@@ -358,6 +362,24 @@ impl RecordSplitter {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The trace headers of a backend request; an empty `tracestate` (a trace
+/// this service started) is not sent.
+struct TraceHeaders<'a>(&'a mut HeaderMap);
+
+impl Injector for TraceHeaders<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if value.is_empty() {
+            return;
+        }
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
         }
     }
 }

@@ -33,10 +33,12 @@ use metrics::{Metrics, Snapshot};
 pub use service::InferenceApi;
 use service::{Backends, Shared};
 pub use status::RETRY_AFTER;
+pub use telemetry::TelemetryError;
 pub use validate::{Limits, ValidationError};
 
 use crate::{
     backend::{BackendRegistry, GenerationCheck, SelectionError},
+    config::{LogFormat, TelemetryConfig},
     proto::{self, inference_service_server::InferenceServiceServer},
     task::TaskRunner,
 };
@@ -63,6 +65,8 @@ pub enum ServerError {
     Auth(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// What the gRPC edge needs to serve, already resolved from the
@@ -84,9 +88,62 @@ pub struct ServerSettings {
     /// Readiness by generation; `None`: readiness follows the probes only.
     pub generation_check: Option<GenerationCheck>,
     pub shutdown_grace: Duration,
-    /// OTLP/HTTP collector the call spans go to; `None`: no export.
-    pub otlp_endpoint: Option<String>,
-    pub otel_service_name: String,
+    /// Span export and sampling (the standard `OTEL_*` settings).
+    pub telemetry: TelemetryConfig,
+}
+
+/// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    subscribe(format, None);
+}
+
+/// Installs the global tracing subscriber as [`init_tracing`] does; with an
+/// OTLP endpoint, tracing's spans and events are exported too
+/// (`tracing-opentelemetry`), each call's under its SERVER span. An
+/// exporter that cannot be built is left to [`serve_with`] to report.
+pub fn init_tracing_with_export(format: LogFormat, settings: &TelemetryConfig) -> TracingExport {
+    let exported = settings
+        .otlp_endpoint
+        .as_ref()
+        .and_then(|_| telemetry::Telemetry::start(settings).ok());
+    subscribe(format, exported.as_ref());
+    TracingExport(exported)
+}
+
+fn subscribe(format: LogFormat, exported: Option<&telemetry::Telemetry>) {
+    use tracing_subscriber::{
+        Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt,
+    };
+
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let export = exported.map(|telemetry| {
+        tracing_opentelemetry::layer()
+            .with_tracer(telemetry.tracer())
+            // Backend requests keep naming the call's SERVER span as their
+            // parent, as they do without this layer.
+            .with_context_activation(false)
+            // The exporter's own events would feed back into it.
+            .with_filter(filter_fn(|metadata| {
+                !metadata.target().starts_with("opentelemetry")
+            }))
+    });
+    let registry = tracing_subscriber::registry().with(filter).with(export);
+    match format {
+        LogFormat::Text => registry.with(fmt::layer()).init(),
+        LogFormat::Json => registry.with(fmt::layer().json()).init(),
+    }
+}
+
+/// The export [`init_tracing_with_export`] started, flushed before the process exits.
+pub struct TracingExport(Option<telemetry::Telemetry>);
+
+impl TracingExport {
+    pub async fn shutdown(self) {
+        if let Some(telemetry) = self.0 {
+            telemetry.shutdown().await;
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -126,22 +183,11 @@ pub async fn serve_with(
     selecting: impl Future<Output = Result<BackendRegistry, SelectionError>> + Send,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let (spans, exporting) = match &settings.otlp_endpoint {
-        Some(endpoint) => {
-            tracing::info!(endpoint, "exporting call spans over OTLP/HTTP");
-            let (spans, task) =
-                telemetry::SpanExport::start(endpoint, settings.otel_service_name.clone());
-            (Some(spans), Some(task))
-        }
-        None => (None, None),
-    };
-    let served = Edge::new(settings, spans)
+    let telemetry = telemetry::Telemetry::start(&settings.telemetry)?;
+    let served = Edge::new(settings, telemetry.clone())
         .serve(listener, selecting, shutdown)
         .await;
-    // The exporter sends what is left once the last call let go of it.
-    if let Some(task) = exporting {
-        let _ = tokio::time::timeout(CUT_FLUSH, task).await;
-    }
+    telemetry.shutdown().await;
     served
 }
 
@@ -155,18 +201,18 @@ struct Edge {
     drain: drain::Drain,
     admission: Arc<admission::Admission>,
     metrics: Arc<Metrics>,
-    spans: Option<Arc<telemetry::SpanExport>>,
+    telemetry: telemetry::Telemetry,
 }
 
 impl Edge {
-    fn new(settings: ServerSettings, spans: Option<Arc<telemetry::SpanExport>>) -> Self {
+    fn new(settings: ServerSettings, telemetry: telemetry::Telemetry) -> Self {
         Self {
             board: health::HealthBoard::starting(),
             backends: Arc::default(),
             drain: drain::Drain::default(),
             admission: admission::Admission::new(settings.admission),
             metrics: Arc::new(Metrics::default()),
-            spans,
+            telemetry,
             settings,
         }
     }
@@ -267,7 +313,7 @@ impl Edge {
             limits: self.settings.limits,
             drain: self.drain.clone(),
             metrics: self.metrics.clone(),
-            spans: self.spans.clone(),
+            telemetry: self.telemetry.clone(),
         })
     }
 

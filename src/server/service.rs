@@ -6,14 +6,16 @@ use std::{
     pin::Pin,
     sync::{Arc, OnceLock},
     task::{Context, Poll},
-    time::{Instant, SystemTime},
+    time::Instant,
 };
 
 use futures_util::{Stream, StreamExt};
+use opentelemetry::{context::FutureExt, trace::TraceContextExt};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{
     admission::{Admission, Permit, Priority},
@@ -23,7 +25,7 @@ use super::{
     metrics::Metrics,
     rpc::Rpc,
     status::{incomplete_generation, schema_violation, starting},
-    telemetry::{FinishedCall, SpanExport},
+    telemetry::{CallSpan, Telemetry},
     validate::{self, Limits, ValidationError},
 };
 use crate::{
@@ -31,7 +33,6 @@ use crate::{
     json_schema::OutputSchema,
     proto::{self, inference_service_server::InferenceService},
     task::{AnswerStats, Answered, DecomposeRequest, EnhanceRequest, Task, TaskRunner},
-    trace_context::{TRACEPARENT, TRACESTATE, TraceContext},
 };
 
 /// The backends, once selected (and the embedded model loaded): calls
@@ -47,8 +48,8 @@ pub(super) struct Shared {
     pub limits: Limits,
     pub drain: Drain,
     pub metrics: Arc<Metrics>,
-    /// Where finished calls are exported as spans, when configured.
-    pub spans: Option<Arc<SpanExport>>,
+    /// Where calls' spans start (and are exported, when configured).
+    pub telemetry: Telemetry,
 }
 
 pub struct InferenceApi(Shared);
@@ -86,36 +87,25 @@ impl InferenceApi {
         self.0
             .metrics
             .call_ended(rpc, backend, code, started.elapsed());
-        call.ended(
-            self.0.spans.as_deref(),
-            rpc,
-            backend,
-            code,
-            started.elapsed(),
-        );
+        call.span.ended(backend, code);
     }
 
-    /// The trace context of `request` (from its `traceparent`/`tracestate`
-    /// metadata, or a new trace) and a log span naming it.
+    /// The span of a call to `rpc` (in the trace of `request`'s
+    /// `traceparent`/`tracestate` metadata, or a new one) and a log span
+    /// naming it.
     fn traced<T>(&self, rpc: Rpc, request: &Request<T>) -> Traced {
-        let metadata = request.metadata();
-        let header = |name| metadata.get(name).and_then(|value| value.to_str().ok());
-        let context = TraceContext::for_call(
-            header(TRACEPARENT),
-            header(TRACESTATE),
-            self.0.spans.is_some(),
-        );
-        let span = tracing::info_span!(
+        let span = self.0.telemetry.call(rpc, request.metadata());
+        let ids = span.context().span().span_context().clone();
+        let log = tracing::info_span!(
             "call",
             rpc = rpc.as_str(),
-            trace_id = %context.trace_id(),
-            span_id = %context.span_id()
+            trace_id = %ids.trace_id(),
+            span_id = %ids.span_id()
         );
-        Traced {
-            context,
-            span,
-            started: SystemTime::now(),
-        }
+        // Exported only where `init_tracing_with_export` installed its layer; an error
+        // says it did not.
+        let _ = log.set_parent(span.context().clone());
+        Traced { span, log }
     }
 
     /// Waits for a generation slot, recording the wait.
@@ -205,7 +195,6 @@ impl InferenceApi {
             backend: backends.name(),
             requested_model,
             metrics: self.0.metrics.clone(),
-            spans: self.0.spans.clone(),
             deadline,
             timer: Box::pin(deadline.timer()),
             cut: Box::pin(self.0.drain.cut().cancelled_owned()),
@@ -249,38 +238,19 @@ impl TaskRpc for DecomposeRequest {
     }
 }
 
-/// A call's place in its trace, its log span and when it started.
+/// A call's span and its log span.
 #[derive(Clone)]
 struct Traced {
-    context: TraceContext,
-    span: tracing::Span,
-    started: SystemTime,
+    span: CallSpan,
+    log: tracing::Span,
 }
 
 impl Traced {
     async fn run<F: Future>(self, future: F) -> F::Output {
-        self.context.scope(future.instrument(self.span)).await
-    }
-
-    /// Exports the call's span, when spans are exported.
-    fn ended(
-        self,
-        spans: Option<&SpanExport>,
-        rpc: Rpc,
-        backend: &'static str,
-        code: Code,
-        duration: std::time::Duration,
-    ) {
-        if let Some(spans) = spans {
-            spans.record(FinishedCall {
-                context: self.context,
-                rpc,
-                backend,
-                start: self.started,
-                duration,
-                code,
-            });
-        }
+        future
+            .instrument(self.log)
+            .with_context(self.span.context().clone())
+            .await
     }
 }
 
@@ -356,7 +326,6 @@ struct Relay {
     backend: &'static str,
     requested_model: String,
     metrics: Arc<Metrics>,
-    spans: Option<Arc<SpanExport>>,
     deadline: Deadline,
     timer: Pin<Box<tokio::time::Sleep>>,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -373,13 +342,7 @@ impl Relay {
             let elapsed = self.clock.elapsed();
             self.metrics
                 .call_ended(Rpc::Generate, self.backend, code, elapsed);
-            call.ended(
-                self.spans.as_deref(),
-                Rpc::Generate,
-                self.backend,
-                code,
-                elapsed,
-            );
+            call.span.ended(self.backend, code);
         }
     }
 
@@ -502,12 +465,10 @@ impl Stream for Relay {
         // Polled by the transport, outside the handler: the call's trace
         // context and log span go along, since a failover may still start
         // a backend request.
-        let _entered = call.span.enter();
-        let next = call
-            .context
-            .clone()
-            .sync_scope(|| this.stream.poll_next_unpin(cx));
-        drop(_entered);
+        let _entered = call.log.enter();
+        let _attached = call.span.context().clone().attach();
+        let next = this.stream.poll_next_unpin(cx);
+        drop((_attached, _entered));
         match next {
             Poll::Pending => Poll::Pending,
             Poll::Ready(next) => Poll::Ready(Some(this.message(next))),

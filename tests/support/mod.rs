@@ -385,3 +385,18 @@ pub async fn generate(
 ) -> Result<Generated, Status> {
     collect(client.generate(request).await?.into_inner()).await
 }
+
+/// A request carrying W3C trace context: `traceparent`, and `tracestate`
+/// when given.
+pub fn traced<T>(message: T, traceparent: &str, tracestate: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().expect("ASCII"));
+    if let Some(state) = tracestate {
+        request
+            .metadata_mut()
+            .insert("tracestate", state.parse().expect("ASCII"));
+    }
+    request
+}
