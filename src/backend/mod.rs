@@ -70,8 +70,8 @@ pub struct Sampling {
     /// Penalty on tokens in proportion to how often they already appeared
     /// (OpenAI's `frequency_penalty`, which Ollama accepts too).
     pub frequency_penalty: Option<f32>,
-    /// Set by the task layer for structured answers; the embedded engine
-    /// honors it, HTTP runtimes have no such option.
+    /// Set by the task layer for structured answers; honoured where
+    /// [`Capabilities::no_repeat`] says so (HTTP runtimes have no such option).
     pub no_repeat: Option<NoRepeat>,
 }
 
@@ -148,11 +148,14 @@ pub enum SchemaSupport {
     Enforced,
 }
 
+/// What a backend can do beyond streaming text, which every backend does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
-    pub streaming: bool,
     pub json_schema: SchemaSupport,
+    /// Whether a seed makes sampling reproducible.
     pub seed: bool,
+    /// Whether [`Sampling::no_repeat`] is honoured; elsewhere it is ignored.
+    pub no_repeat: bool,
 }
 
 /// What a successful health probe learned.

@@ -375,7 +375,7 @@ impl InferenceService for InferenceApi {
                     default_model: snapshot.default_model.unwrap_or_default(),
                     models: snapshot.models,
                     capabilities: Some(proto::BackendCapabilities {
-                        streaming: snapshot.capabilities.streaming,
+                        no_repeat: snapshot.capabilities.no_repeat,
                         json_schema: match snapshot.capabilities.json_schema {
                             crate::backend::SchemaSupport::Requested => {
                                 proto::SchemaSupport::Requested

@@ -5,31 +5,21 @@ use serde_json::Value;
 
 use super::{
     ProjectContext, TaskSpec,
-    violation::{Rule, Violation, same_meaning},
+    violation::{Rule, Violation, named_variants, same_meaning},
 };
 use crate::backend::Sampling;
 
-/// How an enhancement changed the task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EnhancementKind {
-    /// Removes ambiguity.
-    Clarify,
-    /// Adds concrete, checkable detail.
-    Specify,
-    /// Ties the task to its project, requirements, files and dependencies.
-    Context,
-}
-
-impl EnhancementKind {
-    pub const ALL: [EnhancementKind; 3] = [Self::Clarify, Self::Specify, Self::Context];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Clarify => "clarify",
-            Self::Specify => "specify",
-            Self::Context => "context",
-        }
+named_variants! {
+    /// How an enhancement changed the task.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum EnhancementKind, named by as_str {
+        /// Removes ambiguity.
+        Clarify => "clarify",
+        /// Adds concrete, checkable detail.
+        Specify => "specify",
+        /// Ties the task to its project, requirements, files and dependencies.
+        Context => "context",
     }
 }
 
@@ -119,6 +109,16 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn every_kind_reads_back_from_its_name() {
+        for kind in EnhancementKind::ALL {
+            assert_eq!(
+                serde_json::from_value::<EnhancementKind>(json!(kind.as_str())).unwrap(),
+                kind
+            );
+        }
+    }
 
     fn request(kind: Option<EnhancementKind>) -> EnhanceRequest {
         EnhanceRequest {

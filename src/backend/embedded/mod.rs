@@ -242,9 +242,9 @@ impl Backend for EmbeddedBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            streaming: true,
             json_schema: SchemaSupport::Enforced,
             seed: true,
+            no_repeat: true,
         }
     }
 

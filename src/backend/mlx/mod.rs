@@ -8,7 +8,7 @@
 mod protocol;
 mod worker;
 
-use std::{path::PathBuf, sync::Arc};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -98,9 +98,9 @@ impl Backend for MlxBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            streaming: true,
             json_schema: SchemaSupport::Enforced,
             seed: true,
+            no_repeat: false,
         }
     }
 
@@ -153,9 +153,4 @@ impl Backend for MlxBackend {
             },
         )))
     }
-}
-
-/// Where `make` keeps converted models and the worker's caches.
-pub fn default_cache_dir() -> PathBuf {
-    crate::config::cache_dir().join("mlx")
 }
