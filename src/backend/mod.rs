@@ -13,6 +13,7 @@ mod models;
 pub mod ollama;
 pub mod openai;
 mod registry;
+mod relay;
 
 use std::pin::Pin;
 

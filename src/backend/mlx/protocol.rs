@@ -31,6 +31,14 @@ pub(super) enum Command<'a> {
     Cancel {
         id: u64,
     },
+    /// The call's client is behind: stop generating for it, keeping its place.
+    Pause {
+        id: u64,
+    },
+    /// The call's client caught up.
+    Resume {
+        id: u64,
+    },
 }
 
 impl<'a> Command<'a> {
