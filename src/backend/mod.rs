@@ -26,6 +26,7 @@ pub use registry::{
     BackendHealth, BackendRegistry, BackendSnapshot, BreakerPolicy, CircuitState, FailoverPolicy,
     GenerationCheck, SelectionError,
 };
+pub use relay::RELAY_CAPACITY;
 
 /// Author of a chat message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -25,7 +25,7 @@ use super::{BackendError, Chunk};
 /// Chunks a call may have queued before its generation waits for the
 /// client: a chunk is a token's text or so, and 32 keep a client that reads
 /// in bursts fed without holding an answer's worth.
-pub(crate) const RELAY_CAPACITY: usize = 32;
+pub const RELAY_CAPACITY: usize = 32;
 
 pub(crate) type Item = Result<Chunk, BackendError>;
 
@@ -148,6 +148,11 @@ impl Stream for RelayStream {
         }
         Poll::Ready(Some(item))
     }
+
+    /// At least the chunks queued now: how far the client is behind.
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.0.lock().items.len(), None)
+    }
 }
 
 impl Drop for RelayStream {
@@ -200,6 +205,7 @@ mod tests {
             sender.send(Ok(text(n))).unwrap();
         }
         assert!(!sender.has_room());
+        assert_eq!(stream.size_hint(), (4, None));
         assert_eq!(next(&mut stream), Some(Some(text(0))));
         assert_eq!(calls.load(Ordering::SeqCst), 0, "3 left is over half");
         assert_eq!(next(&mut stream), Some(Some(text(1))));

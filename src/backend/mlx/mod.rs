@@ -175,4 +175,8 @@ impl Stream for WorkerReplies {
             })
         })
     }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.replies.size_hint()
+    }
 }
