@@ -80,7 +80,7 @@ pub struct Sampling {
 /// Avoid a token that would repeat an n-gram of `ngram` tokens already in the
 /// answer, or complete one of the `already_said` texts whole, whenever
 /// another token is allowed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NoRepeat {
     pub ngram: u32,
     pub already_said: Vec<String>,

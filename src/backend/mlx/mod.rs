@@ -103,7 +103,7 @@ impl Backend for MlxBackend {
         Capabilities {
             json_schema: SchemaSupport::Enforced,
             seed: true,
-            no_repeat: false,
+            no_repeat: true,
         }
     }
 

@@ -4,7 +4,7 @@ generations over line-delimited JSON on stdin/stdout until stdin closes.
 Requests (one JSON object per line on stdin):
   {"op": "generate", "id": N, "messages": [{"role", "content"}], "max_tokens",
    "temperature", "top_p", "seed", "frequency_penalty", "stop": [...],
-   "json_schema": {...} | null}
+   "json_schema": {...} | null, "no_repeat": {"ngram", "already_said": [...]}}
   {"op": "cancel", "id": N}
   {"op": "pause", "id": N}    (the caller is behind: leave the batch, keep the KV cache)
   {"op": "resume", "id": N}   (the caller caught up: rejoin the batch where it left)
@@ -236,6 +236,12 @@ class Request:
             self.processors.append(
                 constrain(self.matcher, tokenizer_for_grammar.vocab_size, len(self.prompt))
             )
+        rule = message.get("no_repeat")
+        if rule:
+            # After the schema's mask: the ban gives way when only banned
+            # tokens are left.
+            said = [tokenizer.encode(text, add_special_tokens=False) for text in rule.get("already_said") or []]
+            self.processors.append(no_repeat(int(rule["ngram"]), said, len(self.prompt)))
 
 
 def make_sampler(temperature, top_p, seed):
@@ -283,6 +289,35 @@ def frequency_penalty(penalty, prompt_length):
         if generated.size:
             logits = logits.at[:, generated].subtract(penalty)
         return logits
+
+    return process
+
+
+def no_repeat(ngram, said, prompt_length):
+    """The embedded engine's n-gram ban: avoid a token that would repeat an
+    n-gram of the answer or complete one of the `said` token sequences,
+    whenever another token is allowed."""
+    import mlx.core as mx
+
+    n = max(ngram, 2)
+    said = [list(tokens) for tokens in said if len(tokens) >= 2]
+
+    def process(tokens, logits):
+        history = (tokens.tolist() if hasattr(tokens, "tolist") else list(tokens))[prompt_length:]
+        banned = {
+            sequence[-1]
+            for sequence in said
+            if len(history) >= len(sequence) - 1 and history[len(history) - len(sequence) + 1:] == sequence[:-1]
+        }
+        if len(history) >= n:
+            tail = history[len(history) - n + 1:]
+            banned.update(history[i + n - 1] for i in range(len(history) - n + 1) if history[i:i + n - 1] == tail)
+        if not banned:
+            return logits
+        masked = logits.at[:, mx.array(sorted(banned))].minimum(-float("inf"))
+        if mx.max(masked).item() == -float("inf"):
+            return logits
+        return masked
 
     return process
 
