@@ -572,15 +572,14 @@ fn route(connection: &Connection, reply: Reply) -> Option<String> {
     };
     let mut routes = connection.routes.lock();
     // A reply for a call that was cancelled (or already ended) is dropped.
-    let Some(route) = routes.get_mut(&id) else {
-        return None;
-    };
-    let _ = route.relay.send(item);
-    if last {
-        routes.remove(&id);
-    } else if !route.paused && !route.relay.has_room() {
-        route.paused = true;
-        let _ = connection.commands.send(Command::Pause { id }.line());
+    if let Some(route) = routes.get_mut(&id) {
+        let _ = route.relay.send(item);
+        if last {
+            routes.remove(&id);
+        } else if !route.paused && !route.relay.has_room() {
+            route.paused = true;
+            let _ = connection.commands.send(Command::Pause { id }.line());
+        }
     }
     None
 }
