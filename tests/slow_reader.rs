@@ -125,9 +125,8 @@ async fn a_slow_reader_is_bounded(backend: &dyn Backend, slack: usize) {
     );
 }
 
-#[tokio::test]
-async fn a_slow_reader_bounds_its_queue_on_the_embedded_engine() {
-    let backend = EmbeddedBackend::load(EmbeddedSettings {
+async fn embedded() -> EmbeddedBackend {
+    EmbeddedBackend::load(EmbeddedSettings {
         model_path: support::model_path(),
         model_name: None,
         shape: EngineShape {
@@ -140,10 +139,53 @@ async fn a_slow_reader_bounds_its_queue_on_the_embedded_engine() {
         queue: 2,
     })
     .await
-    .expect("load the model");
+    .expect("load the model")
+}
+
+#[tokio::test]
+async fn a_slow_reader_bounds_its_queue_on_the_embedded_engine() {
+    let backend = embedded().await;
     tokio::time::timeout(LIMIT, a_slow_reader_is_bounded(&backend, EMBEDDED_SLACK))
         .await
         .expect("the fast call finished while the slow one was unread");
+}
+
+/// A call whose client stopped reading, once another call ran to its end
+/// meanwhile: by then the engine skips it.
+async fn blocked_call(backend: &dyn Backend) -> ChunkStream {
+    let mut slow = backend.generate(counting()).await.unwrap();
+    assert!(matches!(slow.next().await, Some(Ok(Chunk::Text(_)))));
+    read_all(backend.generate(counting()).await.unwrap()).await;
+    assert!(
+        slow.size_hint().0 >= RELAY_CAPACITY,
+        "the call waits for its client"
+    );
+    slow
+}
+
+#[tokio::test]
+async fn a_call_waiting_for_its_client_can_be_dropped_and_the_embedded_engine_stopped() {
+    let backend = embedded().await;
+    let stopped = tokio::time::timeout(LIMIT, async move {
+        drop(blocked_call(&backend).await);
+        read_all(backend.generate(counting()).await.unwrap()).await;
+
+        let mut waiting = blocked_call(&backend).await;
+        tokio::task::spawn_blocking(move || drop(backend))
+            .await
+            .unwrap();
+        // The engine is gone: the call ends after what it had queued,
+        // without an answer's end.
+        let mut queued = 0;
+        while let Some(item) = waiting.next().await {
+            assert!(matches!(item, Ok(Chunk::Text(_))), "{item:?}");
+            queued += 1;
+        }
+        queued
+    })
+    .await
+    .expect("the engine stopped with a call waiting for its client");
+    assert!(stopped <= RELAY_CAPACITY + EMBEDDED_SLACK);
 }
 
 #[tokio::test]
@@ -155,4 +197,19 @@ async fn a_slow_reader_bounds_its_queue_on_the_mlx_worker() {
     tokio::time::timeout(LIMIT, a_slow_reader_is_bounded(&backend, MLX_SLACK))
         .await
         .expect("the fast call finished while the slow one was unread");
+}
+
+#[tokio::test]
+async fn a_paused_call_can_be_dropped_on_the_mlx_worker() {
+    let config = Config::parse_from(["rigger-inference", "--backend", "mlx"]);
+    let backend = MlxBackend::start(config.mlx_worker())
+        .await
+        .expect("start the MLX worker");
+    tokio::time::timeout(LIMIT, async {
+        drop(blocked_call(&backend).await);
+        let after = read_all(backend.generate(counting()).await.unwrap()).await;
+        assert!(after.chunks > RELAY_CAPACITY);
+    })
+    .await
+    .expect("the worker serves on after a paused call was dropped");
 }
