@@ -188,12 +188,16 @@ async fn a_call_waiting_for_its_client_can_be_dropped_and_the_embedded_engine_st
     assert!(stopped <= RELAY_CAPACITY + EMBEDDED_SLACK);
 }
 
+async fn mlx() -> MlxBackend {
+    let config = Config::parse_from(["rigger-inference", "--backend", "mlx"]);
+    MlxBackend::start(config.mlx_worker())
+        .await
+        .expect("start the MLX worker")
+}
+
 #[tokio::test]
 async fn a_slow_reader_bounds_its_queue_on_the_mlx_worker() {
-    let config = Config::parse_from(["rigger-inference", "--backend", "mlx"]);
-    let backend = MlxBackend::start(config.mlx_worker())
-        .await
-        .expect("start the MLX worker");
+    let backend = mlx().await;
     tokio::time::timeout(LIMIT, a_slow_reader_is_bounded(&backend, MLX_SLACK))
         .await
         .expect("the fast call finished while the slow one was unread");
@@ -201,10 +205,7 @@ async fn a_slow_reader_bounds_its_queue_on_the_mlx_worker() {
 
 #[tokio::test]
 async fn a_paused_call_can_be_dropped_on_the_mlx_worker() {
-    let config = Config::parse_from(["rigger-inference", "--backend", "mlx"]);
-    let backend = MlxBackend::start(config.mlx_worker())
-        .await
-        .expect("start the MLX worker");
+    let backend = mlx().await;
     tokio::time::timeout(LIMIT, async {
         drop(blocked_call(&backend).await);
         let after = read_all(backend.generate(counting()).await.unwrap()).await;
