@@ -74,9 +74,9 @@ impl Backend for InstantBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            streaming: true,
             json_schema: SchemaSupport::Enforced,
             seed: true,
+            no_repeat: false,
         }
     }
 

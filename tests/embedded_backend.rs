@@ -51,6 +51,7 @@ async fn streams_with_usage_and_reports_itself() {
     assert_eq!(status.model, MODEL);
     let capabilities = status.backends[0].capabilities.unwrap();
     assert_eq!(capabilities.json_schema, SchemaSupport::Enforced as i32);
+    assert!(capabilities.no_repeat, "the n-gram ban is honoured here");
 }
 
 #[tokio::test]

@@ -44,6 +44,7 @@ async fn streams_answers_that_match_llama_cpp_token_for_token() {
     assert_eq!(status.model, MODEL);
     let capabilities = status.backends[0].capabilities.unwrap();
     assert_eq!(capabilities.json_schema(), SchemaSupport::Enforced);
+    assert!(capabilities.no_repeat, "the n-gram ban is honoured here");
 
     let prompt = greedy("Name three colors.", 24);
     let Generated {

@@ -13,6 +13,7 @@ mod models;
 pub mod ollama;
 pub mod openai;
 mod registry;
+mod relay;
 
 use std::pin::Pin;
 
@@ -25,6 +26,7 @@ pub use registry::{
     BackendHealth, BackendRegistry, BackendSnapshot, BreakerPolicy, CircuitState, FailoverPolicy,
     GenerationCheck, SelectionError,
 };
+pub use relay::RELAY_CAPACITY;
 
 /// Author of a chat message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,15 +72,15 @@ pub struct Sampling {
     /// Penalty on tokens in proportion to how often they already appeared
     /// (OpenAI's `frequency_penalty`, which Ollama accepts too).
     pub frequency_penalty: Option<f32>,
-    /// Set by the task layer for structured answers; the embedded engine
-    /// honors it, HTTP runtimes have no such option.
+    /// Set by the task layer for structured answers; honoured where
+    /// [`Capabilities::no_repeat`] says so (HTTP runtimes have no such option).
     pub no_repeat: Option<NoRepeat>,
 }
 
 /// Avoid a token that would repeat an n-gram of `ngram` tokens already in the
 /// answer, or complete one of the `already_said` texts whole, whenever
 /// another token is allowed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NoRepeat {
     pub ngram: u32,
     pub already_said: Vec<String>,
@@ -148,11 +150,14 @@ pub enum SchemaSupport {
     Enforced,
 }
 
+/// What a backend can do beyond streaming text, which every backend does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
-    pub streaming: bool,
     pub json_schema: SchemaSupport,
+    /// Whether a seed makes sampling reproducible.
     pub seed: bool,
+    /// Whether [`Sampling::no_repeat`] is honoured; elsewhere it is ignored.
+    pub no_repeat: bool,
 }
 
 /// What a successful health probe learned.

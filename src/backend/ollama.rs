@@ -233,10 +233,11 @@ impl Backend for OllamaBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            streaming: true,
             // Ollama compiles a `format` schema into a llama.cpp grammar.
             json_schema: SchemaSupport::Enforced,
             seed: true,
+            // Ollama's options have no n-gram ban.
+            no_repeat: false,
         }
     }
 

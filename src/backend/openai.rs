@@ -279,10 +279,11 @@ impl Backend for OpenAiBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            streaming: true,
             // Some servers (mlx_lm.server) accept response_format and ignore it.
             json_schema: SchemaSupport::Requested,
             seed: true,
+            // The chat completions API has no n-gram ban.
+            no_repeat: false,
         }
     }
 

@@ -71,7 +71,7 @@ impl From<EnhancementKind> for proto::EnhancementKind {
 impl From<Capabilities> for proto::BackendCapabilities {
     fn from(capabilities: Capabilities) -> Self {
         Self {
-            streaming: capabilities.streaming,
+            no_repeat: capabilities.no_repeat,
             json_schema: proto::SchemaSupport::from(capabilities.json_schema).into(),
             seed: capabilities.seed,
         }
@@ -252,7 +252,7 @@ mod tests {
             default_model: Some(format!("{name}-model")),
             models: Vec::new(),
             capabilities: Capabilities {
-                streaming: true,
+                no_repeat: true,
                 json_schema: SchemaSupport::Enforced,
                 seed: true,
             },

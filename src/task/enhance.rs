@@ -7,31 +7,21 @@ use super::{
     Answered, ProjectContext, Task, TaskRunner, TaskSpec,
     cache::ResultCache,
     prompt, schema,
-    violation::{Rule, Violation, same_meaning},
+    violation::{Rule, Violation, named_variants, same_meaning},
 };
 use crate::backend::{Message, Sampling};
 
-/// How an enhancement changed the task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EnhancementKind {
-    /// Removes ambiguity.
-    Clarify,
-    /// Adds concrete, checkable detail.
-    Specify,
-    /// Ties the task to its project, requirements, files and dependencies.
-    Context,
-}
-
-impl EnhancementKind {
-    pub const ALL: [EnhancementKind; 3] = [Self::Clarify, Self::Specify, Self::Context];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Clarify => "clarify",
-            Self::Specify => "specify",
-            Self::Context => "context",
-        }
+named_variants! {
+    /// How an enhancement changed the task.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum EnhancementKind, named by as_str {
+        /// Removes ambiguity.
+        Clarify => "clarify",
+        /// Adds concrete, checkable detail.
+        Specify => "specify",
+        /// Ties the task to its project, requirements, files and dependencies.
+        Context => "context",
     }
 }
 
@@ -150,6 +140,16 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn every_kind_reads_back_from_its_name() {
+        for kind in EnhancementKind::ALL {
+            assert_eq!(
+                serde_json::from_value::<EnhancementKind>(json!(kind.as_str())).unwrap(),
+                kind
+            );
+        }
+    }
 
     fn request(kind: Option<EnhancementKind>) -> EnhanceRequest {
         EnhanceRequest {

@@ -3,69 +3,65 @@
 
 use std::{collections::BTreeSet, fmt};
 
-/// A rule of EnhanceTask/DecomposeTask answers. Names are part of the API:
-/// callers see them in `ResponseMeta.repaired` and in the `rigger-violation`
-/// metadata of a failed call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Rule {
-    /// Generation hit max_tokens before the JSON was complete.
-    Truncated,
-    /// Not JSON, or not valid under the answer's schema.
-    Schema,
-    /// A text field is empty or only whitespace.
-    BlankField,
-    /// An enhancement of another kind than the one requested.
-    WrongKind,
-    /// Fewer or more subtasks than requested, with no repeats involved.
-    SubtaskCount,
-    /// Too few subtasks once repeats (of the parent or of a sibling) are
-    /// dropped.
-    DuplicateSubtasks,
-    /// A subtask description that only restates its title.
-    VagueDescription,
-    /// Complexity outside 1–10, or above the parent's.
-    Complexity,
-    /// A dependency on no sibling, or on the subtask itself.
-    Dependency,
-    /// Dependencies that form a cycle.
-    DependencyCycle,
-    /// Two acceptance criteria that say the same thing.
-    DuplicateCriteria,
-    /// An enhancement whose title and description restate the task's own.
-    RestatesTask,
-}
-
-impl Rule {
-    pub const ALL: [Rule; 12] = [
-        Self::Truncated,
-        Self::Schema,
-        Self::BlankField,
-        Self::WrongKind,
-        Self::SubtaskCount,
-        Self::DuplicateSubtasks,
-        Self::VagueDescription,
-        Self::Complexity,
-        Self::Dependency,
-        Self::DependencyCycle,
-        Self::DuplicateCriteria,
-        Self::RestatesTask,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Truncated => "truncated",
-            Self::Schema => "schema",
-            Self::BlankField => "blank_field",
-            Self::WrongKind => "wrong_kind",
-            Self::SubtaskCount => "subtask_count",
-            Self::DuplicateSubtasks => "duplicate_subtasks",
-            Self::VagueDescription => "vague_description",
-            Self::Complexity => "complexity",
-            Self::Dependency => "dependency",
-            Self::DependencyCycle => "dependency_cycle",
-            Self::DuplicateCriteria => "duplicate_criteria",
-            Self::RestatesTask => "restates_task",
+/// Declares a fieldless enum, its `ALL` constant (every variant, in order)
+/// and the method giving each variant's stable name, from one list: a new
+/// variant cannot be left out of `ALL` or go without a name.
+macro_rules! named_variants {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident, named by $method:ident {
+            $( $(#[$variant_meta:meta])* $variant:ident => $text:literal, )+
         }
+    ) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $( $(#[$variant_meta])* $variant, )+
+        }
+
+        impl $name {
+            pub const ALL: [$name; [$($text),+].len()] = [$(Self::$variant),+];
+
+            pub fn $method(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+        }
+    };
+}
+pub(crate) use named_variants;
+
+named_variants! {
+    /// A rule of EnhanceTask/DecomposeTask answers. Names are part of the API:
+    /// callers see them in `ResponseMeta.repaired` and in the `rigger-violation`
+    /// metadata of a failed call.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum Rule, named by name {
+        /// Generation hit max_tokens before the JSON was complete.
+        Truncated => "truncated",
+        /// Not JSON, or not valid under the answer's schema.
+        Schema => "schema",
+        /// A text field is empty or only whitespace.
+        BlankField => "blank_field",
+        /// An enhancement of another kind than the one requested.
+        WrongKind => "wrong_kind",
+        /// Fewer or more subtasks than requested, with no repeats involved.
+        SubtaskCount => "subtask_count",
+        /// Too few subtasks once repeats (of the parent or of a sibling) are
+        /// dropped.
+        DuplicateSubtasks => "duplicate_subtasks",
+        /// A subtask description that only restates its title.
+        VagueDescription => "vague_description",
+        /// Complexity outside 1–10, or above the parent's.
+        Complexity => "complexity",
+        /// A dependency on no sibling, or on the subtask itself.
+        Dependency => "dependency",
+        /// Dependencies that form a cycle.
+        DependencyCycle => "dependency_cycle",
+        /// Two acceptance criteria that say the same thing.
+        DuplicateCriteria => "duplicate_criteria",
+        /// An enhancement whose title and description restate the task's own.
+        RestatesTask => "restates_task",
     }
 }
 
@@ -160,5 +156,11 @@ mod tests {
     fn every_rule_has_a_distinct_name() {
         let names: BTreeSet<&str> = Rule::ALL.iter().map(|rule| rule.name()).collect();
         assert_eq!(names.len(), Rule::ALL.len());
+    }
+
+    #[test]
+    fn all_lists_every_rule_once_in_declaration_order() {
+        let positions: Vec<usize> = Rule::ALL.iter().map(|&rule| rule as usize).collect();
+        assert_eq!(positions, (0..Rule::ALL.len()).collect::<Vec<_>>());
     }
 }

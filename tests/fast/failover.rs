@@ -250,7 +250,7 @@ async fn get_status_reports_each_backends_models_and_capabilities() {
     let first = ScriptedBackend::with(
         "first",
         Capabilities {
-            streaming: true,
+            no_repeat: true,
             json_schema: SchemaSupport::Requested,
             seed: false,
         },
@@ -274,14 +274,13 @@ async fn get_status_reports_each_backends_models_and_capabilities() {
     let capabilities = entry.capabilities.expect("capabilities");
     assert_eq!(capabilities.json_schema(), WireSchemaSupport::Requested);
     assert!(!capabilities.seed);
-    let second_entry = &report.backends[1];
+    assert!(capabilities.no_repeat);
+    let second_capabilities = report.backends[1].capabilities.expect("capabilities");
     assert_eq!(
-        second_entry
-            .capabilities
-            .expect("capabilities")
-            .json_schema(),
+        second_capabilities.json_schema(),
         WireSchemaSupport::Enforced
     );
+    assert!(!second_capabilities.no_repeat);
     let answer = collect(
         client
             .generate(greedy("Hi", 4))

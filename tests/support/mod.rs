@@ -26,7 +26,7 @@ use clap::Parser;
 use futures_util::StreamExt;
 use rigger_inference::{
     backend::Backend,
-    config::Config,
+    config::{Config, cache_dir},
     proto::{
         GenerateRequest, GenerateResponse, GenerationSummary, GetStatusRequest,
         generate_response::Event, inference_service_client::InferenceServiceClient,
@@ -37,19 +37,6 @@ use tonic::{Status, Streaming, transport::Channel};
 
 /// Name under which the llama.cpp server serves the default model.
 pub const MODEL_ALIAS: &str = "smollm2-135m-instruct";
-
-/// Where `scripts/setup-python.sh` put the venv and the model.
-pub fn cache_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("RIGGER_CACHE_DIR") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache")
-        });
-    base.join("rigger-inference")
-}
 
 pub fn python() -> PathBuf {
     let python = cache_dir().join("venv/bin/python");

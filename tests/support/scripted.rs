@@ -186,7 +186,7 @@ impl ScriptedBackend {
         Self::with(
             name,
             Capabilities {
-                streaming: true,
+                no_repeat: false,
                 json_schema: SchemaSupport::Enforced,
                 seed: true,
             },

@@ -8,6 +8,11 @@
 //! within llama.cpp when it is another slot's), so the fixed system prompt and
 //! worked example of EnhanceTask/DecomposeTask, or the earlier turns of a
 //! conversation, are not read again.
+//!
+//! A sequence whose client has not read its last chunks (its relay is full)
+//! sits out the steps until the client catches up; when no sequence can go
+//! on, the thread parks until a client reads, a job arrives or the engine
+//! stops (each unparks it).
 
 use std::{
     num::NonZeroU32,
@@ -20,6 +25,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::{NAME, sampler::Sampler, text::TextAssembler};
+use crate::backend::{
+    BackendError, Chunk, Completion, EngineTimings, FinishReason, relay::RelaySender,
+};
 use llama_cpp_2::{
     context::{LlamaContext, params::LlamaContextParams},
     llama_backend::LlamaBackend,
@@ -28,10 +37,6 @@ use llama_cpp_2::{
     token::LlamaToken,
 };
 use llguidance::Matcher;
-use tokio::sync::mpsc::UnboundedSender;
-
-use super::{NAME, sampler::Sampler, text::TextAssembler};
-use crate::backend::{BackendError, Chunk, Completion, EngineTimings, FinishReason};
 
 /// Prompts are read in chunks of this many tokens at fixed positions (0, 32,
 /// 64, ...). llama.cpp's CPU kernels give a row results that depend on the
@@ -60,7 +65,7 @@ pub(super) struct Job {
     pub matcher: Option<Matcher>,
     pub text: TextAssembler,
     pub model: String,
-    pub output: UnboundedSender<Result<Chunk, BackendError>>,
+    pub output: RelaySender,
 }
 
 struct Sequence {
@@ -159,7 +164,27 @@ impl EngineThread {
         jobs.try_send(job).map_err(|error| match error {
             TrySendError::Full(_) => Refused::Full,
             TrySendError::Disconnected(_) => Refused::Stopped,
-        })
+        })?;
+        // An engine whose sequences all wait for their clients is parked.
+        self.wake();
+        Ok(())
+    }
+
+    /// Unparks the engine thread, which then looks again at what it can do.
+    /// Cheap when it is not parked.
+    pub(super) fn waker(&self) -> impl Fn() + Send + Sync + 'static {
+        let thread = self.thread.as_ref().map(|thread| thread.thread().clone());
+        move || {
+            if let Some(thread) = &thread {
+                thread.unpark();
+            }
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(thread) = &self.thread {
+            thread.thread().unpark();
+        }
     }
 
     pub(super) fn is_alive(&self) -> bool {
@@ -170,8 +195,9 @@ impl EngineThread {
 impl Drop for EngineThread {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wakes an idle engine waiting for a job.
+        // Wakes an idle engine waiting for a job, and a parked one.
         self.jobs.take();
+        self.wake();
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
@@ -232,10 +258,21 @@ fn run(
     };
     while !stop.load(Ordering::SeqCst) && engine.admit(jobs, context) {
         engine.drop_abandoned();
-        if let Err(error) = engine.step(context) {
-            engine.fail_all(context, &error);
+        match engine.step(context) {
+            Ok(Progress::Decoded) => {}
+            // Every sequence waits for its client: whatever changes that
+            // (a read, a dropped call, a new job, stop) unparks the thread.
+            Ok(Progress::Waiting) => std::thread::park(),
+            Err(error) => engine.fail_all(context, &error),
         }
     }
+}
+
+/// What a step did.
+enum Progress {
+    Decoded,
+    /// Nothing to decode: every active sequence's client has chunks to read.
+    Waiting,
 }
 
 struct Engine<'m> {
@@ -377,8 +414,9 @@ impl Engine<'_> {
     }
 
     /// Decodes one batch: prompt chunks of joining sequences and the last
-    /// sampled token of running ones; then samples where logits are ready.
-    fn step(&mut self, context: &mut LlamaContext<'_>) -> Result<(), String> {
+    /// sampled token of running ones whose clients keep up; then samples
+    /// where logits are ready.
+    fn step(&mut self, context: &mut LlamaContext<'_>) -> Result<Progress, String> {
         self.batch.clear();
         let mut budget = self.shape.batch_tokens as usize;
         // (slot, index in batch) of sequences whose last pending token gets logits.
@@ -392,7 +430,10 @@ impl Engine<'_> {
         });
         for (slot, sequence) in self.slots.iter_mut().enumerate() {
             let Some(sequence) = sequence else { continue };
-            if budget == 0 || prefilling.is_some_and(|prefilling| prefilling != slot) {
+            if budget == 0
+                || prefilling.is_some_and(|prefilling| prefilling != slot)
+                || !sequence.job.output.has_room()
+            {
                 continue;
             }
             let to_chunk_end = PREFILL_CHUNK - sequence.position as usize % PREFILL_CHUNK;
@@ -413,7 +454,7 @@ impl Engine<'_> {
             budget -= take;
         }
         if self.batch.n_tokens() == 0 {
-            return Ok(());
+            return Ok(Progress::Waiting);
         }
         context
             .decode(&mut self.batch)
@@ -426,7 +467,7 @@ impl Engine<'_> {
                 finish_sequence(sequence, ending);
             }
         }
-        Ok(())
+        Ok(Progress::Decoded)
     }
 
     /// Samples the next token of the sequence in `slot`; returns how it

@@ -27,7 +27,6 @@ use llama_cpp_2::{
     sampling::LlamaSampler,
 };
 use llguidance::{Matcher, ParserFactory, api::TopLevelGrammar};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 pub use engine::EngineShape;
 
@@ -37,7 +36,9 @@ use self::{
     text::TextAssembler,
 };
 use super::{
-    Backend, BackendError, Capabilities, ChunkStream, GenerationRequest, ProbeReport, SchemaSupport,
+    Backend, BackendError, Capabilities, ChunkStream, GenerationRequest, ProbeReport,
+    SchemaSupport,
+    relay::{RELAY_CAPACITY, relay},
 };
 
 const NAME: &str = "embedded";
@@ -242,9 +243,9 @@ impl Backend for EmbeddedBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            streaming: true,
             json_schema: SchemaSupport::Enforced,
             seed: true,
+            no_repeat: true,
         }
     }
 
@@ -278,7 +279,7 @@ impl Backend for EmbeddedBackend {
             .map(|schema| self.matcher(schema))
             .transpose()?;
         let sampling = &request.sampling;
-        let (output, chunks) = tokio::sync::mpsc::unbounded_channel();
+        let (output, chunks) = relay(RELAY_CAPACITY, self.engine.waker());
         let job = Job {
             prompt,
             max_tokens: sampling.max_tokens,
@@ -309,7 +310,7 @@ impl Backend for EmbeddedBackend {
             output,
         };
         match self.engine.submit(job) {
-            Ok(()) => Ok(Box::pin(UnboundedReceiverStream::new(chunks))),
+            Ok(()) => Ok(Box::pin(chunks)),
             Err(Refused::Full) => Err(BackendError::Overloaded {
                 backend: NAME,
                 reason: format!(

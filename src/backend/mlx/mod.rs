@@ -9,11 +9,14 @@ mod detect;
 mod protocol;
 mod worker;
 
-use std::sync::Arc;
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use futures_util::{Stream, StreamExt};
 use tokio_util::sync::DropGuard;
 
 pub use detect::preferred;
@@ -22,7 +25,7 @@ pub use worker::{WorkerInfo, WorkerSettings, WorkerState};
 use self::{protocol::Command, worker::Supervisor};
 use super::{
     Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, ProbeReport,
-    SchemaSupport,
+    SchemaSupport, relay::RelayStream,
 };
 
 const NAME: &str = "mlx";
@@ -100,9 +103,9 @@ impl Backend for MlxBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            streaming: true,
             json_schema: SchemaSupport::Enforced,
             seed: true,
+            no_repeat: true,
         }
     }
 
@@ -137,22 +140,45 @@ impl Backend for MlxBackend {
         let (id, replies) = self
             .supervisor
             .submit(|id| Command::generate(id, &request).line())?;
-        let guard = CancelOnDrop {
-            supervisor: self.supervisor.clone(),
-            id,
-        };
-        let model = self.model_name.clone();
-        Ok(Box::pin(UnboundedReceiverStream::new(replies).map(
-            move |item| {
-                let _ = &guard;
-                item.map(|chunk| match chunk {
+        Ok(Box::pin(WorkerReplies {
+            _cancel: CancelOnDrop {
+                supervisor: self.supervisor.clone(),
+                id,
+            },
+            replies,
+            model: self.model_name.clone(),
+        }))
+    }
+}
+
+/// A call's replies, with the model's name filled in. Its request is
+/// cancelled before its relay goes, so the relay's last `on_room` finds no
+/// request left to resume.
+struct WorkerReplies {
+    _cancel: CancelOnDrop,
+    replies: RelayStream,
+    model: String,
+}
+
+impl Stream for WorkerReplies {
+    type Item = Result<Chunk, BackendError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = self.replies.poll_next_unpin(cx);
+        polled.map(|item| {
+            item.map(|reply| {
+                reply.map(|chunk| match chunk {
                     Chunk::Done(mut completion) => {
-                        completion.model = model.clone();
+                        completion.model = self.model.clone();
                         Chunk::Done(completion)
                     }
                     text => text,
                 })
-            },
-        )))
+            })
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.replies.size_hint()
     }
 }

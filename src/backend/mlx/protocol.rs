@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{GenerationRequest, http::WireMessage};
+use crate::backend::{GenerationRequest, NoRepeat, http::WireMessage};
 
 /// Longest line the worker may send; a longer one is a protocol error, not
 /// unbounded memory.
@@ -27,8 +27,18 @@ pub(super) enum Command<'a> {
         frequency_penalty: Option<f32>,
         stop: &'a [String],
         json_schema: Option<&'a serde_json::Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        no_repeat: Option<&'a NoRepeat>,
     },
     Cancel {
+        id: u64,
+    },
+    /// The call's client is behind: stop generating for it, keeping its place.
+    Pause {
+        id: u64,
+    },
+    /// The call's client caught up.
+    Resume {
         id: u64,
     },
 }
@@ -46,6 +56,7 @@ impl<'a> Command<'a> {
             frequency_penalty: sampling.frequency_penalty,
             stop: &request.stop,
             json_schema: request.json_schema.as_ref(),
+            no_repeat: sampling.no_repeat.as_ref(),
         }
     }
 

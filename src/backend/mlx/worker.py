@@ -4,8 +4,10 @@ generations over line-delimited JSON on stdin/stdout until stdin closes.
 Requests (one JSON object per line on stdin):
   {"op": "generate", "id": N, "messages": [{"role", "content"}], "max_tokens",
    "temperature", "top_p", "seed", "frequency_penalty", "stop": [...],
-   "json_schema": {...} | null}
+   "json_schema": {...} | null, "no_repeat": {"ngram", "already_said": [...]}}
   {"op": "cancel", "id": N}
+  {"op": "pause", "id": N}    (the caller is behind: leave the batch, keep the KV cache)
+  {"op": "resume", "id": N}   (the caller caught up: rejoin the batch where it left)
 Replies (one JSON object per line on stdout):
   {"event": "ready", "model", "device", "fast_path", "load_seconds", "max_batch"}
   {"id": N, "event": "text", "text"}
@@ -211,6 +213,7 @@ class Request:
         self.text = ""
         self.matcher = None
         self.cached = 0  # prompt tokens taken from the prompt cache
+        self.resume_from = None  # while paused: its KV cache and tokens
         schema = message.get("json_schema")
         if schema is not None:
             import llguidance
@@ -233,27 +236,48 @@ class Request:
             self.processors.append(
                 constrain(self.matcher, tokenizer_for_grammar.vocab_size, len(self.prompt))
             )
+        rule = message.get("no_repeat")
+        if rule:
+            # After the schema's mask: the ban gives way when only banned
+            # tokens are left.
+            said = [tokenizer.encode(text, add_special_tokens=False) for text in rule.get("already_said") or []]
+            self.processors.append(no_repeat(int(rule["ngram"]), said, len(self.prompt)))
 
 
 def make_sampler(temperature, top_p, seed):
-    """Greedy at temperature 0 (or unset with a schema-free default of
-    mlx-lm's own); otherwise temperature and nucleus sampling from a key of
-    this request's own, so a seed gives the same answer batched or alone."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import apply_top_p
+    return Sampler(temperature, top_p, seed)
 
-    if temperature is not None and temperature <= 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    temperature = 1.0 if temperature is None else float(temperature)
-    state = {"key": mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))}
 
-    def sample(logprobs):
-        if top_p is not None and 0 < top_p < 1:
-            logprobs = apply_top_p(logprobs, float(top_p))
-        state["key"], key = mx.random.split(state["key"])
-        return mx.random.categorical(logprobs * (1.0 / temperature), key=key)
+class Sampler:
+    """Greedy at temperature 0; otherwise temperature and nucleus sampling
+    from a key of this request's own, so a seed gives the same answer
+    batched or alone, paused or not."""
 
-    return sample
+    def __init__(self, temperature, top_p, seed):
+        import mlx.core as mx
+
+        self.greedy = temperature is not None and temperature <= 0
+        self.temperature = 1.0 if temperature is None else float(temperature)
+        self.top_p = top_p
+        self.key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+        self.previous_key = self.key
+
+    def __call__(self, logprobs):
+        import mlx.core as mx
+        from mlx_lm.sample_utils import apply_top_p
+
+        if self.greedy:
+            return mx.argmax(logprobs, axis=-1)
+        if self.top_p is not None and 0 < self.top_p < 1:
+            logprobs = apply_top_p(logprobs, float(self.top_p))
+        self.previous_key = self.key
+        self.key, key = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * (1.0 / self.temperature), key=key)
+
+    def rewind(self):
+        """Forgets the last draw: mlx-lm samples one token ahead, and a
+        paused request draws that token again when it resumes."""
+        self.key = self.previous_key
 
 
 def frequency_penalty(penalty, prompt_length):
@@ -265,6 +289,35 @@ def frequency_penalty(penalty, prompt_length):
         if generated.size:
             logits = logits.at[:, generated].subtract(penalty)
         return logits
+
+    return process
+
+
+def no_repeat(ngram, said, prompt_length):
+    """The embedded engine's n-gram ban: avoid a token that would repeat an
+    n-gram of the answer or complete one of the `said` token sequences,
+    whenever another token is allowed."""
+    import mlx.core as mx
+
+    n = max(ngram, 2)
+    said = [list(tokens) for tokens in said if len(tokens) >= 2]
+
+    def process(tokens, logits):
+        history = (tokens.tolist() if hasattr(tokens, "tolist") else list(tokens))[prompt_length:]
+        banned = {
+            sequence[-1]
+            for sequence in said
+            if len(history) >= len(sequence) - 1 and history[len(history) - len(sequence) + 1:] == sequence[:-1]
+        }
+        if len(history) >= n:
+            tail = history[len(history) - n + 1:]
+            banned.update(history[i + n - 1] for i in range(len(history) - n + 1) if history[i:i + n - 1] == tail)
+        if not banned:
+            return logits
+        masked = logits.at[:, mx.array(sorted(banned))].minimum(-float("inf"))
+        if mx.max(masked).item() == -float("inf"):
+            return logits
+        return masked
 
     return process
 
@@ -325,6 +378,7 @@ class Worker:
         self.prompt_cache = LRUPromptCache(max_size=args.prompt_cache)
         self.requests = {}  # BatchGenerator uid -> Request
         self.uids = {}  # request id -> uid
+        self.paused = {}  # request id -> Request, out of the batch
         emit({
             "event": "ready",
             "model": args.name or directory.name,
@@ -364,6 +418,13 @@ class Worker:
             if uid is not None:
                 self.batch.remove([uid])
                 self.requests.pop(uid, None)
+            self.paused.pop(rid, None)
+            return
+        if op == "pause":
+            self.pause(rid)
+            return
+        if op == "resume":
+            self.resume(rid)
             return
         if op != "generate":
             emit({"id": rid, "event": "error", "message": f"unknown op {op!r}"})
@@ -383,6 +444,49 @@ class Worker:
         except Exception as error:  # a bad request must not end the worker
             emit({"id": rid, "event": "error", "invalid_request": True, "message": f"{type(error).__name__}: {error}"})
             return
+        self.requests[uid] = request
+        self.uids[rid] = uid
+
+    def pause(self, rid):
+        """Takes a generating request out of the batch with its KV cache,
+        while its caller reads more slowly than it is generated."""
+        from mlx_lm.models.cache import can_trim_prompt_cache
+
+        uid = self.uids.get(rid)
+        request = self.requests.get(uid)
+        # Only a request that is generating (it has sent text) is paused;
+        # one that already ended has nothing left to pause.
+        if request is None or request.first_token is None:
+            return
+        cache, tokens = self.batch.extract_cache([uid])[uid]
+        if not can_trim_prompt_cache(cache):
+            return  # it could not rejoin where it left: let it run
+        self.batch.remove([uid])
+        request.sampler.rewind()
+        request.resume_from = (cache, list(tokens))
+        del self.requests[uid]
+        del self.uids[rid]
+        self.paused[rid] = request
+
+    def resume(self, rid):
+        """Puts a paused request back into the batch: the cache loses its
+        last token, which is read again to draw the next one."""
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        request = self.paused.pop(rid, None)
+        if request is None:
+            return
+        cache, tokens = request.resume_from
+        request.resume_from = None
+        trim_prompt_cache(cache, 1)
+        (uid,) = self.batch.insert(
+            [tokens[-1:]],
+            max_tokens=[request.max_tokens - request.generated],
+            caches=[cache],
+            all_tokens=[tokens[:-1]],
+            samplers=[request.sampler],
+            logits_processors=[request.processors],
+        )
         self.requests[uid] = request
         self.uids[rid] = uid
 

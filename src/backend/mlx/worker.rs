@@ -4,6 +4,10 @@
 //! request id, its stderr drained into tracing. A supervisor restarts a
 //! worker that exits, with backoff; calls in flight when it dies end
 //! UNAVAILABLE with the reason.
+//!
+//! The reader never waits for a call's client: when a call's relay is full
+//! it asks the worker to pause that request (it leaves the batch with its KV
+//! cache) and to resume it once the client has read half (`relay`).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -18,7 +22,7 @@ use std::{
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    process::{Child, Command as Process},
+    process::{Child, ChildStderr, ChildStdin, ChildStdout, Command as Process},
     sync::{mpsc, watch},
 };
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -27,7 +31,10 @@ use super::{
     NAME,
     protocol::{Command, MAX_LINE_BYTES, Reply},
 };
-use crate::backend::{BackendError, Chunk, Completion, EngineTimings, FinishReason};
+use crate::backend::{
+    BackendError, Chunk, Completion, EngineTimings, FinishReason,
+    relay::{RELAY_CAPACITY, RelaySender, RelayStream, relay},
+};
 
 /// How the worker process is started.
 #[derive(Clone, Debug)]
@@ -63,7 +70,12 @@ pub enum WorkerState {
     Down(String),
 }
 
-type Route = mpsc::UnboundedSender<Result<Chunk, BackendError>>;
+/// Where a call's replies go.
+struct Route {
+    relay: RelaySender,
+    /// The worker was asked to pause the request until the client reads.
+    paused: bool,
+}
 
 /// The calls in flight on the current worker, by request id.
 #[derive(Default)]
@@ -76,7 +88,7 @@ impl Routes {
 
     fn fail_all(&self, reason: &str, endpoint: &str) {
         for (_, route) in self.lock().drain() {
-            let _ = route.send(Err(BackendError::Unavailable {
+            let _ = route.relay.send(Err(BackendError::Unavailable {
                 backend: NAME,
                 endpoint: endpoint.to_owned(),
                 reason: reason.to_owned(),
@@ -89,6 +101,17 @@ impl Routes {
 struct Connection {
     commands: mpsc::UnboundedSender<String>,
     routes: Arc<Routes>,
+}
+
+impl Connection {
+    /// Lets a paused request go on: its client has read half its relay.
+    fn resume(&self, id: u64) {
+        if let Some(route) = self.routes.lock().get_mut(&id)
+            && std::mem::take(&mut route.paused)
+        {
+            let _ = self.commands.send(Command::Resume { id }.line());
+        }
+    }
 }
 
 pub struct Supervisor {
@@ -149,11 +172,24 @@ impl Supervisor {
     pub fn submit(
         &self,
         command: impl FnOnce(u64) -> String,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<Result<Chunk, BackendError>>), BackendError> {
+    ) -> Result<(u64, RelayStream), BackendError> {
         let connection = self.connection().ok_or_else(|| self.unavailable())?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (route, replies) = mpsc::unbounded_channel();
-        connection.routes.lock().insert(id, route);
+        let (relay, replies) = relay(RELAY_CAPACITY, {
+            let connection = Arc::downgrade(&connection);
+            move || {
+                if let Some(connection) = connection.upgrade() {
+                    connection.resume(id);
+                }
+            }
+        });
+        connection.routes.lock().insert(
+            id,
+            Route {
+                relay,
+                paused: false,
+            },
+        );
         if connection.commands.send(command(id)).is_err() {
             connection.routes.lock().remove(&id);
             return Err(self.unavailable());
@@ -170,11 +206,48 @@ impl Supervisor {
         }
     }
 
-    fn connection(&self) -> Option<Arc<Connection>> {
+    /// Makes a ready worker the one calls go to.
+    fn connect(&self, info: WorkerInfo) -> (Arc<Connection>, mpsc::UnboundedReceiver<String>) {
+        let (commands, outgoing) = mpsc::unbounded_channel();
+        let connection = Arc::new(Connection {
+            commands,
+            routes: Arc::new(Routes::default()),
+        });
+        *self.lock_connection() = Some(connection.clone());
+        self.state.send_replace(WorkerState::Ready(info));
+        (connection, outgoing)
+    }
+
+    /// Stops the worker, ends its calls in flight and says why it ended.
+    async fn disconnect(
+        &self,
+        mut child: Child,
+        connection: &Connection,
+        reason: String,
+    ) -> String {
+        *self.lock_connection() = None;
+        let _ = child.start_kill();
+        let status = child.wait().await.ok();
+        let reason = format!(
+            "{reason} ({}){}",
+            describe(status),
+            match self.last_stderr() {
+                last if last.is_empty() => String::new(),
+                last => format!(": {last}"),
+            }
+        );
+        connection.routes.fail_all(&reason, &self.endpoint());
+        reason
+    }
+
+    fn lock_connection(&self) -> MutexGuard<'_, Option<Arc<Connection>>> {
         self.connection
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
-            .clone()
+    }
+
+    fn connection(&self) -> Option<Arc<Connection>> {
+        self.lock_connection().clone()
     }
 
     fn unavailable(&self) -> BackendError {
@@ -289,7 +362,6 @@ async fn run_once(supervisor: &Arc<Supervisor>, backoff: &mut Option<Duration>) 
 
 /// One worker's life; returns why it ended.
 async fn serve_one(supervisor: &Arc<Supervisor>) -> Result<String, String> {
-    let endpoint = supervisor.endpoint();
     let mut child = supervisor.spawn().map_err(|error| {
         format!(
             "cannot start {}: {error}",
@@ -297,9 +369,27 @@ async fn serve_one(supervisor: &Arc<Supervisor>) -> Result<String, String> {
         )
     })?;
     let stdin = child.stdin.take().expect("piped stdin");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let stderr = child.stderr.take().expect("piped stderr");
+    let mut replies = BufReader::new(child.stdout.take().expect("piped stdout"));
+    drain_stderr(supervisor, child.stderr.take().expect("piped stderr"));
+    let info = await_ready(supervisor, &mut child, &mut replies).await?;
+    tracing::info!(
+        model = %info.model,
+        device = %info.device,
+        fast_path = info.fast_path,
+        load_seconds = info.load_seconds,
+        "MLX worker ready"
+    );
+    let (connection, outgoing) = supervisor.connect(info);
+    let reason = tokio::select! {
+        reason = write_commands(stdin, outgoing) => reason,
+        reason = route_replies(&mut replies, &connection) => reason,
+    };
+    Ok(supervisor.disconnect(child, &connection, reason).await)
+}
 
+/// Forwards the worker's stderr to tracing, keeping its last lines for
+/// crash reports.
+fn drain_stderr(supervisor: &Arc<Supervisor>, stderr: ChildStderr) {
     let weak = Arc::downgrade(supervisor);
     tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
@@ -311,112 +401,86 @@ async fn serve_one(supervisor: &Arc<Supervisor>) -> Result<String, String> {
             }
         }
     });
+}
 
-    let mut replies = BufReader::new(stdout);
-    let ready = tokio::time::timeout(supervisor.settings.start_timeout, read_reply(&mut replies))
+/// Waits for the worker's `ready` line, within the start timeout.
+async fn await_ready(
+    supervisor: &Supervisor,
+    child: &mut Child,
+    replies: &mut BufReader<ChildStdout>,
+) -> Result<WorkerInfo, String> {
+    let timeout = supervisor.settings.start_timeout;
+    let ready = tokio::time::timeout(timeout, read_reply(replies))
         .await
         .map_err(|_| {
             format!(
-                "the MLX worker did not load {} within {:?}",
-                endpoint, supervisor.settings.start_timeout
+                "the MLX worker did not load {} within {timeout:?}",
+                supervisor.endpoint()
             )
         })?;
-    let info = match ready {
-        Ok(Some(Reply::Ready {
+    match ready? {
+        Some(Reply::Ready {
             model,
             device,
             fast_path,
             load_seconds,
-        })) => WorkerInfo {
+        }) => Ok(WorkerInfo {
             model,
             device,
             fast_path,
             load_seconds,
-        },
-        Ok(Some(Reply::Fatal { message })) => {
-            return Err(format!("the MLX worker could not start: {message}"));
-        }
-        Ok(Some(other)) => return Err(format!("the MLX worker sent {other:?} before ready")),
-        Ok(None) => {
+        }),
+        Some(Reply::Fatal { message }) => Err(format!("the MLX worker could not start: {message}")),
+        Some(other) => Err(format!("the MLX worker sent {other:?} before ready")),
+        None => {
             let status = child.wait().await.ok();
-            return Err(format!(
+            Err(format!(
                 "the MLX worker exited while starting ({}): {}",
-                status.map_or_else(|| "unknown status".to_owned(), |status| status.to_string()),
+                describe(status),
                 supervisor.last_stderr()
-            ));
+            ))
         }
-        Err(error) => return Err(error),
-    };
-    tracing::info!(
-        model = %info.model,
-        device = %info.device,
-        fast_path = info.fast_path,
-        load_seconds = info.load_seconds,
-        "MLX worker ready"
-    );
+    }
+}
 
-    let routes = Arc::new(Routes::default());
-    let (commands, mut outgoing) = mpsc::unbounded_channel::<String>();
-    *supervisor
-        .connection
-        .lock()
-        .unwrap_or_else(|poison| poison.into_inner()) = Some(Arc::new(Connection {
-        commands,
-        routes: routes.clone(),
-    }));
-    supervisor.state.send_replace(WorkerState::Ready(info));
-
-    let mut stdin = stdin;
-    let writing = async {
-        while let Some(line) = outgoing.recv().await {
-            if let Err(error) = stdin.write_all(line.as_bytes()).await {
-                return format!("cannot write to the MLX worker: {error}");
-            }
-            if let Err(error) = stdin.flush().await {
-                return format!("cannot write to the MLX worker: {error}");
-            }
+/// Writes queued commands to the worker's stdin; returns why it stopped.
+async fn write_commands(
+    mut stdin: ChildStdin,
+    mut outgoing: mpsc::UnboundedReceiver<String>,
+) -> String {
+    while let Some(line) = outgoing.recv().await {
+        let written = match stdin.write_all(line.as_bytes()).await {
+            Ok(()) => stdin.flush().await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = written {
+            return format!("cannot write to the MLX worker: {error}");
         }
-        "the MLX backend stopped".to_owned()
-    };
-    let reading = async {
-        loop {
-            match read_reply(&mut replies).await {
-                Ok(Some(reply)) => {
-                    if let Some(reason) = route(&routes, reply) {
-                        return reason;
-                    }
+    }
+    "the MLX backend stopped".to_owned()
+}
+
+/// Hands each reply to its call; returns why the worker's output ended.
+async fn route_replies(replies: &mut BufReader<ChildStdout>, connection: &Connection) -> String {
+    loop {
+        match read_reply(replies).await {
+            Ok(Some(reply)) => {
+                if let Some(reason) = route(connection, reply) {
+                    return reason;
                 }
-                Ok(None) => return "the MLX worker exited".to_owned(),
-                Err(reason) => return reason,
             }
+            Ok(None) => return "the MLX worker exited".to_owned(),
+            Err(reason) => return reason,
         }
-    };
-    let reason = tokio::select! {
-        reason = writing => reason,
-        reason = reading => reason,
-    };
-    *supervisor
-        .connection
-        .lock()
-        .unwrap_or_else(|poison| poison.into_inner()) = None;
-    let _ = child.start_kill();
-    let status = child.wait().await.ok();
-    let reason = format!(
-        "{reason} ({}){}",
-        status.map_or_else(|| "unknown status".to_owned(), |status| status.to_string()),
-        match supervisor.last_stderr() {
-            last if last.is_empty() => String::new(),
-            last => format!(": {last}"),
-        }
-    );
-    routes.fail_all(&reason, &endpoint);
-    Ok(reason)
+    }
+}
+
+fn describe(status: Option<std::process::ExitStatus>) -> String {
+    status.map_or_else(|| "unknown status".to_owned(), |status| status.to_string())
 }
 
 /// Reads one reply line; `None` at end of output.
-async fn read_reply(
-    replies: &mut BufReader<tokio::process::ChildStdout>,
-) -> Result<Option<Reply>, String> {
+async fn read_reply(replies: &mut BufReader<ChildStdout>) -> Result<Option<Reply>, String> {
     let mut line = Vec::new();
     loop {
         let buffer = replies
@@ -446,9 +510,10 @@ async fn read_reply(
     Reply::parse(text.trim_end()).map(Some)
 }
 
-/// Delivers a reply to its call; returns a reason to stop the worker when
-/// the reply shows the protocol broke.
-fn route(routes: &Routes, reply: Reply) -> Option<String> {
+/// Delivers a reply to its call, pausing the request when its relay is
+/// full; returns a reason to stop the worker when the reply shows the
+/// protocol broke.
+fn route(connection: &Connection, reply: Reply) -> Option<String> {
     let (id, item, last) = match reply {
         Reply::Text { id, text } => (id, Ok(Chunk::Text(text)), false),
         Reply::Done {
@@ -505,12 +570,15 @@ fn route(routes: &Routes, reply: Reply) -> Option<String> {
         Reply::Fatal { message } => return Some(format!("the MLX worker failed: {message}")),
         Reply::Ready { .. } => return Some("the MLX worker restarted itself".to_owned()),
     };
-    let mut routes = routes.lock();
+    let mut routes = connection.routes.lock();
     // A reply for a call that was cancelled (or already ended) is dropped.
-    if let Some(route) = routes.get(&id) {
-        let _ = route.send(item);
+    if let Some(route) = routes.get_mut(&id) {
+        let _ = route.relay.send(item);
         if last {
             routes.remove(&id);
+        } else if !route.paused && !route.relay.has_room() {
+            route.paused = true;
+            let _ = connection.commands.send(Command::Pause { id }.line());
         }
     }
     None

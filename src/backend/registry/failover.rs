@@ -215,7 +215,7 @@ mod tests {
 
         fn capabilities(&self) -> Capabilities {
             Capabilities {
-                streaming: true,
+                no_repeat: false,
                 json_schema: SchemaSupport::Requested,
                 seed: false,
             }
