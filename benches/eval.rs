@@ -226,12 +226,14 @@ fn summarize(backend: &str, rpc: &'static str, outcomes: &[Outcome]) -> Summary 
     }
 }
 
-const KINDS: [EnhancementKind; 4] = [
-    EnhancementKind::Unspecified,
-    EnhancementKind::Clarify,
-    EnhancementKind::Specify,
-    EnhancementKind::Context,
-];
+/// Every kind the contract defines (numbered from 0 without gaps),
+/// `UNSPECIFIED` (the service's choice) first: a kind added to the proto is
+/// evaluated too.
+fn kinds() -> Vec<EnhancementKind> {
+    (0..)
+        .map_while(|value| EnhancementKind::try_from(value).ok())
+        .collect()
+}
 
 async fn decompose(
     client: &mut InferenceServiceClient<Channel>,
@@ -270,7 +272,10 @@ async fn enhance(
         .enhance_task(EnhanceTaskRequest {
             task: Some(item.task()),
             context: item.context(),
-            kind: KINDS[index % KINDS.len()] as i32,
+            kind: {
+                let kinds = kinds();
+                kinds[index % kinds.len()] as i32
+            },
             ..Default::default()
         })
         .await;

@@ -47,6 +47,11 @@ if ! command -v cmake >/dev/null 2>&1 || [ -z "$libclang_dir" ]; then
     libclang_dir="$("$tools/bin/python" -c 'import clang, os; print(os.path.join(os.path.dirname(clang.__file__), "native"))')"
   fi
 fi
+# A shell that sourced build.env before finds our own cmake on its PATH;
+# the file must still put it there for shells that did not.
+if [ "$(command -v cmake 2>/dev/null)" = "$tools/bin/cmake" ]; then
+  path_prefix="$tools/bin"
+fi
 
 # libclang from PyPI comes without clang's own headers (stddef.h, stdbool.h):
 # point bindgen at the C compiler's.

@@ -14,6 +14,7 @@ mod drain;
 mod failover;
 mod health;
 mod metrics;
+mod result_cache;
 mod validation;
 
 use std::{future::Future, sync::Arc, time::Duration};
