@@ -12,7 +12,10 @@
 //!   streams on the embedded engine and on llama.cpp's server;
 //! - memory: the service's resident memory idle and under 64 streams.
 //!
-//! Run: `make bench` (with the other benchmarks) or `cargo bench --bench kit`.
+//! Run: `make bench` (with the other benchmarks) or `cargo bench --bench kit`;
+//! `cargo bench --bench kit -- --only gateway` runs the gateway overhead
+//! alone (no model, no llama.cpp server, nothing written), e.g. on a quiet
+//! machine (`scripts/bench-device.sh`).
 
 mod common;
 #[path = "../tests/support/mod.rs"]
@@ -25,6 +28,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use clap::{Parser, ValueEnum};
 use common::{Run, Service, grpc_run, median, peak_rss_mib, percentile, status_mib};
 use futures_util::{Stream, StreamExt, future::join_all, stream};
 use plotters::prelude::*;
@@ -47,6 +51,23 @@ use support::{LlamaServer, config, free_port, greedy, model_path};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, transport::Channel};
+
+#[derive(Parser)]
+struct Args {
+    /// Run only this section and write no results.
+    #[arg(long, env = "KIT_ONLY", value_enum)]
+    only: Option<Section>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// A section of the kit that runs on its own.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    /// The service over an instant backend vs a bare tonic server.
+    Gateway,
+}
 
 /// Text pieces of an instant generation.
 const PIECES: usize = 16;
@@ -398,6 +419,7 @@ fn plot(path: &str, series: &[(&str, Vec<f64>)]) {
 
 #[tokio::main]
 async fn main() {
+    let args = Args::parse();
     let started = Instant::now();
     println!(
         "{:<48} {:>12} {:>12} {:>7} {:>8}",
@@ -433,6 +455,9 @@ async fn main() {
         row(&format!("{kind} requests/s"), mine[0], theirs[0], ">=0.90");
         row(&format!("{kind} p50 ms"), mine[1], theirs[1], "");
         row(&format!("{kind} p99 ms"), mine[2], theirs[2], "<=1.20");
+    }
+    if args.only == Some(Section::Gateway) {
+        return;
     }
 
     // Token relay: the same engine through the service and called directly.
