@@ -37,6 +37,11 @@ impl OutputSchema {
     pub fn check(&self, text: &str) -> Result<Value, String> {
         let value: Value = serde_json::from_str(text)
             .map_err(|error| format!("the output is not JSON: {error}"))?;
+        // Most answers are valid: the quick yes/no first, the walk that
+        // names the violation only for those that are not.
+        if self.validator.is_valid(&value) {
+            return Ok(value);
+        }
         if let Some(error) = self.validator.iter_errors(&value).next() {
             let path = error.instance_path().to_string();
             let place = if path.is_empty() {
