@@ -35,7 +35,6 @@ pack() {
   # cmake and libclang for llama.cpp's build, as the Makefile has them.
   # shellcheck source=/dev/null
   source "$cache_dir/build.env"
-  export PATH="$cache_dir/tools/bin:$PATH"
   mkdir -p "$dir"
   local build name tree executable
   for build in "${builds[@]}"; do
