@@ -46,10 +46,11 @@ test: setup
 
 # The fast tier: the unit tests and tests/fast/ (the whole service over
 # scripted in-process backends). No Python, model or runtime process, so
-# only the build setup is needed.
+# only the build setup is needed. Compiled as `make test` compiles (lints
+# included), so switching between the two rebuilds nothing.
 test-fast:
 	scripts/setup-build.sh >/dev/null
-	$(CARGO) test --locked --lib --test fast
+	$(CARGO_LINTED) test --locked --lib --test fast
 
 # Every benchmark, one after another (about 15 minutes): the kit (gateway
 # overhead, relay, scaling, memory; writes benches/results/), the embedded
