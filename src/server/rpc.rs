@@ -32,6 +32,17 @@ impl Rpc {
             Self::GetStatus => "GetStatus",
         }
     }
+
+    /// `service/method`, as a call's SERVER span is named: a constant, so
+    /// naming a call's span allocates nothing.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::EnhanceTask => "rigger.inference.v1.InferenceService/EnhanceTask",
+            Self::DecomposeTask => "rigger.inference.v1.InferenceService/DecomposeTask",
+            Self::Generate => "rigger.inference.v1.InferenceService/Generate",
+            Self::GetStatus => "rigger.inference.v1.InferenceService/GetStatus",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -61,6 +72,16 @@ mod tests {
             Rpc::GetStatus,
         ];
         assert_eq!(methods, rpcs.map(Rpc::method));
+        for rpc in rpcs {
+            assert_eq!(
+                rpc.path(),
+                format!(
+                    "{}/{}",
+                    InferenceServiceServer::<InferenceApi>::NAME,
+                    rpc.method()
+                )
+            );
+        }
         let labels: std::collections::BTreeSet<&str> =
             rpcs.iter().map(|rpc| rpc.as_str()).collect();
         assert_eq!(labels.len(), rpcs.len(), "labels are distinct");

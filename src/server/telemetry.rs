@@ -117,7 +117,7 @@ impl Telemetry {
         let parent = TraceContextPropagator::new().extract(&Metadata(metadata));
         let span = self
             .tracer
-            .span_builder(format!("{SERVICE_NAME}/{}", rpc.method()))
+            .span_builder(rpc.path())
             .with_kind(SpanKind::Server)
             .with_attributes([
                 KeyValue::new(RPC_SYSTEM, "grpc"),
