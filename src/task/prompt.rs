@@ -2,7 +2,9 @@
 //! the default model has 135M parameters, and the schema (not the prompt)
 //! carries the answer's shape.
 
-use std::fmt::Write;
+use std::{fmt::Write, sync::LazyLock};
+
+use serde::Deserialize;
 
 use super::{DecomposeRequest, EnhanceRequest, ProjectContext, TaskSpec, Violation};
 use crate::backend::{Message, Role};
@@ -19,17 +21,48 @@ title), description (what to do, concretely), complexity (1 to 10, smaller than 
 task), depends_on (positions, counting from 0, of earlier subtasks that must be done first), \
 reasoning (one sentence on why the subtask is needed).";
 
-/// The worked example shown before every decomposition: one compact
-/// exchange teaches a small model the shape and granularity wanted.
-const DECOMPOSE_EXAMPLE_TASK: &str = "Task: Add CSV export of orders\n\
-Complexity: 5/10\n\
-Split it into 3 to 4 subtasks.";
-const DECOMPOSE_EXAMPLE_ANSWER: &str = r#"{"subtasks":[{"title":"Define the CSV columns","description":"List the order fields to export and fix their column order.","complexity":2,"depends_on":[],"reasoning":"The format must be fixed before code is written."},{"title":"Write the CSV serializer","description":"Turn a list of orders into CSV text with a header row.","complexity":3,"depends_on":[0],"reasoning":"This is the core conversion."},{"title":"Add the export endpoint","description":"Serve the CSV at GET /orders/export as a file download.","complexity":3,"depends_on":[1],"reasoning":"Users need a way to get the file."}]}"#;
+/// The worked examples shown before each kind of request, one exchange
+/// each: they teach a small model the shape and granularity wanted. They
+/// live in `examples.json` so that what reads answers (the rules that catch
+/// copied example content, the eval) reads the same text the model saw.
+#[derive(Debug, Deserialize)]
+pub struct Examples {
+    pub enhance: Vec<Example>,
+    pub decompose: Vec<Example>,
+}
 
-const ENHANCE_EXAMPLE_TASK: &str = "Task: fix search\n\
-Project: An online bookshop.\n\
-Enhancement kind: choose the one that helps most";
-const ENHANCE_EXAMPLE_ANSWER: &str = r#"{"kind":"specify","title":"Return matching books for partial title searches","description":"Searching for part of a book title returns no results today. Make the search match partial, case-insensitive titles so customers find books without typing the full title.","acceptance_criteria":["Searching 'potter' lists every Harry Potter book","Search ignores letter case","An empty search returns an error message, not all books"]}"#;
+#[derive(Debug, Deserialize)]
+pub struct Example {
+    /// The user message, rendered as a real task is.
+    pub task: String,
+    /// The assistant's answer, valid under the answer schema.
+    pub answer: serde_json::Value,
+}
+
+impl Example {
+    fn exchange(&self) -> [Message; 2] {
+        [
+            Message::new(Role::User, self.task.clone()),
+            Message::new(Role::Assistant, self.answer.to_string()),
+        ]
+    }
+}
+
+pub fn examples() -> &'static Examples {
+    static EXAMPLES: LazyLock<Examples> = LazyLock::new(|| {
+        serde_json::from_str(include_str!("examples.json"))
+            .expect("examples.json is checked by the unit tests")
+    });
+    &EXAMPLES
+}
+
+/// The system message, each example exchange, then the request.
+fn conversation(system: &str, examples: &[Example], user: String) -> Vec<Message> {
+    std::iter::once(Message::new(Role::System, system))
+        .chain(examples.iter().flat_map(Example::exchange))
+        .chain(std::iter::once(Message::new(Role::User, user)))
+        .collect()
+}
 
 /// Messages asking for an enhancement of the request's task.
 pub fn enhance(request: &EnhanceRequest) -> Vec<Message> {
@@ -40,12 +73,7 @@ pub fn enhance(request: &EnhanceRequest) -> Vec<Message> {
         }
         None => user.push_str("\nEnhancement kind: choose the one that helps most"),
     }
-    vec![
-        Message::new(Role::System, ENHANCE_SYSTEM),
-        Message::new(Role::User, ENHANCE_EXAMPLE_TASK),
-        Message::new(Role::Assistant, ENHANCE_EXAMPLE_ANSWER),
-        Message::new(Role::User, user),
-    ]
+    conversation(ENHANCE_SYSTEM, &examples().enhance, user)
 }
 
 /// Messages asking for a decomposition of the request's task.
@@ -57,12 +85,7 @@ pub fn decompose(request: &DecomposeRequest) -> Vec<Message> {
     } else {
         let _ = write!(user, "\nSplit it into {min} to {max} subtasks.");
     }
-    vec![
-        Message::new(Role::System, DECOMPOSE_SYSTEM),
-        Message::new(Role::User, DECOMPOSE_EXAMPLE_TASK),
-        Message::new(Role::Assistant, DECOMPOSE_EXAMPLE_ANSWER),
-        Message::new(Role::User, user),
-    ]
+    conversation(DECOMPOSE_SYSTEM, &examples().decompose, user)
 }
 
 /// The messages of a repair attempt: the first request, its task message
@@ -132,15 +155,19 @@ mod tests {
             model: None,
             sampling: Sampling::default(),
         });
-        assert_eq!(messages.len(), 4);
+        let examples = &examples().enhance;
+        assert_eq!(messages.len(), 2 + 2 * examples.len());
         assert_eq!(messages[0], Message::new(Role::System, ENHANCE_SYSTEM));
-        assert_eq!(messages[1], Message::new(Role::User, ENHANCE_EXAMPLE_TASK));
         assert_eq!(
-            messages[2],
-            Message::new(Role::Assistant, ENHANCE_EXAMPLE_ANSWER)
+            messages[1],
+            Message::new(Role::User, examples[0].task.clone())
         );
         assert_eq!(
-            messages[3].content,
+            messages[2],
+            Message::new(Role::Assistant, examples[0].answer.to_string())
+        );
+        assert_eq!(
+            messages.last().unwrap().content,
             "Task: Add rate limiting\n\
              Description: Protect the public API.\n\
              Complexity: 5/10\n\
@@ -154,14 +181,20 @@ mod tests {
     #[test]
     fn worked_examples_obey_their_own_schemas_and_rules() {
         use crate::{json_schema::OutputSchema, task::schema};
-        OutputSchema::compile(schema::decomposition(3, 4, Some(5)))
-            .unwrap()
-            .check(DECOMPOSE_EXAMPLE_ANSWER)
-            .unwrap();
-        OutputSchema::compile(schema::enhancement(None))
-            .unwrap()
-            .check(ENHANCE_EXAMPLE_ANSWER)
-            .unwrap();
+        let examples = examples();
+        assert!(!examples.enhance.is_empty() && !examples.decompose.is_empty());
+        for example in &examples.decompose {
+            OutputSchema::compile(schema::decomposition(3, 4, Some(5)))
+                .unwrap()
+                .check(&example.answer.to_string())
+                .unwrap();
+        }
+        for example in &examples.enhance {
+            OutputSchema::compile(schema::enhancement(None))
+                .unwrap()
+                .check(&example.answer.to_string())
+                .unwrap();
+        }
     }
 
     #[test]
@@ -201,10 +234,10 @@ mod tests {
         assert_eq!(messages[0], Message::new(Role::System, DECOMPOSE_SYSTEM));
         assert_eq!(
             messages[2],
-            Message::new(Role::Assistant, DECOMPOSE_EXAMPLE_ANSWER)
+            Message::new(Role::Assistant, examples().decompose[0].answer.to_string())
         );
         assert_eq!(
-            messages[3].content,
+            messages.last().unwrap().content,
             "Task: Ship v2\nSplit it into 3 to 5 subtasks."
         );
     }
