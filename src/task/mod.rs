@@ -10,6 +10,7 @@
 pub mod cache;
 mod decompose;
 mod enhance;
+mod grounds;
 pub mod prompt;
 pub mod schema;
 mod violation;

@@ -62,6 +62,16 @@ named_variants! {
         DuplicateCriteria => "duplicate_criteria",
         /// An enhancement whose title and description restate the task's own.
         RestatesTask => "restates_task",
+        /// Content of the prompt's worked example that the task does not have.
+        CopiesExample => "copies_example",
+        /// A version, figure, path, file or product name the task does not give.
+        UnsupportedDetail => "unsupported_detail",
+        /// Markup or code fragments (dict/JSON literal marks, stray leading
+        /// punctuation) the task does not contain.
+        MalformedText => "malformed_text",
+        /// A subtask or acceptance criterion that shares no content word
+        /// with the task.
+        OffTopic => "off_topic",
     }
 }
 
@@ -98,6 +108,11 @@ const FILLER_WORDS: &[&str] = &[
     "a", "an", "the", "to", "of", "for", "and", "in", "on", "with", "from", "by", "into", "all",
     "each", "its", "their", "our", "new", "it", "this", "that",
 ];
+
+/// Whether `word` (lowercased) is one of the [`FILLER_WORDS`].
+pub(super) fn is_filler(word: &str) -> bool {
+    FILLER_WORDS.contains(&word)
+}
 
 /// Two texts at least this similar (shared content words over all content
 /// words) say the same thing: "Add the login form" and "Add login form"

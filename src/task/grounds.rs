@@ -1,0 +1,420 @@
+//! What an answer may say, judged against what its task gives: the words of
+//! the task's title, description, reasoning, files, dependencies and project
+//! context. A small model copies its worked examples, invents versions and
+//! product names, leaks JSON markup into its text and drifts to other work;
+//! each check here names the field that did and the rule it broke, so the
+//! part can be left out or asked for again.
+
+use std::collections::HashSet;
+
+use rust_stemmers::{Algorithm, Stemmer};
+
+use super::{
+    ProjectContext, TaskSpec,
+    prompt::Example,
+    violation::{Rule, Violation, is_filler},
+};
+
+/// Words any software task may use: sharing one with the task does not make
+/// a text about it, and carrying one from a worked example is not copying.
+const GENERIC_WORDS: &[&str] = &[
+    "add", "make", "create", "implement", "write", "use", "using", "update", "ensure", "set",
+    "up", "build", "new", "support", "feature", "task", "work", "code", "system", "be", "is",
+    "are", "can", "should", "must", "will", "not", "no", "so", "as", "at", "or", "if", "when",
+    "then", "than", "more", "less", "other", "one", "two", "three", "first", "step", "part",
+    "need", "needs", "needed", "do", "does", "done", "get", "gets", "have", "has", "what",
+    "which", "who", "how", "why", "before", "after", "so", "every", "any", "some", "only",
+    "also", "there", "these", "those", "they", "them", "we", "you", "your", "user", "users",
+    "project", "subtask", "split", "complexity", "enhancement", "kind", "choose", "help",
+    "helps", "most", "way", "thing", "good", "well", "right", "correct", "correctly", "check",
+    "test", "tests", "testing", "verify", "run", "change", "changes", "fix", "issue", "without",
+    "out", "about", "like", "per", "via", "just", "still", "today", "now",
+];
+
+/// Acronyms a software text may use without its task naming them.
+const COMMON_ACRONYMS: &[&str] = &[
+    "API", "UI", "URL", "ID", "IDS", "HTTP", "HTTPS", "JSON", "CLI", "UX", "FAQ", "OK", "README",
+    "TODO", "CI",
+];
+
+/// Characters of markup and code that plain task text does not carry.
+const MARKUP: &[char] = &['{', '}', '[', ']', '<', '>', '`', '|', '\\'];
+
+/// Quote-colon pairs of a dict or JSON literal (`'key': ...`).
+const LITERAL_KEYS: &[&str] = &["':", "\":"];
+
+/// Content words a text must share with its task to be about it.
+const ON_TOPIC_MIN_SHARED: usize = 1;
+
+/// Words of a worked example that the task does not contain, in one text,
+/// from which on the text is taken from the example: one such word happens
+/// ("list", "header"), two from the same example do not.
+const COPIED_MIN_WORDS: usize = 2;
+
+/// Share of a text's words starting with a capital from which on it is
+/// written in title case, where capitals do not mark names.
+const TITLE_CASE_SHARE: f64 = 0.6;
+
+/// A task's inputs, read once, against which each text of an answer is
+/// checked.
+pub(super) struct Grounds {
+    /// Stems of the inputs' words that say what the task is about.
+    stems: HashSet<String>,
+    /// The inputs' words, lowercased.
+    words: HashSet<String>,
+    /// The inputs, lowercased: paths, file names and versions ("v2.1",
+    /// "src/api.rs") are looked up whole in them.
+    text: String,
+    /// Per worked example, its stems that the task does not contain.
+    examples: Vec<HashSet<String>>,
+}
+
+impl Grounds {
+    pub fn of(task: &TaskSpec, context: &ProjectContext, examples: &[Example]) -> Self {
+        let inputs = [
+            task.title.as_str(),
+            task.description.as_deref().unwrap_or(""),
+            task.reasoning.as_deref().unwrap_or(""),
+            &task.context_files.join("\n"),
+            &task.dependencies.join("\n"),
+            &context.project,
+            &context.prd_excerpt,
+        ]
+        .join("\n");
+        let stems: HashSet<String> = topic_stems(&inputs).collect();
+        let examples = examples
+            .iter()
+            .map(|example| {
+                let mut text = example.task.clone();
+                collect_strings(&example.answer, &mut text);
+                topic_stems(&text)
+                    .filter(|stem| !stems.contains(stem))
+                    .collect()
+            })
+            .collect();
+        let text = inputs.to_lowercase();
+        Self {
+            stems,
+            words: text
+                .split(|c: char| !c.is_alphanumeric())
+                .filter(|word| !word.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            text,
+            examples,
+        }
+    }
+
+    /// Checks one text of an answer (a title, description, reasoning or
+    /// criterion) for markup, copied example content and specifics the
+    /// task does not give.
+    pub fn check(&self, field: &str, text: &str) -> Result<(), Violation> {
+        self.well_formed(field, text)?;
+        self.not_copied(field, text)?;
+        self.supported(field, text)
+    }
+
+    /// Whether `text` (a whole subtask or criterion) shares enough content
+    /// words with the task to be about it. A task without content words
+    /// ("Do it") cannot be judged and lets everything pass.
+    pub fn on_topic(&self, field: &str, text: &str) -> Result<(), Violation> {
+        if self.stems.is_empty() {
+            return Ok(());
+        }
+        let shared: HashSet<String> = topic_stems(text)
+            .filter(|stem| self.stems.contains(stem))
+            .collect();
+        if shared.len() >= ON_TOPIC_MIN_SHARED {
+            return Ok(());
+        }
+        Err(Violation::new(
+            Rule::OffTopic,
+            format!("{field} shares no content word with the task"),
+        ))
+    }
+
+    fn well_formed(&self, field: &str, text: &str) -> Result<(), Violation> {
+        let malformed = |what: String| {
+            Err(Violation::new(
+                Rule::MalformedText,
+                format!("{field} {what}, which the task does not"),
+            ))
+        };
+        if let Some(mark) = text
+            .chars()
+            .find(|&mark| MARKUP.contains(&mark) && !self.text.contains(mark))
+        {
+            return malformed(format!("carries markup {mark:?}"));
+        }
+        if let Some(key) = LITERAL_KEYS
+            .iter()
+            .find(|&&key| text.contains(key) && !self.text.contains(key))
+        {
+            return malformed(format!("carries a literal's key marks {key:?}"));
+        }
+        let first_word = text.split_whitespace().next().unwrap_or("");
+        let quoted = first_word
+            .chars()
+            .next()
+            .is_some_and(|quote| matches!(quote, '"' | '\'') && text[1..].contains(quote));
+        if first_word.starts_with(|first: char| !first.is_alphanumeric())
+            && !quoted
+            && !self.text.contains(&first_word.to_lowercase())
+        {
+            return malformed(format!("starts with {first_word:?}"));
+        }
+        Ok(())
+    }
+
+    fn not_copied(&self, field: &str, text: &str) -> Result<(), Violation> {
+        let stems: HashSet<String> = topic_stems(text).collect();
+        for example in &self.examples {
+            let mut copied: Vec<&String> = stems.intersection(example).collect();
+            if copied.len() >= COPIED_MIN_WORDS {
+                copied.sort();
+                return Err(Violation::new(
+                    Rule::CopiesExample,
+                    format!(
+                        "{field} carries words of the prompt's worked example that the task \
+                         does not have: {copied:?}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn supported(&self, field: &str, text: &str) -> Result<(), Violation> {
+        let title_case = is_title_case(text);
+        let mut sentence_start = true;
+        for raw in text.split_whitespace() {
+            let capital_is_normal = sentence_start || title_case;
+            sentence_start = raw.ends_with(['.', '!', '?', ':', ';']);
+            let token = raw.trim_matches(|c: char| !c.is_alphanumeric());
+            // Paths, URLs, file names and versions are looked up whole;
+            // other words piece by piece ("two-factor", "Flask's").
+            let pieces: Vec<&str> = if token.contains(['/', '.']) {
+                vec![token]
+            } else {
+                token
+                    .split(|c: char| !c.is_alphanumeric())
+                    .filter(|piece| !piece.is_empty())
+                    .collect()
+            };
+            for piece in pieces {
+                if self.gives(piece) {
+                    continue;
+                }
+                if let Some(kind) = specific_kind(piece, capital_is_normal) {
+                    return Err(Violation::new(
+                        Rule::UnsupportedDetail,
+                        format!("{field} gives the {kind} {piece:?}, which the task does not"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the task's inputs contain `token`: as a word, or whole where
+    /// it is a path, file name or version.
+    fn gives(&self, token: &str) -> bool {
+        let lower = token.to_lowercase();
+        self.words.contains(&lower) || (token.contains(['/', '.']) && self.text.contains(&lower))
+    }
+}
+
+/// What makes `token` a specific a model may not invent, if anything: a
+/// figure or version, a path, URL or file name, or a name (CamelCase, an
+/// uncommon acronym, or a capital where no sentence starts).
+fn specific_kind(token: &str, capital_is_normal: bool) -> Option<&'static str> {
+    let letters: Vec<char> = token.chars().filter(|c| c.is_alphabetic()).collect();
+    if token.chars().any(|c| c.is_ascii_digit()) {
+        return Some("figure or version");
+    }
+    if token.contains('/') && token.len() > 1 {
+        return Some("path or URL");
+    }
+    if let Some((stem, extension)) = token.rsplit_once('.')
+        && stem.chars().filter(|c| c.is_alphanumeric()).count() >= 2
+        && (1..=5).contains(&extension.len())
+        && extension.chars().all(|c| c.is_ascii_lowercase())
+    {
+        return Some("file name");
+    }
+    let camel = token
+        .chars()
+        .zip(token.chars().skip(1))
+        .any(|(before, after)| before.is_lowercase() && after.is_uppercase());
+    if camel {
+        return Some("name");
+    }
+    if letters.len() >= 2 && letters.iter().all(|c| c.is_uppercase()) {
+        let acronym: String = letters.iter().collect();
+        return (!COMMON_ACRONYMS.contains(&acronym.as_str())).then_some("name");
+    }
+    let capitalized = token.chars().next().is_some_and(char::is_uppercase);
+    (capitalized && !capital_is_normal && token != "I").then_some("name")
+}
+
+/// Whether most words of `text` start with a capital ("Set Up The Build").
+fn is_title_case(text: &str) -> bool {
+    let words: Vec<&str> = text
+        .split_whitespace()
+        .filter(|word| word.starts_with(char::is_alphabetic))
+        .collect();
+    let capitalized = words
+        .iter()
+        .filter(|word| word.starts_with(char::is_uppercase))
+        .count();
+    words.len() > 1 && capitalized as f64 / words.len() as f64 >= TITLE_CASE_SHARE
+}
+
+/// The stems of the words of `text` that can tell one task from another:
+/// lowercased, neither filler nor generic, not figures.
+fn topic_stems(text: &str) -> impl Iterator<Item = String> + '_ {
+    let stemmer = Stemmer::create(Algorithm::English);
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|word| word.len() > 1 && word.chars().any(char::is_alphabetic))
+        .map(str::to_lowercase)
+        .filter(|word| !is_filler(word) && !GENERIC_WORDS.contains(&word.as_str()))
+        .map(move |word| stemmer.stem(&word).into_owned())
+}
+
+/// Appends every string inside `value` to `text`, one per line.
+fn collect_strings(value: &serde_json::Value, text: &mut String) {
+    match value {
+        serde_json::Value::String(string) => {
+            text.push('\n');
+            text.push_str(string);
+        }
+        serde_json::Value::Array(items) => {
+            items.iter().for_each(|item| collect_strings(item, text));
+        }
+        serde_json::Value::Object(fields) => {
+            fields.values().for_each(|field| collect_strings(field, text));
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn grounds_of(title: &str, description: &str) -> Grounds {
+        let task = TaskSpec {
+            title: title.into(),
+            description: (!description.is_empty()).then(|| description.into()),
+            context_files: vec!["src/api.rs".into()],
+            ..TaskSpec::default()
+        };
+        let example = Example {
+            task: "Task: fix search\nProject: An online bookshop.".into(),
+            answer: json!({
+                "title": "Return matching books for partial title searches",
+                "acceptance_criteria": ["Searching 'potter' lists every Harry Potter book"]
+            }),
+        };
+        Grounds::of(&task, &ProjectContext::default(), &[example])
+    }
+
+    fn rule(result: Result<(), Violation>) -> Option<Rule> {
+        result.err().map(|violation| violation.rule)
+    }
+
+    #[test]
+    fn markup_and_stray_punctuation_the_task_lacks_are_malformed() {
+        let grounds = grounds_of("Add async support for flask", "");
+        for text in [
+            "{'add'} - Add a custom implementation",
+            "{'This is the second step",
+            "The 'name': field is read",
+            "- Add the handler",
+            "Use `await` in views",
+        ] {
+            assert_eq!(
+                rule(grounds.check("title", text)),
+                Some(Rule::MalformedText),
+                "{text}"
+            );
+        }
+        assert_eq!(rule(grounds.check("title", "Make flask views async.")), None);
+        let json_task = grounds_of("Parse the {\"a\": 1} config", "");
+        assert_eq!(
+            rule(json_task.check("description", "Read {\"a\": 1} into a map")),
+            None
+        );
+    }
+
+    #[test]
+    fn content_of_the_worked_example_is_copied_unless_the_task_has_it() {
+        let grounds = grounds_of("Proposal: chart values schema", "");
+        assert_eq!(
+            rule(grounds.check("acceptance_criteria[0]", "Searching lists every book")),
+            Some(Rule::CopiesExample)
+        );
+        assert_eq!(
+            rule(grounds.check("acceptance_criteria[0]", "The chart lists every value")),
+            None
+        );
+        let search_task = grounds_of("Search books by partial title", "");
+        assert_eq!(
+            rule(search_task.check("title", "Match partial titles when searching books")),
+            None
+        );
+    }
+
+    #[test]
+    fn versions_names_and_paths_the_task_lacks_are_unsupported() {
+        let grounds = grounds_of("Add async support for flask", "Views block on I/O.");
+        for text in [
+            "Add async support for Flask 3.0.1.1",
+            "Views run on the Flaxpy framework",
+            "Deploy it to AWS Lambda",
+            "Move the views to app/views.py",
+            "Wait at most 30 seconds",
+            "Host the code on GitHub",
+        ] {
+            assert_eq!(
+                rule(grounds.check("description", text)),
+                Some(Rule::UnsupportedDetail),
+                "{text}"
+            );
+        }
+        for text in [
+            "Flask views can be declared async.",
+            "Views no longer block on I/O. Flask awaits them.",
+            "Change src/api.rs to await the handlers",
+            "Return JSON errors from the API",
+            "Make Flask Views Async",
+        ] {
+            assert_eq!(rule(grounds.check("description", text)), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_text_is_on_topic_when_it_shares_a_content_word_with_the_task() {
+        let grounds = grounds_of("sql: add support for LIMIT/OFFSET", "Paginate query results.");
+        assert_eq!(
+            rule(grounds.on_topic("subtasks[2]", "Remove duplicate rows from the table")),
+            Some(Rule::OffTopic)
+        );
+        assert_eq!(
+            rule(grounds.on_topic("subtasks[0]", "Parse the LIMIT clause")),
+            None
+        );
+        assert_eq!(
+            rule(grounds.on_topic("subtasks[1]", "Page through the results of a query")),
+            None
+        );
+        let no_content = TaskSpec {
+            title: "Do it".into(),
+            ..TaskSpec::default()
+        };
+        let vague = Grounds::of(&no_content, &ProjectContext::default(), &[]);
+        assert_eq!(rule(vague.on_topic("subtasks[0]", "Anything at all")), None);
+    }
+}
