@@ -67,7 +67,10 @@ pub fn structured_output(data: &[u8]) -> Outcome {
     let text = String::from_utf8_lossy(data);
     let request = decomposition_request();
     let decomposed = task::judge_answer(&text, &request);
-    if let Ok(subtasks) = &decomposed {
+    if let Ok(task::Parsed {
+        value: subtasks, ..
+    }) = &decomposed
+    {
         let count = subtasks.len() as u32;
         assert!((request.min_subtasks..=request.max_subtasks).contains(&count));
         for (index, subtask) in subtasks.iter().enumerate() {
@@ -87,7 +90,10 @@ pub fn structured_output(data: &[u8]) -> Outcome {
     }
     let request = enhancement_request();
     let enhanced = task::judge_answer(&text, &request);
-    if let Ok(enhancement) = &enhanced {
+    if let Ok(task::Parsed {
+        value: enhancement, ..
+    }) = &enhanced
+    {
         assert!(!enhancement.title.trim().is_empty());
         assert!(!enhancement.description.trim().is_empty());
     }

@@ -161,6 +161,7 @@ impl From<&AnswerStats> for proto::ResponseMeta {
             backend_generation_time: None,
             cached: stats.cached,
             repaired: stats.repaired.iter().map(proto::Violation::from).collect(),
+            dropped: stats.dropped.iter().map(proto::Violation::from).collect(),
         }
     }
 }

@@ -424,6 +424,7 @@ impl Relay {
             total_time: duration(self.clock.elapsed()),
             attempts: 1,
             repaired: Vec::new(),
+            dropped: Vec::new(),
             cached: false,
             backend_prompt_time: completion
                 .and_then(|completion| completion.engine_timings)

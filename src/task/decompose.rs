@@ -5,13 +5,14 @@
 
 use std::borrow::Cow;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    Answered, ProjectContext, Task, TaskRunner, TaskSpec,
+    Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec,
     cache::ResultCache,
     enhance::non_blank,
+    grounds::Grounds,
     prompt, schema,
     schema::subtask_complexity_ceiling,
     violation::{Rule, Violation, same_meaning},
@@ -28,7 +29,7 @@ pub struct DecomposeRequest {
     pub sampling: Sampling,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Subtask {
     pub title: String,
@@ -47,6 +48,7 @@ struct Answer {
 
 impl Task for DecomposeRequest {
     type Answer = Vec<Subtask>;
+    type Kept = Vec<Subtask>;
     const NAME: &'static str = "decompose";
 
     fn model(&self) -> Option<&str> {
@@ -80,8 +82,35 @@ impl Task for DecomposeRequest {
         vec![self.task.title.clone()]
     }
 
-    fn parse(&self, value: Value) -> Result<Vec<Subtask>, Violation> {
+    fn parse(&self, value: Value) -> Result<Parsed<Vec<Subtask>>, Rejection<Vec<Subtask>>> {
         parse(value, self)
+    }
+
+    /// Asks for the missing subtasks alone, after the kept ones (shown as
+    /// the model's own earlier answer), one more than the minimum where the
+    /// range allows, as [`Task::asked`] does.
+    fn follow_up(&self, kept: &Vec<Subtask>, violation: &Violation) -> Ask {
+        let given = kept.len() as u32;
+        let max = self.max_subtasks.saturating_sub(given);
+        let min = (self.min_subtasks.saturating_sub(given) + 1).min(max);
+        let mut already_said = self.already_said();
+        already_said.extend(kept.iter().map(|subtask| subtask.title.clone()));
+        Ask {
+            messages: prompt::decompose_more(&self.asked(), kept, min, max, violation),
+            schema: schema::continuation(given, min, max, self.task.complexity),
+            already_said,
+        }
+    }
+
+    fn merged(&self, kept: &Vec<Subtask>, value: Value) -> Value {
+        let mut subtasks: Vec<Value> = kept
+            .iter()
+            .map(|subtask| serde_json::to_value(subtask).expect("a subtask is plain data"))
+            .collect();
+        if let Value::Array(more) = &value["subtasks"] {
+            subtasks.extend(more.iter().cloned());
+        }
+        serde_json::json!({ "subtasks": subtasks })
     }
 
     fn cache(runner: &TaskRunner) -> Option<&ResultCache<Answered<Vec<Subtask>>>> {
@@ -91,54 +120,39 @@ impl Task for DecomposeRequest {
 
 /// Reads a schema-valid answer and checks what the schema cannot say.
 ///
-/// Repeats are removed before the rules are checked: a subtask whose title
-/// restates the parent task or an earlier sibling (`same_meaning`) adds
-/// nothing, so dropping it loses nothing (dependencies on a dropped repeat
-/// move to its original). Only what remains must satisfy the requested count.
-pub(super) fn parse(value: Value, request: &DecomposeRequest) -> Result<Vec<Subtask>, Violation> {
+/// A subtask that adds nothing or cannot be trusted is left out, and the
+/// rest stand: a repeat (its title restates the parent task or an earlier
+/// sibling, `same_meaning`; dependencies on it move to its original), a
+/// description restating its title, text that is malformed, copies the
+/// worked example, invents specifics or is off topic (`Grounds`). Only
+/// what remains must satisfy the requested count; when it falls short, the
+/// good subtasks are kept and only the missing ones are asked for.
+pub(super) fn parse(
+    value: Value,
+    request: &DecomposeRequest,
+) -> Result<Parsed<Vec<Subtask>>, Rejection<Vec<Subtask>>> {
     let Answer { subtasks } = serde_json::from_value(value).map_err(|error| {
         Violation::new(Rule::Schema, format!("unexpected answer shape: {error}"))
     })?;
+    let grounds = Grounds::of(
+        &request.task,
+        &request.context,
+        &prompt::examples().decompose,
+    );
     let given = subtasks.len();
     let mut kept: Vec<Subtask> = Vec::with_capacity(given);
+    let mut dropped: Vec<Violation> = Vec::new();
     // Position in the answer -> position among the kept subtasks, if any.
     let mut moved_to: Vec<Option<usize>> = Vec::with_capacity(given);
     for (index, subtask) in subtasks.into_iter().enumerate() {
-        let field = |name: &str| format!("subtasks[{index}].{name}");
-        let title = non_blank(&field("title"), &subtask.title)?;
-        if same_meaning(&title, &request.task.title) {
-            moved_to.push(None);
-            continue;
-        }
-        if let Some(original) = kept
-            .iter()
-            .position(|seen| same_meaning(&seen.title, &title))
-        {
-            moved_to.push(Some(original));
-            continue;
-        }
-        let description = non_blank(&field("description"), &subtask.description)?;
-        if same_meaning(&description, &title) {
-            return Err(Violation::new(
-                Rule::VagueDescription,
-                format!("{} only restates the title {title:?}", field("description")),
-            ));
-        }
-        let ceiling = subtask_complexity_ceiling(request.task.complexity);
-        if !(1..=ceiling).contains(&subtask.complexity) {
-            let why = match request.task.complexity {
-                Some(parent) => format!("below the parent's {parent}"),
-                None => "1 to 10".to_owned(),
-            };
-            return Err(Violation::new(
-                Rule::Complexity,
-                format!(
-                    "{} is {}; it must be {why}",
-                    field("complexity"),
-                    subtask.complexity
-                ),
-            ));
-        }
+        let field = |name: &str| field(index, name);
+        let subtask = Subtask {
+            title: non_blank(&field("title"), &subtask.title)?,
+            description: non_blank(&field("description"), &subtask.description)?,
+            reasoning: non_blank(&field("reasoning"), &subtask.reasoning)?,
+            ..subtask
+        };
+        check_complexity(&subtask, request.task.complexity, index)?;
         if let Some(bad) = subtask
             .depends_on
             .iter()
@@ -150,17 +164,135 @@ pub(super) fn parse(value: Value, request: &DecomposeRequest) -> Result<Vec<Subt
                     "{} names {bad}, which is not another subtask",
                     field("depends_on")
                 ),
+            )
+            .into());
+        }
+        let repeated = if same_meaning(&subtask.title, &request.task.title) {
+            Some((None, "the task".to_owned()))
+        } else {
+            kept.iter()
+                .position(|seen| same_meaning(&seen.title, &subtask.title))
+                .map(|original| (Some(original), format!("subtask {original}")))
+        };
+        if let Some((original, what)) = repeated {
+            dropped.push(Violation::new(
+                Rule::DuplicateSubtasks,
+                format!("{} repeats {what}", field("title")),
             ));
+            moved_to.push(original);
+            continue;
+        }
+        if let Err(violation) = sound(&subtask, &grounds, index) {
+            dropped.push(violation);
+            moved_to.push(None);
+            continue;
         }
         moved_to.push(Some(kept.len()));
-        kept.push(Subtask {
-            title,
-            description,
-            complexity: subtask.complexity,
-            depends_on: subtask.depends_on,
-            reasoning: non_blank(&field("reasoning"), &subtask.reasoning)?,
+        kept.push(subtask);
+    }
+    follow_moves(&mut kept, &moved_to);
+    if let Some(cycle) = find_cycle(&kept) {
+        return Err(Violation::new(
+            Rule::DependencyCycle,
+            format!("dependencies form a cycle through subtask {cycle}"),
+        )
+        .into());
+    }
+    let (min, max) = (request.min_subtasks, request.max_subtasks);
+    if (min as usize..=max as usize).contains(&kept.len()) {
+        return Ok(Parsed {
+            value: kept,
+            dropped,
         });
     }
+    let wanted = if min == max {
+        format!("exactly {min} wanted")
+    } else {
+        format!("between {min} and {max} wanted")
+    };
+    if dropped.is_empty() {
+        return Err(Violation::new(
+            Rule::SubtaskCount,
+            format!("{} subtasks given; {wanted}", kept.len()),
+        )
+        .into());
+    }
+    // The first rule that is more than a repeat names the shortfall.
+    let rule = dropped
+        .iter()
+        .map(|violation| violation.rule)
+        .find(|&rule| rule != Rule::DuplicateSubtasks)
+        .unwrap_or(Rule::DuplicateSubtasks);
+    let reasons: Vec<String> = dropped.iter().map(ToString::to_string).collect();
+    let violation = Violation::new(
+        rule,
+        format!(
+            "{} distinct subtasks given ({} of {given} left out: {}); {wanted}",
+            kept.len(),
+            dropped.len(),
+            reasons.join("; ")
+        ),
+    );
+    if kept.is_empty() {
+        return Err(Rejection::Whole(violation));
+    }
+    Err(Rejection::Short {
+        kept,
+        violation,
+        dropped,
+    })
+}
+
+/// Names a field of the subtask at `index` in violations.
+fn field(index: usize, name: &str) -> String {
+    format!("subtasks[{index}].{name}")
+}
+
+fn check_complexity(subtask: &Subtask, parent: Option<u8>, index: usize) -> Result<(), Violation> {
+    let ceiling = subtask_complexity_ceiling(parent);
+    if (1..=ceiling).contains(&subtask.complexity) {
+        return Ok(());
+    }
+    let why = match parent {
+        Some(parent) => format!("below the parent's {parent}"),
+        None => "1 to 10".to_owned(),
+    };
+    Err(Violation::new(
+        Rule::Complexity,
+        format!(
+            "{} is {}; it must be {why}",
+            field(index, "complexity"),
+            subtask.complexity
+        ),
+    ))
+}
+
+/// Whether a subtask's text can be returned: a description that says more
+/// than its title, nothing malformed, copied or invented, and about the task.
+fn sound(subtask: &Subtask, grounds: &Grounds, index: usize) -> Result<(), Violation> {
+    if same_meaning(&subtask.description, &subtask.title) {
+        return Err(Violation::new(
+            Rule::VagueDescription,
+            format!(
+                "{} only restates the title {:?}",
+                field(index, "description"),
+                subtask.title
+            ),
+        ));
+    }
+    grounds.check(&field(index, "title"), &subtask.title)?;
+    grounds.check(&field(index, "description"), &subtask.description)?;
+    grounds.check(&field(index, "reasoning"), &subtask.reasoning)?;
+    let whole = format!(
+        "{}. {}. {}",
+        subtask.title, subtask.description, subtask.reasoning
+    );
+    grounds.on_topic(&format!("subtasks[{index}]"), &whole)
+}
+
+/// Points dependencies at kept positions: one on a repeat moves to its
+/// original, one on a left-out subtask goes.
+fn follow_moves(kept: &mut [Subtask], moved_to: &[Option<usize>]) {
     for (position, subtask) in kept.iter_mut().enumerate() {
         let mut depends_on: Vec<u32> = subtask
             .depends_on
@@ -173,33 +305,6 @@ pub(super) fn parse(value: Value, request: &DecomposeRequest) -> Result<Vec<Subt
         depends_on.dedup();
         subtask.depends_on = depends_on;
     }
-    let range = request.min_subtasks as usize..=request.max_subtasks as usize;
-    if !range.contains(&kept.len()) {
-        let wanted = format!("between {} and {} are wanted", range.start(), range.end());
-        let repeats = given - kept.len();
-        return Err(if repeats > 0 {
-            Violation::new(
-                Rule::DuplicateSubtasks,
-                format!(
-                    "{} distinct subtasks given ({repeats} of {given} repeated the task or an \
-                     earlier subtask); {wanted}",
-                    kept.len()
-                ),
-            )
-        } else {
-            Violation::new(
-                Rule::SubtaskCount,
-                format!("{} subtasks given; {wanted}", kept.len()),
-            )
-        });
-    }
-    if let Some(cycle) = find_cycle(&kept) {
-        return Err(Violation::new(
-            Rule::DependencyCycle,
-            format!("dependencies form a cycle through subtask {cycle}"),
-        ));
-    }
-    Ok(kept)
 }
 
 /// A subtask on a dependency cycle, if there is one.
@@ -252,8 +357,9 @@ mod tests {
 
     fn subtask(title: &str, complexity: u8, depends_on: &[u32]) -> Value {
         json!({
-            "title": title, "description": "Do this part of the work.",
-            "complexity": complexity, "depends_on": depends_on, "reasoning": "It is needed."
+            "title": title, "description": "Do this part of the login page.",
+            "complexity": complexity, "depends_on": depends_on,
+            "reasoning": "The login page needs it."
         })
     }
 
@@ -270,7 +376,8 @@ mod tests {
             ]),
             &request(),
         )
-        .unwrap();
+        .unwrap()
+        .value;
         assert_eq!(parsed[1].depends_on, vec![0]);
     }
 
@@ -285,7 +392,7 @@ mod tests {
             (
                 vec![subtask("Design", 2, &[]), subtask(" design ", 2, &[])],
                 Rule::DuplicateSubtasks,
-                "1 distinct subtasks given (1 of 2 repeated the task or an earlier subtask)",
+                "1 distinct subtasks given (1 of 2 left out: subtasks[1].title repeats subtask 0",
             ),
             (
                 vec![
@@ -294,7 +401,7 @@ mod tests {
                     subtask("Design the FORM", 2, &[]),
                 ],
                 Rule::DuplicateSubtasks,
-                "(2 of 3 repeated",
+                "(2 of 3 left out",
             ),
             (
                 vec![
@@ -302,7 +409,7 @@ mod tests {
                     subtask("Other", 2, &[]),
                 ],
                 Rule::DuplicateSubtasks,
-                "1 distinct subtasks given (1 of 2 repeated",
+                "1 distinct subtasks given (1 of 2 left out: subtasks[0].title repeats the task",
             ),
             (
                 vec![subtask("A", 2, &[1]), subtask("B", 2, &[0])],
@@ -353,7 +460,10 @@ mod tests {
             ),
         ];
         for (subtasks, rule, expected) in cases {
-            let violation = parse(answer(subtasks), &request()).unwrap_err();
+            let violation = parse(answer(subtasks), &request())
+                .unwrap_err()
+                .violation()
+                .clone();
             assert_eq!(violation.rule, rule, "{violation:?}");
             assert!(
                 violation.detail.contains(expected),
@@ -390,8 +500,10 @@ mod tests {
             &request(),
         )
         .unwrap();
-        let titles: Vec<&str> = parsed.iter().map(|s| s.title.as_str()).collect();
+        let titles: Vec<&str> = parsed.value.iter().map(|s| s.title.as_str()).collect();
         assert_eq!(titles, ["Design the form", "Wire the API"]);
-        assert_eq!(parsed[1].depends_on, vec![0]);
+        assert_eq!(parsed.value[1].depends_on, vec![0]);
+        assert_eq!(parsed.dropped.len(), 1);
+        assert_eq!(parsed.dropped[0].rule, Rule::DuplicateSubtasks);
     }
 }

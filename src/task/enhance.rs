@@ -1,11 +1,14 @@
 //! EnhanceTask: its request, its typed answer and the rules an answer obeys.
 
+use std::convert::Infallible;
+
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    Answered, ProjectContext, Task, TaskRunner, TaskSpec,
+    Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec,
     cache::ResultCache,
+    grounds::Grounds,
     prompt, schema,
     violation::{Rule, Violation, named_variants, same_meaning},
 };
@@ -46,6 +49,7 @@ pub struct Enhancement {
 
 impl Task for EnhanceRequest {
     type Answer = Enhancement;
+    type Kept = Infallible;
     const NAME: &'static str = "enhance";
 
     fn model(&self) -> Option<&str> {
@@ -64,8 +68,17 @@ impl Task for EnhanceRequest {
         prompt::enhance(self)
     }
 
-    fn parse(&self, value: Value) -> Result<Enhancement, Violation> {
+    fn parse(&self, value: Value) -> Result<Parsed<Enhancement>, Rejection<Infallible>> {
         parse(value, self)
+    }
+
+    /// An enhancement is small: it is asked for again whole, never in parts.
+    fn follow_up(&self, kept: &Infallible, _: &Violation) -> Ask {
+        match *kept {}
+    }
+
+    fn merged(&self, kept: &Infallible, _: Value) -> Value {
+        match *kept {}
     }
 
     fn cache(runner: &TaskRunner) -> Option<&ResultCache<Answered<Enhancement>>> {
@@ -74,9 +87,15 @@ impl Task for EnhanceRequest {
 }
 
 /// Reads a schema-valid answer and checks what the schema cannot say:
-/// non-blank fields, the requested kind, distinct acceptance criteria, and
-/// that it says more than the task it enhances.
-pub(super) fn parse(value: Value, request: &EnhanceRequest) -> Result<Enhancement, Violation> {
+/// non-blank fields, the requested kind, that it says more than the task it
+/// enhances, and that its title and description are well formed, invent
+/// nothing and are about the task (`Grounds`). An acceptance criterion that
+/// repeats an earlier one or breaks one of those rules is left out; the
+/// answer stands while one criterion remains.
+pub(super) fn parse(
+    value: Value,
+    request: &EnhanceRequest,
+) -> Result<Parsed<Enhancement>, Rejection<Infallible>> {
     let mut answer: Enhancement = serde_json::from_value(value).map_err(|error| {
         Violation::new(Rule::Schema, format!("unexpected answer shape: {error}"))
     })?;
@@ -86,7 +105,8 @@ pub(super) fn parse(value: Value, request: &EnhanceRequest) -> Result<Enhancemen
         return Err(Violation::new(
             Rule::WrongKind,
             format!("kind must be {:?}", wanted.as_str()),
-        ));
+        )
+        .into());
     }
     answer.title = non_blank("title", &answer.title)?;
     answer.description = non_blank("description", &answer.description)?;
@@ -102,24 +122,59 @@ pub(super) fn parse(value: Value, request: &EnhanceRequest) -> Result<Enhancemen
         return Err(Violation::new(
             Rule::RestatesTask,
             "the title and description restate the task without adding anything",
+        )
+        .into());
+    }
+    let grounds = Grounds::of(&request.task, &request.context, &prompt::examples().enhance);
+    grounds.check("title", &answer.title)?;
+    grounds.check("description", &answer.description)?;
+    grounds.on_topic(
+        "title and description",
+        &format!("{}. {}", answer.title, answer.description),
+    )?;
+    // Criteria may build on what the accepted title and description add.
+    let grounds = grounds.widened(&format!("{}\n{}", answer.title, answer.description));
+    let (criteria, dropped) = criteria(&answer.acceptance_criteria, &grounds)?;
+    answer.acceptance_criteria = criteria;
+    Ok(Parsed {
+        value: answer,
+        dropped,
+    })
+}
+
+/// The acceptance criteria that stand, and those left out with their rule;
+/// a violation when none stands.
+fn criteria(
+    given: &[String],
+    grounds: &Grounds,
+) -> Result<(Vec<String>, Vec<Violation>), Violation> {
+    let mut kept: Vec<String> = Vec::with_capacity(given.len());
+    let mut dropped = Vec::new();
+    for (index, criterion) in given.iter().enumerate() {
+        let field = format!("acceptance_criteria[{index}]");
+        let criterion = non_blank(&field, criterion)?;
+        let judged = match kept.iter().position(|seen| same_meaning(seen, &criterion)) {
+            Some(earlier) => Err(Violation::new(
+                Rule::DuplicateCriteria,
+                format!("{field} repeats acceptance_criteria[{earlier}]"),
+            )),
+            None => grounds
+                .check(&field, &criterion)
+                .and_then(|()| grounds.on_topic(&field, &criterion)),
+        };
+        match judged {
+            Ok(()) => kept.push(criterion),
+            Err(violation) => dropped.push(violation),
+        }
+    }
+    if kept.is_empty() {
+        let first = dropped.swap_remove(0);
+        return Err(Violation::new(
+            first.rule,
+            format!("no acceptance criterion stands; {}", first.detail),
         ));
     }
-    let mut criteria: Vec<String> = Vec::with_capacity(answer.acceptance_criteria.len());
-    for (index, criterion) in answer.acceptance_criteria.iter().enumerate() {
-        let criterion = non_blank(&format!("acceptance_criteria[{index}]"), criterion)?;
-        if let Some(earlier) = criteria
-            .iter()
-            .position(|seen| same_meaning(seen, &criterion))
-        {
-            return Err(Violation::new(
-                Rule::DuplicateCriteria,
-                format!("acceptance_criteria[{index}] repeats acceptance_criteria[{earlier}]"),
-            ));
-        }
-        criteria.push(criterion);
-    }
-    answer.acceptance_criteria = criteria;
-    Ok(answer)
+    Ok((kept, dropped))
 }
 
 /// The trimmed text, or a violation when nothing but whitespace is left.
@@ -187,15 +242,6 @@ mod tests {
             ),
             (
                 answer(
-                    "Add login",
-                    "Add a login form.",
-                    &["A user can log in", "Users can log in."],
-                ),
-                Rule::DuplicateCriteria,
-                "acceptance_criteria[1] repeats acceptance_criteria[0]",
-            ),
-            (
-                answer(
                     "Add the login",
                     "Users need to log in",
                     &["A user can log in"],
@@ -205,7 +251,10 @@ mod tests {
             ),
         ];
         for (answer, rule, expected) in cases {
-            let violation = parse(answer, &request(None)).unwrap_err();
+            let violation = parse(answer, &request(None))
+                .unwrap_err()
+                .violation()
+                .clone();
             assert_eq!(violation.rule, rule, "{violation:?}");
             assert!(violation.detail.contains(expected), "{violation:?}");
         }
@@ -223,7 +272,7 @@ mod tests {
         assert!(parse(answer, &request).is_ok());
         let restated = super::tests::answer("Add the login", "Add login.", &["Users can log in"]);
         assert_eq!(
-            parse(restated, &request).unwrap_err().rule,
+            parse(restated, &request).unwrap_err().violation().rule,
             Rule::RestatesTask
         );
     }
@@ -231,10 +280,52 @@ mod tests {
     #[test]
     fn a_kind_other_than_the_requested_one_is_a_violation() {
         let answer = answer("Add login", "Add a login form.", &["A user can log in"]);
-        let violation =
+        let rejection =
             parse(answer.clone(), &request(Some(EnhancementKind::Specify))).unwrap_err();
-        assert_eq!(violation.rule, Rule::WrongKind);
+        assert_eq!(rejection.violation().rule, Rule::WrongKind);
         let parsed = parse(answer, &request(Some(EnhancementKind::Clarify))).unwrap();
-        assert_eq!(parsed.title, "Add login");
+        assert_eq!(parsed.value.title, "Add login");
+    }
+
+    #[test]
+    fn criteria_that_break_a_rule_are_left_out_and_reported() {
+        let parsed = parse(
+            answer(
+                "Add login",
+                "Add a login form with a password field.",
+                &[
+                    "A user can log in",
+                    "Users can log in.",
+                    "Searching lists every Harry Potter book",
+                    "A wrong password shows an error",
+                ],
+            ),
+            &request(None),
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.value.acceptance_criteria,
+            ["A user can log in", "A wrong password shows an error"]
+        );
+        let rules: Vec<Rule> = parsed.dropped.iter().map(|v| v.rule).collect();
+        assert_eq!(rules, [Rule::DuplicateCriteria, Rule::CopiesExample]);
+        assert!(
+            parsed.dropped[0]
+                .detail
+                .contains("acceptance_criteria[1] repeats")
+        );
+        let none_left = parse(
+            answer("Add login", "Add a login form.", &["Ship it to AWS"]),
+            &request(None),
+        )
+        .unwrap_err();
+        assert_eq!(none_left.violation().rule, Rule::UnsupportedDetail);
+        assert!(
+            none_left
+                .violation()
+                .detail
+                .starts_with("no acceptance criterion stands"),
+            "{none_left:?}"
+        );
     }
 }

@@ -18,17 +18,121 @@ use super::{
 /// Words any software task may use: sharing one with the task does not make
 /// a text about it, and carrying one from a worked example is not copying.
 const GENERIC_WORDS: &[&str] = &[
-    "add", "make", "create", "implement", "write", "use", "using", "update", "ensure", "set",
-    "up", "build", "new", "support", "feature", "task", "work", "code", "system", "be", "is",
-    "are", "can", "should", "must", "will", "not", "no", "so", "as", "at", "or", "if", "when",
-    "then", "than", "more", "less", "other", "one", "two", "three", "first", "step", "part",
-    "need", "needs", "needed", "do", "does", "done", "get", "gets", "have", "has", "what",
-    "which", "who", "how", "why", "before", "after", "so", "every", "any", "some", "only",
-    "also", "there", "these", "those", "they", "them", "we", "you", "your", "user", "users",
-    "project", "subtask", "split", "complexity", "enhancement", "kind", "choose", "help",
-    "helps", "most", "way", "thing", "good", "well", "right", "correct", "correctly", "check",
-    "test", "tests", "testing", "verify", "run", "change", "changes", "fix", "issue", "without",
-    "out", "about", "like", "per", "via", "just", "still", "today", "now",
+    "add",
+    "make",
+    "create",
+    "implement",
+    "write",
+    "use",
+    "using",
+    "update",
+    "ensure",
+    "set",
+    "up",
+    "build",
+    "new",
+    "support",
+    "feature",
+    "task",
+    "work",
+    "code",
+    "system",
+    "be",
+    "is",
+    "are",
+    "can",
+    "should",
+    "must",
+    "will",
+    "not",
+    "no",
+    "so",
+    "as",
+    "at",
+    "or",
+    "if",
+    "when",
+    "then",
+    "than",
+    "more",
+    "less",
+    "other",
+    "one",
+    "two",
+    "three",
+    "first",
+    "step",
+    "part",
+    "need",
+    "needs",
+    "needed",
+    "do",
+    "does",
+    "done",
+    "get",
+    "gets",
+    "have",
+    "has",
+    "what",
+    "which",
+    "who",
+    "how",
+    "why",
+    "before",
+    "after",
+    "so",
+    "every",
+    "any",
+    "some",
+    "only",
+    "also",
+    "there",
+    "these",
+    "those",
+    "they",
+    "them",
+    "we",
+    "you",
+    "your",
+    "user",
+    "users",
+    "project",
+    "subtask",
+    "split",
+    "complexity",
+    "enhancement",
+    "kind",
+    "choose",
+    "help",
+    "helps",
+    "most",
+    "way",
+    "thing",
+    "good",
+    "well",
+    "right",
+    "correct",
+    "correctly",
+    "check",
+    "test",
+    "tests",
+    "testing",
+    "verify",
+    "run",
+    "change",
+    "changes",
+    "fix",
+    "issue",
+    "without",
+    "out",
+    "about",
+    "like",
+    "per",
+    "via",
+    "just",
+    "still",
+    "today",
+    "now",
 ];
 
 /// Acronyms a software text may use without its task naming them.
@@ -57,6 +161,7 @@ const TITLE_CASE_SHARE: f64 = 0.6;
 
 /// A task's inputs, read once, against which each text of an answer is
 /// checked.
+#[derive(Clone)]
 pub(super) struct Grounds {
     /// Stems of the inputs' words that say what the task is about.
     stems: HashSet<String>,
@@ -95,14 +200,21 @@ impl Grounds {
         let text = inputs.to_lowercase();
         Self {
             stems,
-            words: text
-                .split(|c: char| !c.is_alphanumeric())
-                .filter(|word| !word.is_empty())
-                .map(str::to_owned)
-                .collect(),
+            words: words(&text).map(str::to_owned).collect(),
             text,
             examples,
         }
+    }
+
+    /// These grounds and `text` (accepted parts of the answer) together.
+    pub fn widened(&self, text: &str) -> Self {
+        let lower = text.to_lowercase();
+        let mut widened = self.clone();
+        widened.stems.extend(topic_stems(text));
+        widened.words.extend(words(&lower).map(str::to_owned));
+        widened.text.push('\n');
+        widened.text.push_str(&lower);
+        widened
     }
 
     /// Checks one text of an answer (a title, description, reasoning or
@@ -270,6 +382,12 @@ fn is_title_case(text: &str) -> bool {
     words.len() > 1 && capitalized as f64 / words.len() as f64 >= TITLE_CASE_SHARE
 }
 
+/// The words of `text`: its runs of letters and digits.
+fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|word| !word.is_empty())
+}
+
 /// The stems of the words of `text` that can tell one task from another:
 /// lowercased, neither filler nor generic, not figures.
 fn topic_stems(text: &str) -> impl Iterator<Item = String> + '_ {
@@ -292,7 +410,9 @@ fn collect_strings(value: &serde_json::Value, text: &mut String) {
             items.iter().for_each(|item| collect_strings(item, text));
         }
         serde_json::Value::Object(fields) => {
-            fields.values().for_each(|field| collect_strings(field, text));
+            fields
+                .values()
+                .for_each(|field| collect_strings(field, text));
         }
         _ => {}
     }
@@ -341,7 +461,10 @@ mod tests {
                 "{text}"
             );
         }
-        assert_eq!(rule(grounds.check("title", "Make flask views async.")), None);
+        assert_eq!(
+            rule(grounds.check("title", "Make flask views async.")),
+            None
+        );
         let json_task = grounds_of("Parse the {\"a\": 1} config", "");
         assert_eq!(
             rule(json_task.check("description", "Read {\"a\": 1} into a map")),
@@ -397,7 +520,10 @@ mod tests {
 
     #[test]
     fn a_text_is_on_topic_when_it_shares_a_content_word_with_the_task() {
-        let grounds = grounds_of("sql: add support for LIMIT/OFFSET", "Paginate query results.");
+        let grounds = grounds_of(
+            "sql: add support for LIMIT/OFFSET",
+            "Paginate query results.",
+        );
         assert_eq!(
             rule(grounds.on_topic("subtasks[2]", "Remove duplicate rows from the table")),
             Some(Rule::OffTopic)

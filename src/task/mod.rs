@@ -80,6 +80,9 @@ pub struct AnswerStats {
     pub attempts: u32,
     /// Why each earlier attempt was rejected, in order.
     pub repaired: Vec<Violation>,
+    /// Parts of the model's output left out of the answer (a subtask or
+    /// criterion breaking a rule), with the rule each broke.
+    pub dropped: Vec<Violation>,
     /// Served from the result cache: counts and attempts are those of the
     /// original answer, times those of this call.
     pub cached: bool,
@@ -136,10 +139,75 @@ pub trait Task: KeyFields + Clone + Send + Sync + 'static {
     fn already_said(&self) -> Vec<String> {
         Vec::new()
     }
-    /// Reads a schema-valid answer and checks what the schema cannot say.
-    fn parse(&self, value: serde_json::Value) -> Result<Self::Answer, Violation>;
+    /// What is kept of an answer that had too few good parts, so that only
+    /// the missing ones are asked for again.
+    type Kept: Clone + Send + Sync + 'static;
+    /// Reads a schema-valid answer and checks what the schema cannot say,
+    /// leaving out parts that break a rule where the rest can stand.
+    fn parse(
+        &self,
+        value: serde_json::Value,
+    ) -> Result<Parsed<Self::Answer>, Rejection<Self::Kept>>;
+    /// The request for what `kept` lacks, after `violation`.
+    fn follow_up(&self, kept: &Self::Kept, violation: &Violation) -> Ask;
+    /// The whole answer: `kept`, then the parts a follow-up's `value` adds.
+    fn merged(&self, kept: &Self::Kept, value: serde_json::Value) -> serde_json::Value;
     /// The runner's cache of these answers, when caching is on.
     fn cache(runner: &TaskRunner) -> Option<&ResultCache<Answered<Self::Answer>>>;
+}
+
+/// One request put to the model: its messages, the schema of its answer
+/// and text the answer should not repeat.
+#[derive(Clone, Debug)]
+pub struct Ask {
+    pub messages: Vec<Message>,
+    pub schema: serde_json::Value,
+    pub already_said: Vec<String>,
+}
+
+/// A read answer and the parts of the model's output left out of it, each
+/// with the rule it broke.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Parsed<T> {
+    pub value: T,
+    pub dropped: Vec<Violation>,
+}
+
+impl<T> Parsed<T> {
+    pub fn whole(value: T) -> Self {
+        Self {
+            value,
+            dropped: Vec::new(),
+        }
+    }
+}
+
+/// Why a model's output was not accepted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Rejection<K> {
+    /// Nothing of it can be kept: the answer is asked for again.
+    Whole(Violation),
+    /// Too little was left once the parts breaking a rule (`dropped`) were
+    /// left out: `kept` stays, and only what is missing is asked for.
+    Short {
+        kept: K,
+        violation: Violation,
+        dropped: Vec<Violation>,
+    },
+}
+
+impl<K> Rejection<K> {
+    pub fn violation(&self) -> &Violation {
+        match self {
+            Self::Whole(violation) | Self::Short { violation, .. } => violation,
+        }
+    }
+}
+
+impl<K> From<Violation> for Rejection<K> {
+    fn from(violation: Violation) -> Self {
+        Self::Whole(violation)
+    }
 }
 
 /// Size and age bounds of the result caches; 0 entries turns them off.
@@ -231,7 +299,9 @@ impl TaskRunner {
     }
 
     /// Generates answers to `request` until one obeys the rules or the
-    /// attempts run out.
+    /// attempts run out. A rejected answer is asked for again, told what was
+    /// wrong; one that lacked only some parts keeps the good ones and asks
+    /// for the missing parts alone.
     async fn answer<K: Task>(
         &self,
         backend: &dyn Backend,
@@ -239,70 +309,66 @@ impl TaskRunner {
         started: Instant,
     ) -> Result<Answered<K::Answer>, TaskError> {
         let asked = request.asked();
-        let first_messages = asked.messages();
-        let schema = self.compiled(asked.schema());
-        let mut first_sampling = request.sampling().clone();
-        first_sampling.no_repeat = Some(NoRepeat {
-            ngram: NO_REPEAT_NGRAM,
+        let first = Ask {
+            messages: asked.messages(),
+            schema: asked.schema(),
             already_said: request.already_said(),
-        });
-        first_sampling.frequency_penalty = first_sampling
-            .frequency_penalty
-            .or(Some(DEFAULT_TASK_FREQUENCY_PENALTY));
-        let repair_sampling = repair_sampling(&first_sampling);
-        first_sampling.temperature = first_sampling
-            .temperature
-            .or(Some(DEFAULT_TASK_TEMPERATURE));
-        let mut prompt_tokens = 0;
-        let mut completion_tokens = 0;
-        let mut cached_prompt_tokens = 0;
+        };
+        let sampling = AttemptSampling::of(request.sampling());
+        let mut spent = Spent::default();
         let mut repaired: Vec<Violation> = Vec::new();
+        let mut dropped: Vec<Violation> = Vec::new();
+        let mut kept: Option<K::Kept> = None;
         for attempt in 1..=self.attempts {
-            let (messages, sampling) = match repaired.last() {
-                None => (first_messages.clone(), first_sampling.clone()),
-                Some(violation) => (
-                    prompt::corrected(&first_messages, violation),
-                    repair_sampling(attempt),
-                ),
+            let ask = match (&kept, repaired.last()) {
+                (Some(kept), Some(violation)) => request.follow_up(kept, violation),
+                (_, Some(violation)) => Ask {
+                    messages: prompt::corrected(&first.messages, violation),
+                    ..first.clone()
+                },
+                (_, None) => first.clone(),
             };
+            let schema = self.compiled(ask.schema);
             let generation = generate_text(
                 backend,
                 GenerationRequest {
                     model: request.model().map(str::to_owned),
-                    messages,
-                    sampling,
+                    messages: ask.messages,
+                    sampling: sampling.of_attempt(attempt, ask.already_said),
                     stop: Vec::new(),
                     json_schema: Some(schema.schema().clone()),
                 },
                 started,
             )
             .await?;
-            prompt_tokens += generation.prompt_tokens;
-            completion_tokens += generation.completion_tokens;
-            cached_prompt_tokens += generation.cached_prompt_tokens;
-            let parse = |value| request.parse(value);
-            match judge(&generation, first_sampling.max_tokens, &schema, parse) {
-                Ok(value) => {
+            spent.add(&generation);
+            let parse = |value| match &kept {
+                Some(kept) => request.parse(request.merged(kept, value)),
+                None => request.parse(value),
+            };
+            match judge(&generation, sampling.max_tokens(), &schema, parse) {
+                Ok(parsed) => {
+                    dropped.extend(parsed.dropped);
                     return Ok(Answered {
-                        value,
-                        stats: AnswerStats {
-                            backend: generation.backend,
-                            model: generation.model,
-                            prompt_tokens,
-                            completion_tokens,
-                            cached_prompt_tokens,
-                            time_to_first_token: generation.time_to_first_token,
-                            total_time: started.elapsed(),
-                            attempts: attempt,
-                            repaired,
-                            cached: false,
-                        },
+                        value: parsed.value,
+                        stats: spent.stats(&generation, started, attempt, repaired, dropped),
                     });
                 }
-                Err(violation) => {
-                    tracing::warn!(attempt, %violation, "model answer rejected");
+                Err(rejection) => {
+                    tracing::warn!(attempt, violation = %rejection.violation(), "model answer rejected");
                     tracing::debug!(answer = %generation.text, "rejected answer");
-                    repaired.push(violation);
+                    match rejection {
+                        Rejection::Whole(violation) => repaired.push(violation),
+                        Rejection::Short {
+                            kept: now_kept,
+                            violation,
+                            dropped: left_out,
+                        } => {
+                            dropped.extend(left_out);
+                            repaired.push(violation);
+                            kept = Some(now_kept);
+                        }
+                    }
                 }
             }
         }
@@ -313,38 +379,122 @@ impl TaskRunner {
     }
 }
 
+/// The sampling of each attempt: the caller's, with the task defaults
+/// where the caller set none.
+struct AttemptSampling {
+    /// The caller's, with the default frequency penalty.
+    caller: Sampling,
+}
+
+impl AttemptSampling {
+    fn of(caller: &Sampling) -> Self {
+        let mut caller = caller.clone();
+        caller.frequency_penalty = caller
+            .frequency_penalty
+            .or(Some(DEFAULT_TASK_FREQUENCY_PENALTY));
+        Self { caller }
+    }
+
+    fn max_tokens(&self) -> u32 {
+        self.caller.max_tokens
+    }
+
+    /// Attempt 1 is greedy where the caller left temperature unset. Later
+    /// ones sample at [`REPAIR_TEMPERATURE`] there, seeded from the attempt
+    /// number, and move a caller's seed on by it.
+    fn of_attempt(&self, attempt: u32, already_said: Vec<String>) -> Sampling {
+        let mut sampling = self.caller.clone();
+        let step = u64::from(attempt - 1);
+        match (self.caller.temperature, self.caller.seed) {
+            (None, _) if attempt == 1 => sampling.temperature = Some(DEFAULT_TASK_TEMPERATURE),
+            (None, seed) => {
+                sampling.temperature = Some(REPAIR_TEMPERATURE);
+                sampling.seed = Some(seed.unwrap_or(REPAIR_SEED).wrapping_add(step));
+            }
+            (Some(_), Some(seed)) => sampling.seed = Some(seed.wrapping_add(step)),
+            (Some(_), None) => {}
+        }
+        sampling.no_repeat = Some(NoRepeat {
+            ngram: NO_REPEAT_NGRAM,
+            already_said,
+        });
+        sampling
+    }
+}
+
+/// Tokens spent on a call's attempts, summed.
+#[derive(Default)]
+struct Spent {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    cached_prompt_tokens: u32,
+}
+
+impl Spent {
+    fn add(&mut self, generation: &GeneratedText) {
+        self.prompt_tokens += generation.prompt_tokens;
+        self.completion_tokens += generation.completion_tokens;
+        self.cached_prompt_tokens += generation.cached_prompt_tokens;
+    }
+
+    /// The stats of an answer accepted at `attempt`, `last` its generation.
+    fn stats(
+        &self,
+        last: &GeneratedText,
+        started: Instant,
+        attempt: u32,
+        repaired: Vec<Violation>,
+        dropped: Vec<Violation>,
+    ) -> AnswerStats {
+        AnswerStats {
+            backend: last.backend,
+            model: last.model.clone(),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_prompt_tokens: self.cached_prompt_tokens,
+            time_to_first_token: last.time_to_first_token,
+            total_time: started.elapsed(),
+            attempts: attempt,
+            repaired,
+            dropped,
+            cached: false,
+        }
+    }
+}
+
 /// Reads a generated answer: complete, valid under the schema, then
 /// obeying the rules `parse` checks.
-fn judge<T>(
+fn judge<T, E: From<Violation>>(
     generation: &GeneratedText,
     max_tokens: u32,
     schema: &OutputSchema,
-    parse: impl Fn(serde_json::Value) -> Result<T, Violation>,
-) -> Result<T, Violation> {
+    parse: impl Fn(serde_json::Value) -> Result<T, E>,
+) -> Result<T, E> {
     if generation.finish_reason == FinishReason::Length {
         return Err(Violation::new(
             Rule::Truncated,
             format!(
                 "the answer was cut off at max_tokens={max_tokens} before the JSON was complete"
             ),
-        ));
+        )
+        .into());
     }
-    schema
+    let value = schema
         .check(&generation.text)
-        .map_err(|problem| Violation::new(Rule::Schema, problem))
-        .and_then(parse)
+        .map_err(|problem| Violation::new(Rule::Schema, problem))?;
+    parse(value)
 }
 
 /// Judges `text`, a whole answer that ended with `finish_reason`, under
 /// `schema`, as the runner judges one.
 #[cfg(any(test, fuzzing))]
-fn judge_text<T>(
+fn judge_text<T, E: From<Violation>>(
     text: &str,
     finish_reason: FinishReason,
     max_tokens: u32,
     schema: serde_json::Value,
-    parse: impl Fn(serde_json::Value) -> Result<T, Violation>,
-) -> Result<T, Violation> {
+    parse: impl Fn(serde_json::Value) -> Result<T, E>,
+) -> Result<T, E> {
     let schema = OutputSchema::compile(schema).expect("the task schemas are valid JSON Schema");
     let generation = GeneratedText {
         text: text.to_owned(),
@@ -362,7 +512,10 @@ fn judge_text<T>(
 /// Judges `text` as a complete answer to `request`: the entry point of the
 /// structured-output fuzz target.
 #[cfg(any(test, fuzzing))]
-pub(crate) fn judge_answer<K: Task>(text: &str, request: &K) -> Result<K::Answer, Violation> {
+pub(crate) fn judge_answer<K: Task>(
+    text: &str,
+    request: &K,
+) -> Result<Parsed<K::Answer>, Rejection<K::Kept>> {
     judge_text(
         text,
         FinishReason::Stop,
@@ -402,26 +555,6 @@ async fn remembered<T: Clone>(
     let answer = generate.await?;
     cache.insert(key, answer.clone());
     Ok(answer)
-}
-
-/// Sampling of repair attempt `attempt` (2, 3, ...): the caller's, with
-/// [`REPAIR_TEMPERATURE`] where the caller left temperature unset, and the
-/// seed moved on by the attempt number where one applies.
-fn repair_sampling(first: &Sampling) -> impl Fn(u32) -> Sampling + use<> {
-    let first = first.clone();
-    move |attempt| {
-        let mut sampling = first.clone();
-        let step = u64::from(attempt - 1);
-        match (first.temperature, first.seed) {
-            (None, seed) => {
-                sampling.temperature = Some(REPAIR_TEMPERATURE);
-                sampling.seed = Some(seed.unwrap_or(REPAIR_SEED).wrapping_add(step));
-            }
-            (Some(_), Some(seed)) => sampling.seed = Some(seed.wrapping_add(step)),
-            (Some(_), None) => {}
-        }
-        sampling
-    }
 }
 
 /// A whole generation, collected.
@@ -498,12 +631,14 @@ mod tests {
             schema::decomposition(3, 4, Some(6)),
             |value| decompose::parse(value, &request),
         )
+        .map(|parsed| parsed.value)
+        .map_err(|rejection| rejection.violation().clone())
     }
 
     fn subtask(title: &str, depends_on: &[u32]) -> serde_json::Value {
         serde_json::json!({
             "title": title,
-            "description": "Carry out this part of the work and check that it behaves as expected.",
+            "description": "Carry out this part of the two-factor authentication and check it.",
             "complexity": 3, "depends_on": depends_on, "reasoning": "It is a distinct step."
         })
     }

@@ -6,7 +6,7 @@ use std::{fmt::Write, sync::LazyLock};
 
 use serde::Deserialize;
 
-use super::{DecomposeRequest, EnhanceRequest, ProjectContext, TaskSpec, Violation};
+use super::{DecomposeRequest, EnhanceRequest, ProjectContext, Subtask, TaskSpec, Violation};
 use crate::backend::{Message, Role};
 
 const ENHANCE_SYSTEM: &str = "You improve software tasks so a developer can start at once. \
@@ -86,6 +86,38 @@ pub fn decompose(request: &DecomposeRequest) -> Vec<Message> {
         let _ = write!(user, "\nSplit it into {min} to {max} subtasks.");
     }
     conversation(DECOMPOSE_SYSTEM, &examples().decompose, user)
+}
+
+/// Messages asking for `min..=max` more subtasks of the request's task
+/// after `kept`, shown as the model's own answer: the good subtasks of an
+/// answer that had too few stay, and only the missing ones are generated.
+pub fn decompose_more(
+    request: &DecomposeRequest,
+    kept: &[Subtask],
+    min: u32,
+    max: u32,
+    violation: &Violation,
+) -> Vec<Message> {
+    let mut messages = decompose(request);
+    messages.push(Message::new(
+        Role::Assistant,
+        serde_json::json!({ "subtasks": kept }).to_string(),
+    ));
+    let count = if min == max {
+        min.to_string()
+    } else {
+        format!("{min} to {max}")
+    };
+    messages.push(Message::new(
+        Role::User,
+        format!(
+            "Some subtasks were left out: {}. Give {count} more subtasks of the same task, \
+             different from the ones above. depends_on counts from 0 over all subtasks, \
+             the ones above included.",
+            violation.detail
+        ),
+    ));
+    messages
 }
 
 /// The messages of a repair attempt: the first request, its task message

@@ -56,8 +56,15 @@ pub fn subtask_complexity_ceiling(parent: Option<u8>) -> u8 {
 /// so that `depends_on` can only name earlier positions: the dependency
 /// graph is acyclic by construction.
 pub fn decomposition(min: u32, max: u32, parent_complexity: Option<u8>) -> Value {
+    continuation(0, min, max, parent_complexity)
+}
+
+/// Schema of `min..=max` more subtasks following `first` subtasks already
+/// given: they take positions from `first` on, and `depends_on` may name
+/// any earlier position, given ones included.
+pub fn continuation(first: u32, min: u32, max: u32, parent_complexity: Option<u8>) -> Value {
     let ceiling = subtask_complexity_ceiling(parent_complexity);
-    let positions: Vec<Value> = (0..max)
+    let positions: Vec<Value> = (first..first + max)
         .map(|position| subtask(position, ceiling))
         .collect();
     json!({
