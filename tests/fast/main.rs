@@ -15,6 +15,7 @@ mod failover;
 mod health;
 mod metrics;
 mod result_cache;
+mod task_rules;
 mod validation;
 
 use std::{future::Future, sync::Arc, time::Duration};

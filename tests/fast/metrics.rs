@@ -84,7 +84,7 @@ async fn metrics_count_calls_and_show_state() {
 }
 
 /// A structured answer that passes the enhancement rules.
-const ENHANCEMENT: &str = r#"{"kind":"specify","title":"Match partial book titles in search","description":"Searching for part of a title finds nothing today; match partial, case-insensitive titles.","acceptance_criteria":["Searching 'potter' lists every Harry Potter book"]}"#;
+const ENHANCEMENT: &str = r#"{"kind":"specify","title":"Make search tolerate typos","description":"Search finds nothing when a query has a typo today; make it tolerate one typo per word.","acceptance_criteria":["A search with one typo finds the intended results"]}"#;
 
 #[tokio::test]
 async fn a_unary_call_is_counted_under_the_backend_that_answered() {
