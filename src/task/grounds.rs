@@ -5,7 +5,7 @@
 //! each check here names the field that did and the rule it broke, so the
 //! part can be left out or asked for again.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::LazyLock};
 
 use rust_stemmers::{Algorithm, Stemmer};
 
@@ -17,123 +17,26 @@ use super::{
 
 /// Words any software task may use: sharing one with the task does not make
 /// a text about it, and carrying one from a worked example is not copying.
-const GENERIC_WORDS: &[&str] = &[
-    "add",
-    "make",
-    "create",
-    "implement",
-    "write",
-    "use",
-    "using",
-    "update",
-    "ensure",
-    "set",
-    "up",
-    "build",
-    "new",
-    "support",
-    "feature",
-    "task",
-    "work",
-    "code",
-    "system",
-    "be",
-    "is",
-    "are",
-    "can",
-    "should",
-    "must",
-    "will",
-    "not",
-    "no",
-    "so",
-    "as",
-    "at",
-    "or",
-    "if",
-    "when",
-    "then",
-    "than",
-    "more",
-    "less",
-    "other",
-    "one",
-    "two",
-    "three",
-    "first",
-    "step",
-    "part",
-    "need",
-    "needs",
-    "needed",
-    "do",
-    "does",
-    "done",
-    "get",
-    "gets",
-    "have",
-    "has",
-    "what",
-    "which",
-    "who",
-    "how",
-    "why",
-    "before",
-    "after",
-    "so",
-    "every",
-    "any",
-    "some",
-    "only",
-    "also",
-    "there",
-    "these",
-    "those",
-    "they",
-    "them",
-    "we",
-    "you",
-    "your",
-    "user",
-    "users",
-    "project",
-    "subtask",
-    "split",
-    "complexity",
-    "enhancement",
-    "kind",
-    "choose",
-    "help",
-    "helps",
-    "most",
-    "way",
-    "thing",
-    "good",
-    "well",
-    "right",
-    "correct",
-    "correctly",
-    "check",
-    "test",
-    "tests",
-    "testing",
-    "verify",
-    "run",
-    "change",
-    "changes",
-    "fix",
-    "issue",
-    "without",
-    "out",
-    "about",
-    "like",
-    "per",
-    "via",
-    "just",
-    "still",
-    "today",
-    "now",
-];
+const GENERIC_WORDS: &str = "\
+add make create implement write use using update ensure set up build new support \
+feature task work code system be is are can should must will not no so as at or \
+if when then than more less other one two three first step part need needs \
+needed do does done get gets have has what which who how why before after every \
+any some only also there these those they them we you your user users project \
+subtask split complexity enhancement kind choose help helps most way thing good \
+well right correct correctly check test tests testing verify run change changes \
+fix issue without out about like per via just still today now find finds return \
+returns result results show shows list lists give gives let lets keep keeps \
+allow allows handle include includes provide start stop open read save data file \
+files page field fields value values name type error errors message messages \
+text empty full time clear valid invalid within instead each many much same \
+different once again already";
+
+fn generic_words() -> &'static HashSet<&'static str> {
+    static WORDS: LazyLock<HashSet<&'static str>> =
+        LazyLock::new(|| GENERIC_WORDS.split_whitespace().collect());
+    &WORDS
+}
 
 /// Acronyms a software text may use without its task naming them.
 const COMMON_ACRONYMS: &[&str] = &[
@@ -395,7 +298,7 @@ fn topic_stems(text: &str) -> impl Iterator<Item = String> + '_ {
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|word| word.len() > 1 && word.chars().any(char::is_alphabetic))
         .map(str::to_lowercase)
-        .filter(|word| !is_filler(word) && !GENERIC_WORDS.contains(&word.as_str()))
+        .filter(|word| !is_filler(word) && !generic_words().contains(word.as_str()))
         .map(move |word| stemmer.stem(&word).into_owned())
 }
 
