@@ -446,4 +446,37 @@ mod tests {
         let vague = Grounds::of(&no_content, &ProjectContext::default(), &[]);
         assert_eq!(rule(vague.on_topic("subtasks[0]", "Anything at all")), None);
     }
+
+    /// The examples teach what the rules demand: each answer's texts are
+    /// well formed, give nothing their own task does not, and each subtask
+    /// and criterion is about its task.
+    #[test]
+    fn the_worked_examples_obey_the_rules_they_teach() {
+        use crate::task::prompt::examples;
+        let examples = examples();
+        for example in examples.enhance.iter().chain(&examples.decompose) {
+            let task = TaskSpec {
+                title: example.task.clone(),
+                ..TaskSpec::default()
+            };
+            let grounds = Grounds::of(&task, &ProjectContext::default(), &[]);
+            let parts: Vec<&serde_json::Value> = match example.answer.get("subtasks") {
+                Some(subtasks) => subtasks.as_array().unwrap().iter().collect(),
+                None => example.answer["acceptance_criteria"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .chain([&example.answer["title"], &example.answer["description"]])
+                    .collect(),
+            };
+            for part in parts {
+                let mut text = String::new();
+                collect_strings(part, &mut text);
+                for line in text.lines().filter(|line| !line.is_empty()) {
+                    assert_eq!(grounds.check("example", line), Ok(()), "{line}");
+                }
+                assert_eq!(grounds.on_topic("example", &text), Ok(()), "{text}");
+            }
+        }
+    }
 }

@@ -13,13 +13,16 @@ const ENHANCE_SYSTEM: &str = "You improve software tasks so a developer can star
 Answer with JSON only. Fields: kind (clarify = remove ambiguity, specify = add concrete \
 checkable detail, context = tie the task to its project and files), title (imperative, \
 specific), description (two to four sentences: what to do and why), acceptance_criteria \
-(short checkable statements). Use only facts from the task and its context.";
+(short checkable statements). Use only facts from the task and its context: no names, \
+versions, numbers or files that the task does not give. Plain sentences, no code or markup.";
 
 const DECOMPOSE_SYSTEM: &str = "You split a software task into smaller subtasks. \
 Answer with JSON only. Each subtask has: title (imperative, distinct, not the task's own \
 title), description (what to do, concretely), complexity (1 to 10, smaller than the whole \
 task), depends_on (positions, counting from 0, of earlier subtasks that must be done first), \
-reasoning (one sentence on why the subtask is needed).";
+reasoning (one sentence on why the subtask is needed). Every subtask is part of this task, \
+not of the examples. Use no names, versions, numbers or files that the task does not give. \
+Plain sentences, no code or markup.";
 
 /// The worked examples shown before each kind of request, one exchange
 /// each: they teach a small model the shape and granularity wanted. They
