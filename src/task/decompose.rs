@@ -12,7 +12,7 @@ use super::{
     Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec,
     cache::ResultCache,
     enhance::non_blank,
-    grounds::Grounds,
+    grounds::{Grounds, text_pattern},
     prompt, schema,
     schema::subtask_complexity_ceiling,
     violation::{Rule, Violation, same_meaning},
@@ -70,7 +70,12 @@ impl Task for DecomposeRequest {
     }
 
     fn schema(&self) -> Value {
-        schema::decomposition(self.min_subtasks, self.max_subtasks, self.task.complexity)
+        schema::decomposition(
+            self.min_subtasks,
+            self.max_subtasks,
+            self.task.complexity,
+            &text_pattern(&self.task, &self.context),
+        )
     }
 
     fn messages(&self) -> Vec<Message> {
@@ -87,17 +92,25 @@ impl Task for DecomposeRequest {
     }
 
     /// Asks for the missing subtasks alone, after the kept ones (shown as
-    /// the model's own earlier answer), one more than the minimum where the
-    /// range allows, as [`Task::asked`] does.
+    /// the model's own earlier answer): exactly one more than are missing
+    /// where the range allows, as [`Task::asked`] does, since a model given
+    /// a range writes its maximum.
     fn follow_up(&self, kept: &Vec<Subtask>, violation: &Violation) -> Ask {
         let given = kept.len() as u32;
-        let max = self.max_subtasks.saturating_sub(given);
-        let min = (self.min_subtasks.saturating_sub(given) + 1).min(max);
+        let room = self.max_subtasks.saturating_sub(given);
+        let count = (self.min_subtasks.saturating_sub(given) + 1).min(room);
+        let (min, max) = (count, count);
         let mut already_said = self.already_said();
         already_said.extend(kept.iter().map(|subtask| subtask.title.clone()));
         Ask {
             messages: prompt::decompose_more(&self.asked(), kept, min, max, violation),
-            schema: schema::continuation(given, min, max, self.task.complexity),
+            schema: schema::continuation(
+                given,
+                min,
+                max,
+                self.task.complexity,
+                &text_pattern(&self.task, &self.context),
+            ),
             already_said,
         }
     }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::{
     Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec,
     cache::ResultCache,
-    grounds::Grounds,
+    grounds::{Grounds, text_pattern},
     prompt, schema,
     violation::{Rule, Violation, named_variants, same_meaning},
 };
@@ -61,7 +61,7 @@ impl Task for EnhanceRequest {
     }
 
     fn schema(&self) -> Value {
-        schema::enhancement(self.kind)
+        schema::enhancement(self.kind, &text_pattern(&self.task, &self.context))
     }
 
     fn messages(&self) -> Vec<Message> {

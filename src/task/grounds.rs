@@ -47,6 +47,9 @@ const COMMON_ACRONYMS: &[&str] = &[
 /// Characters of markup and code that plain task text does not carry.
 const MARKUP: &[char] = &['{', '}', '[', ']', '<', '>', '`', '|', '\\'];
 
+/// Punctuation a text does not start with.
+const STRAY_FIRST: &[char] = &['-', '*', '#', ':', ';', ',', '.', '!', '?', '=', '+', '/'];
+
 /// Quote-colon pairs of a dict or JSON literal (`'key': ...`).
 const LITERAL_KEYS: &[&str] = &["':", "\":"];
 
@@ -79,16 +82,7 @@ pub(super) struct Grounds {
 
 impl Grounds {
     pub fn of(task: &TaskSpec, context: &ProjectContext, examples: &[Example]) -> Self {
-        let inputs = [
-            task.title.as_str(),
-            task.description.as_deref().unwrap_or(""),
-            task.reasoning.as_deref().unwrap_or(""),
-            &task.context_files.join("\n"),
-            &task.dependencies.join("\n"),
-            &context.project,
-            &context.prd_excerpt,
-        ]
-        .join("\n");
+        let inputs = inputs(task, context);
         let stems: HashSet<String> = topic_stems(&inputs).collect();
         let examples = examples
             .iter()
@@ -237,6 +231,50 @@ impl Grounds {
         let lower = token.to_lowercase();
         self.words.contains(&lower) || (token.contains(['/', '.']) && self.text.contains(&lower))
     }
+}
+
+/// Everything the task gives, one field per line.
+fn inputs(task: &TaskSpec, context: &ProjectContext) -> String {
+    [
+        task.title.as_str(),
+        task.description.as_deref().unwrap_or(""),
+        task.reasoning.as_deref().unwrap_or(""),
+        &task.context_files.join("\n"),
+        &task.dependencies.join("\n"),
+        &context.project,
+        &context.prd_excerpt,
+    ]
+    .join("\n")
+}
+
+/// The regular expression every text field of an answer to this task is
+/// generated under: none of the markup the task lacks, no digits when the
+/// task has none (a figure it does not give is invented), no line breaks,
+/// and no stray punctuation first. Backends that constrain decoding by the
+/// schema then cannot write what `malformed_text` and the figures of
+/// `unsupported_detail` would reject.
+pub(super) fn text_pattern(task: &TaskSpec, context: &ProjectContext) -> String {
+    let inputs = inputs(task, context);
+    let mut banned: Vec<char> = vec!['\n', '\r', '\t'];
+    banned.extend(MARKUP.iter().filter(|mark| !inputs.contains(**mark)));
+    if !inputs.chars().any(|c| c.is_ascii_digit()) {
+        banned.extend('0'..='9');
+    }
+    let class = |chars: &[char]| -> String {
+        chars
+            .iter()
+            .map(|&c| match c {
+                '\n' => "\\n".to_owned(),
+                '\r' => "\\r".to_owned(),
+                '\t' => "\\t".to_owned(),
+                '\\' | ']' | '[' | '^' | '-' => format!("\\{c}"),
+                c => c.to_string(),
+            })
+            .collect()
+    };
+    let mut first = banned.clone();
+    first.extend(STRAY_FIRST);
+    format!("^[^\\s{}][^{}]*$", class(&first), class(&banned))
 }
 
 /// What makes `token` a specific a model may not invent, if anything: a
@@ -445,6 +483,45 @@ mod tests {
         };
         let vague = Grounds::of(&no_content, &ProjectContext::default(), &[]);
         assert_eq!(rule(vague.on_topic("subtasks[0]", "Anything at all")), None);
+    }
+
+    #[test]
+    fn the_text_pattern_bans_the_markup_and_digits_the_task_lacks() {
+        let plain = TaskSpec {
+            title: "Add dark mode".into(),
+            ..TaskSpec::default()
+        };
+        let pattern = text_pattern(&plain, &ProjectContext::default());
+        let schema = crate::json_schema::OutputSchema::compile(
+            json!({ "type": "string", "pattern": pattern }),
+        )
+        .unwrap();
+        let ok = |text: &str| schema.check(&json!(text).to_string()).is_ok();
+        assert!(ok("Store the theme choice per user"));
+        assert!(ok("\"Dark\" and 'light' themes (both) work."));
+        for bad in [
+            "{'add'} - Add a theme",
+            "Use `prefers-color-scheme`",
+            "Wait 30 seconds",
+            "- Add a theme",
+            " Add a theme",
+            "Add a theme\nand more",
+            "Add a [theme]",
+            "Return <b>bold</b>",
+        ] {
+            assert!(!ok(bad), "{bad}");
+        }
+        let coded = TaskSpec {
+            title: "Read the {name} placeholder in config v2".into(),
+            ..TaskSpec::default()
+        };
+        let pattern = text_pattern(&coded, &ProjectContext::default());
+        let schema = crate::json_schema::OutputSchema::compile(
+            json!({ "type": "string", "pattern": pattern }),
+        )
+        .unwrap();
+        assert!(schema.check("\"Replace {name} in config v2\"").is_ok());
+        assert!(schema.check("\"Replace [name]\"").is_err());
     }
 
     /// The examples teach what the rules demand: each answer's texts are

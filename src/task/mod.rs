@@ -628,7 +628,7 @@ mod tests {
             text,
             finish_reason,
             256,
-            schema::decomposition(3, 4, Some(6)),
+            decompose_request().schema(),
             |value| decompose::parse(value, &request),
         )
         .map(|parsed| parsed.value)

@@ -17,7 +17,7 @@ pub const CRITERION_MAX_CHARS: usize = 160;
 pub const MAX_CRITERIA: usize = 6;
 
 /// Schema of an enhancement; a requested kind is the only allowed kind.
-pub fn enhancement(kind: Option<EnhancementKind>) -> Value {
+pub fn enhancement(kind: Option<EnhancementKind>, text_pattern: &str) -> Value {
     let kinds: Vec<&str> = match kind {
         Some(kind) => vec![kind.as_str()],
         None => EnhancementKind::ALL
@@ -29,13 +29,11 @@ pub fn enhancement(kind: Option<EnhancementKind>) -> Value {
         "type": "object",
         "properties": {
             "kind": { "type": "string", "enum": kinds },
-            "title": { "type": "string", "minLength": 3, "maxLength": TITLE_MAX_CHARS },
-            "description": {
-                "type": "string", "minLength": 10, "maxLength": ENHANCED_DESCRIPTION_MAX_CHARS
-            },
+            "title": text(3, TITLE_MAX_CHARS, text_pattern),
+            "description": text(10, ENHANCED_DESCRIPTION_MAX_CHARS, text_pattern),
             "acceptance_criteria": {
                 "type": "array",
-                "items": { "type": "string", "minLength": 3, "maxLength": CRITERION_MAX_CHARS },
+                "items": text(3, CRITERION_MAX_CHARS, text_pattern),
                 "minItems": 1,
                 "maxItems": MAX_CRITERIA
             }
@@ -55,17 +53,28 @@ pub fn subtask_complexity_ceiling(parent: Option<u8>) -> u8 {
 /// complexity is `parent_complexity`. Each position has its own item schema
 /// so that `depends_on` can only name earlier positions: the dependency
 /// graph is acyclic by construction.
-pub fn decomposition(min: u32, max: u32, parent_complexity: Option<u8>) -> Value {
-    continuation(0, min, max, parent_complexity)
+pub fn decomposition(
+    min: u32,
+    max: u32,
+    parent_complexity: Option<u8>,
+    text_pattern: &str,
+) -> Value {
+    continuation(0, min, max, parent_complexity, text_pattern)
 }
 
 /// Schema of `min..=max` more subtasks following `first` subtasks already
 /// given: they take positions from `first` on, and `depends_on` may name
 /// any earlier position, given ones included.
-pub fn continuation(first: u32, min: u32, max: u32, parent_complexity: Option<u8>) -> Value {
+pub fn continuation(
+    first: u32,
+    min: u32,
+    max: u32,
+    parent_complexity: Option<u8>,
+    text_pattern: &str,
+) -> Value {
     let ceiling = subtask_complexity_ceiling(parent_complexity);
     let positions: Vec<Value> = (first..first + max)
-        .map(|position| subtask(position, ceiling))
+        .map(|position| subtask(position, ceiling, text_pattern))
         .collect();
     json!({
         "type": "object",
@@ -82,23 +91,28 @@ pub fn continuation(first: u32, min: u32, max: u32, parent_complexity: Option<u8
     })
 }
 
-fn subtask(position: u32, complexity_ceiling: u8) -> Value {
+/// A text field of `min..=max` characters matching `pattern`.
+fn text(min: usize, max: usize, pattern: &str) -> Value {
+    json!({ "type": "string", "minLength": min, "maxLength": max, "pattern": pattern })
+}
+
+fn subtask(position: u32, complexity_ceiling: u8, text_pattern: &str) -> Value {
     json!({
         "type": "object",
         "properties": {
-            "title": { "type": "string", "minLength": 3, "maxLength": TITLE_MAX_CHARS },
-            "description": {
-                "type": "string",
-                "minLength": SUBTASK_DESCRIPTION_MIN_CHARS,
-                "maxLength": SUBTASK_DESCRIPTION_MAX_CHARS
-            },
+            "title": text(3, TITLE_MAX_CHARS, text_pattern),
+            "description": text(
+                SUBTASK_DESCRIPTION_MIN_CHARS,
+                SUBTASK_DESCRIPTION_MAX_CHARS,
+                text_pattern
+            ),
             "complexity": { "type": "integer", "minimum": 1, "maximum": complexity_ceiling },
             "depends_on": {
                 "type": "array",
                 "items": { "type": "integer", "minimum": 0, "maximum": position.saturating_sub(1) },
                 "maxItems": position
             },
-            "reasoning": { "type": "string", "minLength": 3, "maxLength": REASONING_MAX_CHARS }
+            "reasoning": text(3, REASONING_MAX_CHARS, text_pattern)
         },
         "required": ["title", "description", "complexity", "depends_on", "reasoning"],
         "additionalProperties": false
@@ -110,19 +124,22 @@ mod tests {
     use super::*;
     use crate::json_schema::OutputSchema;
 
+    /// Any text on one line: the rules' pattern is tested in `grounds`.
+    const ONE_LINE: &str = "^[^\\n]*$";
+
     #[test]
     fn every_task_schema_is_valid_json_schema() {
         for kind in [None].into_iter().chain(EnhancementKind::ALL.map(Some)) {
-            OutputSchema::compile(enhancement(kind)).unwrap();
+            OutputSchema::compile(enhancement(kind, ONE_LINE)).unwrap();
         }
         for (min, max, parent) in [(2, 2, None), (3, 6, Some(1)), (12, 12, Some(10))] {
-            OutputSchema::compile(decomposition(min, max, parent)).unwrap();
+            OutputSchema::compile(decomposition(min, max, parent, ONE_LINE)).unwrap();
         }
     }
 
     #[test]
     fn dependencies_can_only_point_backwards() {
-        let schema = OutputSchema::compile(decomposition(2, 3, None)).unwrap();
+        let schema = OutputSchema::compile(decomposition(2, 3, None, ONE_LINE)).unwrap();
         let subtask = |depends_on: &[u32]| {
             json!({
                 "title": "Do a thing",
@@ -156,7 +173,7 @@ mod tests {
         assert_eq!(subtask_complexity_ceiling(Some(6)), 5);
         assert_eq!(subtask_complexity_ceiling(Some(1)), 1);
         assert_eq!(subtask_complexity_ceiling(None), 10);
-        let schema = decomposition(2, 3, Some(6));
+        let schema = decomposition(2, 3, Some(6), ONE_LINE);
         assert_eq!(
             schema["properties"]["subtasks"]["prefixItems"][2]["properties"]["complexity"]["maximum"],
             json!(5)
@@ -165,7 +182,7 @@ mod tests {
 
     #[test]
     fn a_requested_kind_is_the_only_allowed_kind() {
-        let schema = enhancement(Some(EnhancementKind::Specify));
+        let schema = enhancement(Some(EnhancementKind::Specify), ONE_LINE);
         assert_eq!(schema["properties"]["kind"]["enum"], json!(["specify"]));
     }
 }

@@ -174,14 +174,14 @@ async fn too_few_good_subtasks_keep_the_good_ones_and_ask_only_for_the_missing()
     );
     assert_eq!(kept["subtasks"].as_array().map(Vec::len), Some(2));
     let ask = &follow_up.messages.last().expect("a request").content;
-    assert!(ask.contains("Give 2 to 4 more subtasks"), "{ask}");
+    assert!(ask.contains("Give 2 more subtasks"), "{ask}");
     // The missing subtasks take positions 2 on: the first new one may
-    // depend on either kept subtask, and no more than 4 are asked for.
+    // depend on either kept subtask; one more than is missing is asked for.
     let schema = follow_up.json_schema.as_ref().expect("a schema");
     let positions = schema["properties"]["subtasks"]["prefixItems"]
         .as_array()
         .expect("positions");
-    assert_eq!(positions.len(), 4);
+    assert_eq!(positions.len(), 2);
     assert_eq!(
         positions[0]["properties"]["depends_on"]["items"]["maximum"],
         json!(1)
