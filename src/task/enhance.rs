@@ -296,7 +296,7 @@ mod tests {
                 &[
                     "A user can log in",
                     "Users can log in.",
-                    "Searching lists every Harry Potter book",
+                    "A search that matches nothing says so",
                     "A wrong password shows an error",
                 ],
             ),

@@ -54,19 +54,20 @@ fn sign_in() -> Value {
     )
 }
 
-/// The worked example's content, about a task that does not mention it.
+/// A worked example's content, in a task that does not mention it.
 fn copied() -> Value {
     subtask(
-        "Write the CSV serializer",
-        "Turn a list of orders into CSV text with a header row for the export.",
+        "Create password reset tokens",
+        "Generate a single-use, expiring token when a user asks to reset a forgotten password.",
         &[],
     )
 }
 
-/// Dict-literal markup leaking into a title.
+/// A dict literal's key leaking into a title (the schema's pattern keeps
+/// braces and brackets out, not quotes and colons).
 fn malformed() -> Value {
     subtask(
-        "{'add'} - Add recovery codes",
+        "The 'add': step of recovery codes",
         "Generate single-use recovery codes for the second factor at enrolment and store them hashed.",
         &[],
     )
@@ -197,11 +198,11 @@ async fn too_few_good_subtasks_keep_the_good_ones_and_ask_only_for_the_missing()
 }
 
 #[tokio::test]
-async fn an_enhancement_drops_a_copied_criterion_and_is_asked_again_for_an_invented_version() {
+async fn an_enhancement_drops_a_copied_criterion_and_is_asked_again_for_an_invented_name() {
     let backend = ScriptedBackend::new("scripted");
     let invented = json!({
         "kind": "specify",
-        "title": "Add async support for Flask 3.0.1.1",
+        "title": "Add async support for flask with Quart",
         "description": "Let flask views be declared async so they await slow calls.",
         "acceptance_criteria": ["An async flask view returns its response"]
     });
@@ -211,7 +212,7 @@ async fn an_enhancement_drops_a_copied_criterion_and_is_asked_again_for_an_inven
         "description": "Let flask views be declared async so they await slow calls instead of blocking a worker.",
         "acceptance_criteria": [
             "An async flask view returns its response",
-            "Searching 'potter' lists every Harry Potter book"
+            "A search that matches nothing says so"
         ]
     });
     backend.next(Reply::text([invented.to_string()]));
@@ -238,7 +239,7 @@ async fn an_enhancement_drops_a_copied_criterion_and_is_asked_again_for_an_inven
     );
     let meta = response.meta.expect("meta");
     assert_eq!(rules(&meta.repaired), ["unsupported_detail"]);
-    assert!(meta.repaired[0].detail.contains("3.0.1.1"), "{meta:?}");
+    assert!(meta.repaired[0].detail.contains("Quart"), "{meta:?}");
     assert_eq!(rules(&meta.dropped), ["copies_example"]);
     assert_eq!(backend.requests().len(), 2);
 }
