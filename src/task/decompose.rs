@@ -9,10 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec,
+    Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec, TextPattern,
     cache::ResultCache,
     enhance::non_blank,
-    grounds::{Grounds, text_pattern},
+    grounds::Grounds,
     prompt, schema,
     schema::subtask_complexity_ceiling,
     violation::{Rule, Violation, same_meaning},
@@ -74,7 +74,7 @@ impl Task for DecomposeRequest {
             self.min_subtasks,
             self.max_subtasks,
             self.task.complexity,
-            &text_pattern(&self.task, &self.context),
+            &TextPattern::of(&self.task, &self.context),
         )
     }
 
@@ -109,7 +109,7 @@ impl Task for DecomposeRequest {
                 min,
                 max,
                 self.task.complexity,
-                &text_pattern(&self.task, &self.context),
+                &TextPattern::of(&self.task, &self.context),
             ),
             already_said,
         }

@@ -6,9 +6,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec,
+    Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec, TextPattern,
     cache::ResultCache,
-    grounds::{Grounds, text_pattern},
+    grounds::Grounds,
     prompt, schema,
     violation::{Rule, Violation, named_variants, same_meaning},
 };
@@ -61,7 +61,7 @@ impl Task for EnhanceRequest {
     }
 
     fn schema(&self) -> Value {
-        schema::enhancement(self.kind, &text_pattern(&self.task, &self.context))
+        schema::enhancement(self.kind, &TextPattern::of(&self.task, &self.context))
     }
 
     fn messages(&self) -> Vec<Message> {

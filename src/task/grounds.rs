@@ -257,34 +257,57 @@ fn inputs(task: &TaskSpec, context: &ProjectContext) -> String {
     .join("\n")
 }
 
-/// The regular expression every text field of an answer to this task is
-/// generated under: none of the markup the task lacks, no digits when the
-/// task has none (a figure it does not give is invented), no line breaks,
-/// and no stray punctuation first. Backends that constrain decoding by the
-/// schema then cannot write what `malformed_text` and the figures of
-/// `unsupported_detail` would reject.
-pub(super) fn text_pattern(task: &TaskSpec, context: &ProjectContext) -> String {
-    let inputs = inputs(task, context);
-    let mut banned: Vec<char> = vec!['\n', '\r', '\t'];
-    banned.extend(MARKUP.iter().filter(|mark| !inputs.contains(**mark)));
-    if !inputs.chars().any(|c| c.is_ascii_digit()) {
-        banned.extend('0'..='9');
-    }
-    let class = |chars: &[char]| -> String {
-        chars
+/// What every text field of an answer to a task is generated under: none
+/// of the markup the task lacks, no digits when the task has none (a figure
+/// it does not give is invented), no line breaks, and no stray punctuation
+/// first. Backends that constrain decoding by the schema then cannot write
+/// what `malformed_text` and the figures of `unsupported_detail` reject.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TextPattern {
+    /// Characters a text does not start with, beyond `rest` and whitespace,
+    /// as a regular-expression class body.
+    pub(super) first: String,
+    /// Characters a text does not contain (line breaks always).
+    pub(super) rest: String,
+}
+
+impl TextPattern {
+    pub(super) fn of(task: &TaskSpec, context: &ProjectContext) -> Self {
+        let inputs = inputs(task, context);
+        let mut banned: Vec<char> = MARKUP
             .iter()
-            .map(|&c| match c {
-                '\n' => "\\n".to_owned(),
-                '\r' => "\\r".to_owned(),
-                '\t' => "\\t".to_owned(),
-                '\\' | ']' | '[' | '^' | '-' => format!("\\{c}"),
-                c => c.to_string(),
-            })
-            .collect()
-    };
-    let mut first = banned.clone();
-    first.extend(STRAY_FIRST);
-    format!("^[^\\s{}][^{}]*$", class(&first), class(&banned))
+            .copied()
+            .filter(|mark| !inputs.contains(*mark))
+            .collect();
+        if !inputs.chars().any(|c| c.is_ascii_digit()) {
+            banned.extend('0'..='9');
+        }
+        Self {
+            first: class(STRAY_FIRST),
+            rest: class(&banned),
+        }
+    }
+
+    /// The regular expression of a text of `min..=max` characters.
+    pub fn of_length(&self, min: usize, max: usize) -> String {
+        let (first, rest) = (&self.first, &self.rest);
+        format!(
+            "^[^\\s{first}{rest}][^\\n\\r\\t{rest}]{{{},{}}}$",
+            min.saturating_sub(1),
+            max.saturating_sub(1)
+        )
+    }
+}
+
+/// `chars` escaped for a regular-expression class.
+fn class(chars: &[char]) -> String {
+    chars
+        .iter()
+        .map(|&c| match c {
+            '\\' | ']' | '[' | '^' | '-' => format!("\\{c}"),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 /// What of a worked example a text must not carry, as far as the task does
@@ -546,7 +569,7 @@ mod tests {
             title: "Add dark mode".into(),
             ..TaskSpec::default()
         };
-        let pattern = text_pattern(&plain, &ProjectContext::default());
+        let pattern = TextPattern::of(&plain, &ProjectContext::default()).of_length(3, 60);
         let schema = crate::json_schema::OutputSchema::compile(
             json!({ "type": "string", "pattern": pattern }),
         )
@@ -563,6 +586,8 @@ mod tests {
             "Add a theme\nand more",
             "Add a [theme]",
             "Return <b>bold</b>",
+            "No",
+            "A theme that is far too long to be a title of sixty characters",
         ] {
             assert!(!ok(bad), "{bad}");
         }
@@ -570,7 +595,7 @@ mod tests {
             title: "Read the {name} placeholder in config v2".into(),
             ..TaskSpec::default()
         };
-        let pattern = text_pattern(&coded, &ProjectContext::default());
+        let pattern = TextPattern::of(&coded, &ProjectContext::default()).of_length(3, 60);
         let schema = crate::json_schema::OutputSchema::compile(
             json!({ "type": "string", "pattern": pattern }),
         )

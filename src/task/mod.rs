@@ -27,6 +27,7 @@ use futures_util::StreamExt;
 
 pub use decompose::{DecomposeRequest, Subtask};
 pub use enhance::{EnhanceRequest, Enhancement, EnhancementKind};
+pub use grounds::TextPattern;
 pub use violation::{Rule, Violation, same_meaning};
 
 use self::cache::{CacheKey, CacheStats, KeyFields, ResultCache, cacheable};

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use super::EnhancementKind;
+use super::{EnhancementKind, TextPattern};
 
 pub const TITLE_MAX_CHARS: usize = 120;
 pub const ENHANCED_DESCRIPTION_MAX_CHARS: usize = 800;
@@ -17,7 +17,7 @@ pub const CRITERION_MAX_CHARS: usize = 160;
 pub const MAX_CRITERIA: usize = 6;
 
 /// Schema of an enhancement; a requested kind is the only allowed kind.
-pub fn enhancement(kind: Option<EnhancementKind>, text_pattern: &str) -> Value {
+pub fn enhancement(kind: Option<EnhancementKind>, text_pattern: &TextPattern) -> Value {
     let kinds: Vec<&str> = match kind {
         Some(kind) => vec![kind.as_str()],
         None => EnhancementKind::ALL
@@ -57,7 +57,7 @@ pub fn decomposition(
     min: u32,
     max: u32,
     parent_complexity: Option<u8>,
-    text_pattern: &str,
+    text_pattern: &TextPattern,
 ) -> Value {
     continuation(0, min, max, parent_complexity, text_pattern)
 }
@@ -70,7 +70,7 @@ pub fn continuation(
     min: u32,
     max: u32,
     parent_complexity: Option<u8>,
-    text_pattern: &str,
+    text_pattern: &TextPattern,
 ) -> Value {
     let ceiling = subtask_complexity_ceiling(parent_complexity);
     let positions: Vec<Value> = (first..first + max)
@@ -91,12 +91,14 @@ pub fn continuation(
     })
 }
 
-/// A text field of `min..=max` characters matching `pattern`.
-fn text(min: usize, max: usize, pattern: &str) -> Value {
-    json!({ "type": "string", "minLength": min, "maxLength": max, "pattern": pattern })
+/// A text field of `min..=max` characters matching `pattern`. The length
+/// goes into the pattern: llguidance cannot intersect a pattern with
+/// `minLength`/`maxLength`.
+fn text(min: usize, max: usize, pattern: &TextPattern) -> Value {
+    json!({ "type": "string", "pattern": pattern.of_length(min, max) })
 }
 
-fn subtask(position: u32, complexity_ceiling: u8, text_pattern: &str) -> Value {
+fn subtask(position: u32, complexity_ceiling: u8, text_pattern: &TextPattern) -> Value {
     json!({
         "type": "object",
         "properties": {
@@ -125,21 +127,24 @@ mod tests {
     use crate::json_schema::OutputSchema;
 
     /// Any text on one line: the rules' pattern is tested in `grounds`.
-    const ONE_LINE: &str = "^[^\\n]*$";
+    const ONE_LINE: TextPattern = TextPattern {
+        first: String::new(),
+        rest: String::new(),
+    };
 
     #[test]
     fn every_task_schema_is_valid_json_schema() {
         for kind in [None].into_iter().chain(EnhancementKind::ALL.map(Some)) {
-            OutputSchema::compile(enhancement(kind, ONE_LINE)).unwrap();
+            OutputSchema::compile(enhancement(kind, &ONE_LINE)).unwrap();
         }
         for (min, max, parent) in [(2, 2, None), (3, 6, Some(1)), (12, 12, Some(10))] {
-            OutputSchema::compile(decomposition(min, max, parent, ONE_LINE)).unwrap();
+            OutputSchema::compile(decomposition(min, max, parent, &ONE_LINE)).unwrap();
         }
     }
 
     #[test]
     fn dependencies_can_only_point_backwards() {
-        let schema = OutputSchema::compile(decomposition(2, 3, None, ONE_LINE)).unwrap();
+        let schema = OutputSchema::compile(decomposition(2, 3, None, &ONE_LINE)).unwrap();
         let subtask = |depends_on: &[u32]| {
             json!({
                 "title": "Do a thing",
@@ -173,7 +178,7 @@ mod tests {
         assert_eq!(subtask_complexity_ceiling(Some(6)), 5);
         assert_eq!(subtask_complexity_ceiling(Some(1)), 1);
         assert_eq!(subtask_complexity_ceiling(None), 10);
-        let schema = decomposition(2, 3, Some(6), ONE_LINE);
+        let schema = decomposition(2, 3, Some(6), &ONE_LINE);
         assert_eq!(
             schema["properties"]["subtasks"]["prefixItems"][2]["properties"]["complexity"]["maximum"],
             json!(5)
@@ -182,7 +187,7 @@ mod tests {
 
     #[test]
     fn a_requested_kind_is_the_only_allowed_kind() {
-        let schema = enhancement(Some(EnhancementKind::Specify), ONE_LINE);
+        let schema = enhancement(Some(EnhancementKind::Specify), &ONE_LINE);
         assert_eq!(schema["properties"]["kind"]["enum"], json!(["specify"]));
     }
 }
