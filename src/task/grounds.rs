@@ -40,8 +40,8 @@ fn generic_words() -> &'static HashSet<&'static str> {
 
 /// Acronyms a software text may use without its task naming them.
 const COMMON_ACRONYMS: &[&str] = &[
-    "API", "UI", "URL", "ID", "IDS", "HTTP", "HTTPS", "JSON", "CLI", "UX", "FAQ", "OK", "README",
-    "TODO", "CI",
+    "API", "UI", "URL", "URI", "ID", "HTTP", "HTTPS", "JSON", "HTML", "CSS", "SQL", "CLI", "UX",
+    "FAQ", "OK", "README", "TODO", "CI", "AI", "DB", "OS", "QA", "SDK", "CRUD", "REST",
 ];
 
 /// Characters of markup and code that plain task text does not carry.
@@ -349,7 +349,6 @@ fn runs(text: &str) -> Vec<Vec<String>> {
 /// figure or version, a path, URL or file name, or a name (CamelCase, an
 /// uncommon acronym, or a capital where no sentence starts).
 fn specific_kind(token: &str, capital_is_normal: bool) -> Option<&'static str> {
-    let letters: Vec<char> = token.chars().filter(|c| c.is_alphabetic()).collect();
     if token.chars().any(|c| c.is_ascii_digit()) {
         return Some("figure or version");
     }
@@ -370,9 +369,10 @@ fn specific_kind(token: &str, capital_is_normal: bool) -> Option<&'static str> {
     if camel {
         return Some("name");
     }
-    if letters.len() >= 2 && letters.iter().all(|c| c.is_uppercase()) {
-        let acronym: String = letters.iter().collect();
-        return (!COMMON_ACRONYMS.contains(&acronym.as_str())).then_some("name");
+    // An acronym's plural ("APIs") is the acronym.
+    let singular = token.strip_suffix('s').unwrap_or(token);
+    if singular.len() >= 2 && singular.chars().all(|c| c.is_ascii_uppercase()) {
+        return (!COMMON_ACRONYMS.contains(&singular)).then_some("name");
     }
     let capitalized = token.chars().next().is_some_and(char::is_uppercase);
     (capitalized && !capital_is_normal && token != "I").then_some("name")
@@ -530,7 +530,7 @@ mod tests {
             "Flask views can be declared async.",
             "Views no longer block on I/O. Flask awaits them.",
             "Change src/api.rs to await the handlers",
-            "Return JSON errors from the API",
+            "Return JSON errors from the APIs",
             "Make Flask Views Async",
         ] {
             assert_eq!(rule(grounds.check("description", text)), None, "{text}");
