@@ -160,6 +160,14 @@ impl Grounds {
         {
             return malformed(format!("carries a literal's key marks {key:?}"));
         }
+        if let Some(code) = text.split_whitespace().find(|word| {
+            let word = word.trim_matches(|c: char| !c.is_alphanumeric() && c != '(' && c != ')');
+            let identifier = word.contains("()")
+                || word.split('_').filter(|piece| !piece.is_empty()).count() > 1;
+            identifier && !self.text.contains(&word.to_lowercase())
+        }) {
+            return malformed(format!("carries the code fragment {code:?}"));
+        }
         let first_word = text.split_whitespace().next().unwrap_or("");
         let quoted = first_word
             .chars()
@@ -267,8 +275,12 @@ pub struct TextPattern {
     /// Characters a text does not start with, beyond `rest` and whitespace,
     /// as a regular-expression class body.
     pub(super) first: String,
-    /// Characters a text does not contain (line breaks always).
+    /// Characters a text does not contain (line breaks and other control
+    /// characters always).
     pub(super) rest: String,
+    /// Alternatives, one per content word of the task's title (its stem,
+    /// either case first), one of which a text about the task contains.
+    pub(super) topic: Vec<String>,
 }
 
 impl TextPattern {
@@ -282,20 +294,61 @@ impl TextPattern {
         if !inputs.chars().any(|c| c.is_ascii_digit()) {
             banned.extend('0'..='9');
         }
+        let mut topic: Vec<String> = Vec::new();
+        for stem in topic_stems(&task.title) {
+            let mut letters = stem.chars();
+            let Some(first) = letters.next() else {
+                continue;
+            };
+            let rest: String = letters.collect();
+            let alternative = format!("[{}{first}]{rest}", first.to_uppercase());
+            if !topic.contains(&alternative) {
+                topic.push(alternative);
+            }
+        }
         Self {
             first: class(STRAY_FIRST),
             rest: class(&banned),
+            topic,
         }
     }
 
     /// The regular expression of a text of `min..=max` characters.
     pub fn of_length(&self, min: usize, max: usize) -> String {
-        let (first, rest) = (&self.first, &self.rest);
         format!(
-            "^[^\\s{first}{rest}][^\\n\\r\\t{rest}]{{{},{}}}$",
+            "^{}{}{{{},{}}}$",
+            self.first_char(),
+            self.any_char(),
             min.saturating_sub(1),
             max.saturating_sub(1)
         )
+    }
+
+    /// The regular expression of a text of at most `max` characters that
+    /// names the task's subject (a word of its title) within its first half:
+    /// the model cannot drift to other work without tying it to this task.
+    /// Without such words in the title, [`Self::of_length`] with `min`.
+    pub fn about(&self, min: usize, max: usize) -> String {
+        let longest = self.topic.iter().map(String::len).max().unwrap_or(0);
+        if self.topic.is_empty() || max < 2 * longest + 2 {
+            return self.of_length(min, max);
+        }
+        let head = (max - 1) / 2;
+        let tail = max - 1 - head - longest;
+        format!(
+            "^(?:{}{any}{{0,{head}}})?(?:{}){any}{{0,{tail}}}$",
+            self.first_char(),
+            self.topic.join("|"),
+            any = self.any_char(),
+        )
+    }
+
+    fn first_char(&self) -> String {
+        format!("[^\\s\\x00-\\x1f\\x7f{}{}]", self.first, self.rest)
+    }
+
+    fn any_char(&self) -> String {
+        format!("[^\\x00-\\x1f\\x7f{}]", self.rest)
     }
 }
 
@@ -466,6 +519,8 @@ mod tests {
             "The 'name': field is read",
             "- Add the handler",
             "Use `await` in views",
+            "Call upload.static_path() first",
+            "Set max_connections in the config",
         ] {
             assert_eq!(
                 rule(grounds.check("title", text)),
@@ -602,6 +657,37 @@ mod tests {
         .unwrap();
         assert!(schema.check("\"Replace {name} in config v2\"").is_ok());
         assert!(schema.check("\"Replace [name]\"").is_err());
+        assert!(
+            schema.check("\"Replace\\u001b name\"").is_err(),
+            "control characters"
+        );
+    }
+
+    #[test]
+    fn a_text_about_the_task_names_a_word_of_its_title() {
+        let task = TaskSpec {
+            title: "Add dark mode".into(),
+            ..TaskSpec::default()
+        };
+        let pattern = TextPattern::of(&task, &ProjectContext::default()).about(10, 80);
+        let schema = crate::json_schema::OutputSchema::compile(
+            json!({ "type": "string", "pattern": pattern }),
+        )
+        .unwrap();
+        let ok = |text: &str| schema.check(&json!(text).to_string()).is_ok();
+        assert!(ok("Store the chosen theme so dark pages stay dark"));
+        assert!(ok("Mode switches are kept per user"));
+        assert!(!ok("Store the chosen theme per user account"));
+        assert!(
+            !ok(&format!("{} dark", "x".repeat(60))),
+            "named in the first half"
+        );
+        let terse = TaskSpec {
+            title: "Do it".into(),
+            ..TaskSpec::default()
+        };
+        let pattern = TextPattern::of(&terse, &ProjectContext::default());
+        assert_eq!(pattern.about(10, 80), pattern.of_length(10, 80));
     }
 
     /// The examples teach what the rules demand: each answer's texts are

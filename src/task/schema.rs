@@ -30,10 +30,10 @@ pub fn enhancement(kind: Option<EnhancementKind>, text_pattern: &TextPattern) ->
         "properties": {
             "kind": { "type": "string", "enum": kinds },
             "title": text(3, TITLE_MAX_CHARS, text_pattern),
-            "description": text(10, ENHANCED_DESCRIPTION_MAX_CHARS, text_pattern),
+            "description": about(10, ENHANCED_DESCRIPTION_MAX_CHARS, text_pattern),
             "acceptance_criteria": {
                 "type": "array",
-                "items": text(3, CRITERION_MAX_CHARS, text_pattern),
+                "items": about(3, CRITERION_MAX_CHARS, text_pattern),
                 "minItems": 1,
                 "maxItems": MAX_CRITERIA
             }
@@ -98,12 +98,17 @@ fn text(min: usize, max: usize, pattern: &TextPattern) -> Value {
     json!({ "type": "string", "pattern": pattern.of_length(min, max) })
 }
 
+/// A text field that names the task's subject ([`TextPattern::about`]).
+fn about(min: usize, max: usize, pattern: &TextPattern) -> Value {
+    json!({ "type": "string", "pattern": pattern.about(min, max) })
+}
+
 fn subtask(position: u32, complexity_ceiling: u8, text_pattern: &TextPattern) -> Value {
     json!({
         "type": "object",
         "properties": {
             "title": text(3, TITLE_MAX_CHARS, text_pattern),
-            "description": text(
+            "description": about(
                 SUBTASK_DESCRIPTION_MIN_CHARS,
                 SUBTASK_DESCRIPTION_MAX_CHARS,
                 text_pattern
@@ -130,6 +135,7 @@ mod tests {
     const ONE_LINE: TextPattern = TextPattern {
         first: String::new(),
         rest: String::new(),
+        topic: Vec::new(),
     };
 
     #[test]

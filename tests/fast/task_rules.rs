@@ -49,7 +49,7 @@ fn secret() -> Value {
 fn sign_in() -> Value {
     subtask(
         "Ask for a code at sign-in",
-        "After the password check, ask enrolled users for their current code and refuse a wrong one.",
+        "After the password check, ask users with a second factor for their current code and refuse a wrong one.",
         &[0],
     )
 }
@@ -58,7 +58,7 @@ fn sign_in() -> Value {
 fn copied() -> Value {
     subtask(
         "Create password reset tokens",
-        "Generate a single-use, expiring token when a user asks to reset a forgotten password.",
+        "Generate a single-use, expiring token for the second factor when a user asks to reset a forgotten password.",
         &[],
     )
 }
@@ -212,7 +212,7 @@ async fn an_enhancement_drops_a_copied_criterion_and_is_asked_again_for_an_inven
         "description": "Let flask views be declared async so they await slow calls instead of blocking a worker.",
         "acceptance_criteria": [
             "An async flask view returns its response",
-            "A search that matches nothing says so"
+            "A search that matches nothing says so in flask"
         ]
     });
     backend.next(Reply::text([invented.to_string()]));
