@@ -422,11 +422,11 @@ fn write_answers(
         .iter()
         .zip(outcomes)
         .map(|(item, outcome)| {
-            let mut record = outcome.record.clone();
-            record["task"] = item.id.clone().into();
-            record["size"] = item.size.clone().into();
-            if let Some(source) = &item.source {
-                record["source"] = source.clone().into();
+            let mut record = json!({ "task": item.id, "size": item.size, "source": item.source });
+            if let (Some(record), Some(outcome)) =
+                (record.as_object_mut(), outcome.record.as_object())
+            {
+                record.extend(outcome.clone());
             }
             record
         })
