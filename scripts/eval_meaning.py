@@ -92,18 +92,18 @@ LEADING_PUNCTUATION = re.compile(r"""^\s*([^\w\s(“"'])""")
 
 WORD = re.compile(r"[a-z0-9]+")
 NUMBER = re.compile(r"(?<![A-Za-z0-9.])v?(\d+(?:\.\d+)*)")
-URL = re.compile(r"https?://[^\s)>\]'\"]+")
+URL = re.compile(r"https?://[^\s)>\]'\"`]+")
 PATH = re.compile(r"(?<![\w/])(?:\.{0,2}/)?[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)+/?|(?<![\w/])/[A-Za-z0-9_.-]+")
 FILE_NAME = re.compile(
     r"\b[\w-]+\.(?:py|rs|js|ts|tsx|jsx|go|java|kt|rb|php|cs|c|h|cpp|swift|dart|json|yaml|yml|toml|"
     r"ini|cfg|conf|md|rst|txt|csv|xlsx|sql|sh|html|css|xml|lock|env|log|gradle|proto)\b",
     re.IGNORECASE,
 )
-CAMEL = re.compile(r"\b[A-Za-z]*[a-z][A-Z][A-Za-z0-9]*\b|\b[A-Z]{2,}[a-z][A-Za-z0-9]*\b")
+CAMEL = re.compile(r"\b[A-Za-z]*[a-z][A-Z][A-Za-z0-9]*\b|\b[A-Z]{2,}[a-z]{2,}[A-Za-z0-9]*\b")
 ACRONYM = re.compile(r"\b[A-Z][A-Z0-9]{1,}s?\b")
 CAPITALISED = re.compile(r"\b[A-Z][a-z][a-z0-9]*\b")
 BULLET = r"(?:[-*•]\s*|\d+[.)]\s*)?"
-SENTENCE_START = re.compile(rf"""(?:^\s*{BULLET}|[.!?:;]\s+{BULLET}|\n\s*{BULLET}|["'“‘(\[]\s*)$""")
+SENTENCE_START = re.compile(rf"""(?:^\s*{BULLET}|[.!?:;]\s+{BULLET}|\s[-–—]\s+|\n\s*{BULLET}|["'“‘(\[]\s*)$""")
 
 ON_TOPIC_OVERLAPS = (0, 1, 2)
 ON_TOPIC_COSINES = (0.1, 0.2, 0.3, 0.4)
@@ -259,15 +259,17 @@ class ExampleContent:
             if embedder.pieces(word) > 1 and sum(word in task.content for task in corpus) <= 1
         }
 
-    def copied(self, answer: Answer) -> list[str]:
-        found = []
-        for name, text in answer.fields:
-            for pair in sorted(content_bigrams(text) & self.bigrams):
-                if pair not in answer.task.bigrams:
-                    found.append(f"{name}: bigram '{' '.join(pair)}'")
-            for word in sorted(set(content_words(text)) & self.rare):
-                if word not in answer.task.words:
-                    found.append(f"{name}: rare word '{word}'")
+    def copied(self, text: str, task: Task) -> list[str]:
+        found = [
+            f"bigram '{' '.join(pair)}'"
+            for pair in sorted(content_bigrams(text) & self.bigrams)
+            if pair not in task.bigrams
+        ]
+        found += [
+            f"rare word '{word}'"
+            for word in sorted(set(content_words(text)) & self.rare)
+            if word not in task.words
+        ]
         return found
 
 
@@ -281,19 +283,26 @@ def strings(value) -> list[str]:
     return []
 
 
-def malformed(answer: Answer) -> list[str]:
-    raw = answer.task.raw
-    found = []
+def offending(answer: Answer, check) -> list[str]:
+    """One line per field of the answer that `check(text, task)` objects
+    to: what it found, then the field's text."""
+    lines = []
     for name, text in answer.fields:
-        for mark in MARKUP:
-            if mark in text and mark not in raw:
-                found.append(f"{name}: markup {mark!r}")
-        if not QUOTE_COLON.search(raw):
-            found.extend(f"{name}: quote-colon {match!r}" for match in QUOTE_COLON.findall(text))
-        found.extend(f"{name}: code {call!r}" for call in CALL.findall(text) if call not in raw)
-        leading = LEADING_PUNCTUATION.match(text)
-        if leading and not re.search(r"(?m)^\s*" + re.escape(leading.group(1)), raw):
-            found.append(f"{name}: leading {leading.group(1)!r}")
+        found = check(text, answer.task)
+        if found:
+            lines.append(f"{answer.task.id} {name}: {', '.join(found)} | {text[:200]!r}")
+    return lines
+
+
+def malformed(text: str, task: Task) -> list[str]:
+    raw = task.raw
+    found = [f"markup {mark!r}" for mark in MARKUP if mark in text and mark not in raw]
+    if not QUOTE_COLON.search(raw):
+        found += [f"quote-colon {match!r}" for match in QUOTE_COLON.findall(text)]
+    found += [f"code {call!r}" for call in CALL.findall(text) if call not in raw]
+    leading = LEADING_PUNCTUATION.match(text)
+    if leading and not re.search(r"(?m)^\s*" + re.escape(leading.group(1)), raw):
+        found.append(f"leading {leading.group(1)!r}")
     return found
 
 
@@ -303,36 +312,34 @@ def title_case(text: str) -> bool:
     return len(long_words) >= 2 and sum(word[0].isupper() for word in long_words) >= 0.6 * len(long_words)
 
 
-def unsupported(answer: Answer) -> list[str]:
-    task = answer.task
+def unsupported(text: str, task: Task) -> list[str]:
     lower = task.raw.lower()
-    found = []
-    for name, text in answer.fields:
-        for url in URL.findall(text):
-            if url.lower().rstrip(".,") not in lower:
-                found.append(f"{name}: URL {url!r}")
-        without_urls = URL.sub(" ", text)
-        for path in PATH.findall(without_urls):
-            if re.fullmatch(r"[A-Za-z]+/[A-Za-z]+", path):
-                continue  # "and/or", "read/write": words, not a path
-            if path.lower().rstrip(".,") not in lower:
-                found.append(f"{name}: path {path!r}")
-        for file_name in FILE_NAME.findall(without_urls):
-            if file_name.lower() not in lower:
-                found.append(f"{name}: file name {file_name!r}")
-        for number in NUMBER.findall(without_urls):
-            if not any(given == number or given.startswith(number + ".") for given in task.numbers):
-                kind = "version" if "." in number else "figure"
-                found.append(f"{name}: {kind} {number!r}")
-        names = set(CAMEL.findall(without_urls))
-        names |= {word for word in ACRONYM.findall(without_urls) if word.rstrip("s") not in GENERIC_ACRONYMS}
-        if not title_case(text):
-            for match in CAPITALISED.finditer(without_urls):
-                if not SENTENCE_START.search(without_urls[: match.start()]):
-                    names.add(match.group(0))
-        for word in sorted(names):
-            if singular(word.lower()) not in task.words and word.lower() not in lower:
-                found.append(f"{name}: name {word!r}")
+    found = [f"URL {url!r}" for url in URL.findall(text) if url.lower().rstrip(".,") not in lower]
+    without_urls = URL.sub(" ", text)
+    for path in PATH.findall(without_urls):
+        if re.fullmatch(r"[A-Za-z]+/[A-Za-z]+", path):
+            continue  # "and/or", "read/write": words, not a path
+        if path.lower().rstrip(".,") not in lower:
+            found.append(f"path {path!r}")
+    found += [
+        f"file name {file_name!r}"
+        for file_name in FILE_NAME.findall(without_urls)
+        if file_name.lower() not in lower
+    ]
+    for number in NUMBER.findall(without_urls):
+        if not any(given == number or given.startswith(number + ".") for given in task.numbers):
+            found.append(f"{'version' if '.' in number else 'figure'} {number!r}")
+    names = set(CAMEL.findall(without_urls))
+    names |= {word for word in ACRONYM.findall(without_urls) if word.rstrip("s") not in GENERIC_ACRONYMS}
+    if not title_case(text):
+        for match in CAPITALISED.finditer(without_urls):
+            if not SENTENCE_START.search(without_urls[: match.start()]):
+                names.add(match.group(0))
+    found += [
+        f"name {word!r}"
+        for word in sorted(names)
+        if singular(word.lower()) not in task.words and word.lower() not in lower
+    ]
     return found
 
 
@@ -354,15 +361,13 @@ def judge(path: Path, tasks: dict[str, Task], order: list[str], task_vectors: np
             answers.append(answer_of(rpc, tasks[call["task"]], call["answer"]))
     offences = {"copied": [], "malformed": [], "unsupported": []}
     counts = {"copied": 0, "malformed": 0, "unsupported": 0}
+    checks = {"copied": examples.copied, "malformed": malformed, "unsupported": unsupported}
     for answer in answers:
-        for measure, found in (
-            ("copied", examples.copied(answer)),
-            ("malformed", malformed(answer)),
-            ("unsupported", unsupported(answer)),
-        ):
+        for measure, check in checks.items():
+            found = offending(answer, check)
             if found:
                 counts[measure] += 1
-                offences[measure].extend(f"{answer.task.id} {item}" for item in found)
+                offences[measure].extend(found)
 
     parts = [part for answer in answers for part in answer.parts if part.text.strip()]
     index = {task_id: position for position, task_id in enumerate(order)}
