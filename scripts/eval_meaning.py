@@ -148,7 +148,6 @@ class Task:
 
     id: str
     size: str
-    text: str
     raw: str
     words: set[str] = field(init=False)
     content: set[str] = field(init=False)
@@ -166,7 +165,7 @@ class Task:
         parts = [item["title"], item.get("description") or "", item.get("project") or "", item.get("prd") or ""]
         parts += item.get("context_files", []) + item.get("dependencies", [])
         raw = "\n".join(part for part in parts if part)
-        return cls(id=item["id"], size=item["size"], text=raw, raw=raw)
+        return cls(id=item["id"], size=item["size"], raw=raw)
 
 
 @dataclass
@@ -352,7 +351,7 @@ def percent(value: float | None) -> str:
 
 
 def judge(path: Path, tasks: dict[str, Task], order: list[str], task_vectors: np.ndarray,
-          embedder: Embedder, examples: ExampleContent, args) -> dict:
+          embedder: Embedder, examples: ExampleContent, cost_sample: int) -> dict:
     data = json.loads(path.read_text())
     backend, rpc = data["backend"], data["rpc"]
     answers = []
@@ -393,14 +392,14 @@ def judge(path: Path, tasks: dict[str, Task], order: list[str], task_vectors: np
                 "best_other_task": order[best_other],
                 "grounded": bool(row[own] >= others[best_other]),
             })
-    cost = embedder.cost_ms([part.text for part in parts[: args.cost_sample]])
+    cost = embedder.cost_ms([part.text for part in parts[:cost_sample]])
     grounded = sum(record["grounded"] for record in records)
     by_size: dict[str, list[int]] = {}
     for record in records:
         tally = by_size.setdefault(record["size"], [0, 0])
         tally[0] += record["grounded"]
         tally[1] += 1
-    result = {
+    return {
         "backend": backend,
         "rpc": rpc,
         "tasks": data["tasks"],
@@ -415,7 +414,6 @@ def judge(path: Path, tasks: dict[str, Task], order: list[str], task_vectors: np
         "offences": offences,
         "records": records,
     }
-    return result
 
 
 def on_topic_rules(records: list[dict]) -> list[tuple[str, float | None, float | None, float | None]]:
@@ -476,10 +474,10 @@ def main() -> None:
     started = time.perf_counter()
     embedder = Embedder()
     load_ms = (time.perf_counter() - started) * 1000
-    task_vectors = embedder.embed([task.text for task in corpus])
+    task_vectors = embedder.embed([task.raw for task in corpus])
     examples = ExampleContent(json.loads(args.examples.read_text()), corpus, embedder)
 
-    results = [judge(path, tasks, order, task_vectors, embedder, examples, args) for path in files]
+    results = [judge(path, tasks, order, task_vectors, embedder, examples, args.cost_sample) for path in files]
     args.on_topic.mkdir(parents=True, exist_ok=True)
     for result in results:
         (args.on_topic / f"{result['backend']}-{result['rpc']}.json").write_text(
