@@ -66,9 +66,15 @@ bench-kit: setup
 bench-mlx: setup
 	$(CARGO) bench --locked --bench mlx
 
-# Options after `--`, e.g. make eval EVAL_ARGS="--backends embedded --limit 10"
+# Options after `--`, e.g. make eval EVAL_ARGS="--backends embedded --limit 10";
+# MEANING_ARGS go to the judge of meaning (e.g. "--verbose"). The judge needs
+# WordLlama (scripts/eval-requirements.txt), installed here only: CI never
+# runs the eval.
+EVAL_PYTHON := $(RIGGER_CACHE_DIR)/venv/bin/python
 eval: setup
+	$(EVAL_PYTHON) -m pip install --quiet --disable-pip-version-check -r scripts/eval-requirements.txt
 	$(CARGO) bench --locked --bench eval -- $(EVAL_ARGS)
+	$(EVAL_PYTHON) scripts/eval_meaning.py $(MEANING_ARGS)
 
 # Every fuzz target under libFuzzer for FUZZ_SECONDS each. Needs a nightly
 # toolchain (cargo-fuzz instruments with -Zsanitizer); installs cargo-fuzz

@@ -5,9 +5,11 @@
 //!
 //! Prints per backend and RPC: answers given, schema-valid rate of the
 //! model's outputs, rule violations of first answers and after repair (by
-//! rule), repair rate, mean subtasks, p50/p95 latency and tokens per answer;
-//! writes the same as JSON (`--report`), keeping the rows of backends not
-//! evaluated in this run.
+//! rule), repair rate, mean subtasks, p50/p95 latency, tokens per answer and
+//! attempts and tokens per call; writes the same as JSON (`--report`),
+//! keeping the rows of backends not evaluated in this run. Every call's
+//! answer or failure goes to `--answers` (one file per backend and RPC), where
+//! `scripts/eval_meaning.py` judges what the answers say.
 //!
 //! Run: `make eval` (or `cargo bench --bench eval -- --help` with build.env
 //! sourced for the options).
@@ -23,10 +25,11 @@ use std::{
 
 use clap::Parser;
 use rigger_inference::proto::{
-    DecomposeTaskRequest, EnhanceTaskRequest, EnhancementKind, ResponseMeta, Task, TaskContext,
-    inference_service_client::InferenceServiceClient,
+    DecomposeTaskRequest, EnhanceTaskRequest, Enhancement, EnhancementKind, ResponseMeta, Subtask,
+    Task, TaskContext, inference_service_client::InferenceServiceClient,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use support::{TestServer, config, openai_config, repo_path};
 use tonic::{Code, Status, transport::Channel};
 
@@ -40,6 +43,10 @@ struct Args {
     corpus: PathBuf,
     #[arg(long, default_value_os_t = repo_path("eval/report.json"))]
     report: PathBuf,
+    /// Folder for every call's answer or failure, one file per backend and
+    /// RPC (`<backend>-<rpc>.json`), read by `scripts/eval_meaning.py`.
+    #[arg(long, default_value_os_t = repo_path("eval/answers"))]
+    answers: PathBuf,
     /// Evaluate only the first N tasks.
     #[arg(long)]
     limit: Option<usize>,
@@ -68,6 +75,8 @@ struct CorpusTask {
     context_files: Vec<String>,
     #[serde(default)]
     dependencies: Vec<String>,
+    /// Where a real-world task was taken from (an issue's address).
+    source: Option<String>,
 }
 
 impl CorpusTask {
@@ -98,20 +107,45 @@ struct Outcome {
     broken: Vec<String>,
     attempts: u32,
     failure: Option<String>,
-    completion_tokens: u32,
+    /// Tokens generated over every attempt; unknown for a failed call (its
+    /// status carries no counts).
+    completion_tokens: Option<u32>,
     subtasks: Option<usize>,
+    /// What the call returned, as written to the answers file: the answer's
+    /// fields and its meta, or the failure.
+    record: Value,
 }
 
 impl Outcome {
-    fn answered(latency: Duration, meta: Option<ResponseMeta>, subtasks: Option<usize>) -> Self {
+    fn answered(
+        latency: Duration,
+        meta: Option<ResponseMeta>,
+        subtasks: Option<usize>,
+        answer: Value,
+    ) -> Self {
         let meta = meta.unwrap_or_default();
+        let record = json!({
+            "answer": answer,
+            "meta": {
+                "attempts": meta.attempts,
+                "repaired": meta.repaired.iter().map(|violation| json!({
+                    "rule": violation.rule,
+                    "detail": violation.detail,
+                })).collect::<Vec<_>>(),
+                "completion_tokens": meta.completion_tokens,
+                "prompt_tokens": meta.prompt_tokens,
+                "cached": meta.cached,
+                "latency_ms": latency.as_secs_f64() * 1000.0,
+            },
+        });
         Self {
             latency,
             broken: meta.repaired.into_iter().map(|v| v.rule).collect(),
             attempts: meta.attempts,
             failure: None,
-            completion_tokens: meta.completion_tokens,
+            completion_tokens: Some(meta.completion_tokens),
             subtasks,
+            record,
         }
     }
 
@@ -125,15 +159,50 @@ impl Outcome {
             (Some(rule), Code::Internal) => rule.clone(),
             _ => format!("{:?}: {}", status.code(), status.message()),
         };
+        let record = json!({
+            "failure": {
+                "code": format!("{:?}", status.code()),
+                "message": status.message(),
+                "rule": rule,
+            },
+            "meta": {
+                "attempts": attempts,
+                "latency_ms": latency.as_secs_f64() * 1000.0,
+            },
+        });
         Self {
             latency,
             broken: rule.into_iter().collect(),
             attempts,
             failure: Some(failure),
-            completion_tokens: 0,
+            completion_tokens: None,
             subtasks: None,
+            record,
         }
     }
+}
+
+fn subtask_fields(subtask: &Subtask) -> Value {
+    json!({
+        "title": subtask.title,
+        "description": subtask.description,
+        "complexity": subtask.complexity,
+        "depends_on": subtask.depends_on,
+        "reasoning": subtask.reasoning,
+    })
+}
+
+fn enhancement_fields(enhancement: &Enhancement) -> Value {
+    json!({
+        "kind": kind_name(enhancement.kind),
+        "title": enhancement.title,
+        "description": enhancement.description,
+        "acceptance_criteria": enhancement.acceptance_criteria,
+    })
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    EnhancementKind::try_from(kind).map_or("UNKNOWN", |kind| kind.as_str_name())
 }
 
 #[derive(Serialize)]
@@ -159,7 +228,15 @@ struct Summary {
     mean_subtasks: Option<f64>,
     latency_p50_ms: f64,
     latency_p95_ms: f64,
+    /// Tokens generated per answered call, over all its attempts.
     mean_completion_tokens: f64,
+    /// Attempts per call, answered or not (a failed call made every
+    /// attempt the service allows).
+    mean_attempts: f64,
+    /// Tokens generated per call over the calls that report them: a failed
+    /// call's status carries no counts, so this equals the per-answer mean
+    /// unless calls failed.
+    mean_completion_tokens_per_call: f64,
 }
 
 fn percentile(values: &[f64], share: f64) -> f64 {
@@ -218,12 +295,17 @@ fn summarize(backend: &str, rpc: &'static str, outcomes: &[Outcome]) -> Summary 
             .then(|| subtasks.iter().sum::<usize>() as f64 / subtasks.len() as f64),
         latency_p50_ms: percentile(&latencies, 0.5),
         latency_p95_ms: percentile(&latencies, 0.95),
-        mean_completion_tokens: answered
-            .iter()
-            .map(|o| f64::from(o.completion_tokens))
-            .sum::<f64>()
-            / answered.len().max(1) as f64,
+        mean_completion_tokens: mean(answered.iter().filter_map(|o| o.completion_tokens)),
+        mean_attempts: mean(outcomes.iter().map(|o| o.attempts.max(1))),
+        mean_completion_tokens_per_call: mean(outcomes.iter().filter_map(|o| o.completion_tokens)),
     }
+}
+
+fn mean(values: impl Iterator<Item = u32>) -> f64 {
+    let (sum, count) = values.fold((0.0, 0usize), |(sum, count), value| {
+        (sum + f64::from(value), count + 1)
+    });
+    sum / count.max(1) as f64
 }
 
 /// Every kind the contract defines (numbered from 0 without gaps),
@@ -251,10 +333,14 @@ async fn decompose(
     match result {
         Ok(response) => {
             let response = response.into_inner();
+            let answer = json!({
+                "subtasks": response.subtasks.iter().map(subtask_fields).collect::<Vec<_>>(),
+            });
             Outcome::answered(
                 started.elapsed(),
                 response.meta,
                 Some(response.subtasks.len()),
+                answer,
             )
         }
         Err(status) => Outcome::failed(started.elapsed(), &status, attempts),
@@ -264,7 +350,7 @@ async fn decompose(
 async fn enhance(
     client: &mut InferenceServiceClient<Channel>,
     item: &CorpusTask,
-    index: usize,
+    kind: EnhancementKind,
     attempts: u32,
 ) -> Outcome {
     let started = Instant::now();
@@ -272,15 +358,19 @@ async fn enhance(
         .enhance_task(EnhanceTaskRequest {
             task: Some(item.task()),
             context: item.context(),
-            kind: {
-                let kinds = kinds();
-                kinds[index % kinds.len()] as i32
-            },
+            kind: kind as i32,
             ..Default::default()
         })
         .await;
     match result {
-        Ok(response) => Outcome::answered(started.elapsed(), response.into_inner().meta, None),
+        Ok(response) => {
+            let response = response.into_inner();
+            let answer = response
+                .enhancement
+                .as_ref()
+                .map_or(Value::Null, enhancement_fields);
+            Outcome::answered(started.elapsed(), response.meta, None, answer)
+        }
         Err(status) => Outcome::failed(started.elapsed(), &status, attempts),
     }
 }
@@ -294,7 +384,7 @@ fn print_summary(summary: &Summary) {
             .join(", ")
     };
     println!(
-        "| {} | {} | {}/{} | {:.0}% | {:.0}% ({}) | {:.0}% | {:.1}% ({}) | {} | {:.0} / {:.0} | {:.0} |",
+        "| {} | {} | {}/{} | {:.0}% | {:.0}% ({}) | {:.0}% | {:.1}% ({}) | {} | {:.0} / {:.0} | {:.0} | {:.2} / {:.0} |",
         summary.backend,
         summary.rpc,
         summary.answered,
@@ -311,10 +401,45 @@ fn print_summary(summary: &Summary) {
         summary.latency_p50_ms,
         summary.latency_p95_ms,
         summary.mean_completion_tokens,
+        summary.mean_attempts,
+        summary.mean_completion_tokens_per_call,
     );
     for failure in &summary.other_failures {
         println!("  other failure: {failure}");
     }
+}
+
+/// Writes every call's record, with the task it answered, to
+/// `<dir>/<backend>-<rpc>.json`.
+fn write_answers(
+    dir: &std::path::Path,
+    backend: &str,
+    rpc: &str,
+    corpus: &[CorpusTask],
+    outcomes: &[Outcome],
+) {
+    let calls: Vec<Value> = corpus
+        .iter()
+        .zip(outcomes)
+        .map(|(item, outcome)| {
+            let mut record = json!({ "task": item.id, "size": item.size, "source": item.source });
+            if let (Some(record), Some(outcome)) =
+                (record.as_object_mut(), outcome.record.as_object())
+            {
+                record.extend(outcome.clone());
+            }
+            record
+        })
+        .collect();
+    let file = json!({ "backend": backend, "rpc": rpc, "tasks": corpus.len(), "calls": calls });
+    std::fs::create_dir_all(dir).expect("create the answers folder");
+    let path = dir.join(format!("{backend}-{rpc}.json"));
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&file).expect("serializable") + "\n",
+    )
+    .expect("write the answers");
+    println!("answers: {}", path.display());
 }
 
 #[tokio::main]
@@ -351,7 +476,13 @@ async fn main() {
             for (index, item) in corpus.iter().enumerate() {
                 let outcome = match rpc {
                     "decompose" => decompose(&mut client, item, attempts).await,
-                    _ => enhance(&mut client, item, index, attempts).await,
+                    _ => {
+                        let kinds = kinds();
+                        let kind = kinds[index % kinds.len()];
+                        let mut outcome = enhance(&mut client, item, kind, attempts).await;
+                        outcome.record["kind_requested"] = kind.as_str_name().into();
+                        outcome
+                    }
                 };
                 if args.verbose {
                     println!(
@@ -361,15 +492,16 @@ async fn main() {
                 }
                 outcomes.push(outcome);
             }
+            write_answers(&args.answers, backend, rpc, corpus, &outcomes);
             summaries.push(summarize(backend, rpc, &outcomes));
         }
         let _ = server.stop().await;
     }
     println!();
     println!(
-        "| backend | RPC | answered | schema-valid outputs | first answers breaking a rule | repaired | rule broken after repair | mean subtasks | latency p50 / p95 ms | tokens per answer |"
+        "| backend | RPC | answered | schema-valid outputs | first answers breaking a rule | repaired | rule broken after repair | mean subtasks | latency p50 / p95 ms | tokens per answer | attempts / tokens per call |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for summary in &summaries {
         print_summary(summary);
     }
