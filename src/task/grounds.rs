@@ -335,9 +335,12 @@ impl TextPattern {
         }
         let head = (max - 1) / 2;
         let tail = max - 1 - head - longest;
+        // The word starts the text or follows a space or punctuation, so
+        // that "reset" is not found inside "preset".
         format!(
-            "^(?:{}{any}{{0,{head}}})?(?:{}){any}{{0,{tail}}}$",
+            "^(?:{}{any}{{0,{}}}[ \\-'\"(/])?(?:{}){any}{{0,{tail}}}$",
             self.first_char(),
+            head - 1,
             self.topic.join("|"),
             any = self.any_char(),
         )
@@ -678,6 +681,7 @@ mod tests {
         assert!(ok("Store the chosen theme so dark pages stay dark"));
         assert!(ok("Mode switches are kept per user"));
         assert!(!ok("Store the chosen theme per user account"));
+        assert!(!ok("Store the theme as an undarkened setting"), "a word start");
         assert!(
             !ok(&format!("{} dark", "x".repeat(60))),
             "named in the first half"
