@@ -8,11 +8,11 @@ use super::{EnhancementKind, TextPattern};
 
 pub const TITLE_MAX_CHARS: usize = 120;
 pub const ENHANCED_DESCRIPTION_MAX_CHARS: usize = 800;
-pub const SUBTASK_DESCRIPTION_MAX_CHARS: usize = 400;
+pub const SUBTASK_DESCRIPTION_MAX_CHARS: usize = 300;
 /// Long enough that a description must say more than its title: small
 /// models otherwise copy the title into it.
 pub const SUBTASK_DESCRIPTION_MIN_CHARS: usize = 50;
-pub const REASONING_MAX_CHARS: usize = 240;
+pub const REASONING_MAX_CHARS: usize = 160;
 pub const CRITERION_MAX_CHARS: usize = 160;
 pub const MAX_CRITERIA: usize = 6;
 
