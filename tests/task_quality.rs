@@ -1,6 +1,8 @@
 //! EnhanceTask/DecomposeTask answers on the default model in the embedded
-//! engine: rule-abiding over many tasks, reproducible with a seed. (The
-//! result cache is the service's own logic: `tests/fast/result_cache.rs`.)
+//! engine: rule-abiding over many tasks (or refused, naming the rule),
+//! reproducible with a seed. (The result cache is the service's own logic:
+//! `tests/fast/result_cache.rs`; which texts break which rule is unit-tested
+//! in `src/task/grounds.rs`.)
 
 mod support;
 
@@ -55,6 +57,16 @@ fn assert_sound(task: &Task, subtasks: &[Subtask]) {
             "{subtask:?}"
         );
         assert!(!subtask.reasoning.trim().is_empty(), "{subtask:?}");
+        // Plain text: none of the markup, digits or line breaks the task
+        // lacks (these titles have none of them).
+        for text in [&subtask.title, &subtask.description, &subtask.reasoning] {
+            assert!(
+                !text.contains(|c: char| "{}[]<>`|\\".contains(c)
+                    || c.is_ascii_digit()
+                    || c.is_control()),
+                "{text:?}"
+            );
+        }
         let ceiling = task.complexity.map_or(10, |parent| (parent - 1).max(1));
         assert!((1..=ceiling).contains(&subtask.complexity), "{subtask:?}");
         assert!(
@@ -67,12 +79,17 @@ fn assert_sound(task: &Task, subtasks: &[Subtask]) {
     }
 }
 
+/// Of the first 20 corpus tasks, at least this many are answered: the
+/// rest may be refused, naming the rule the model kept breaking (the eval
+/// measures the rate over the whole corpus: `make eval`).
+const MIN_ANSWERED: usize = 17;
+
 #[tokio::test]
-async fn twenty_everyday_tasks_decompose_into_sound_subtasks() {
+async fn twenty_everyday_tasks_decompose_into_sound_subtasks_or_a_named_refusal() {
     let corpus: Vec<CorpusTask> =
         serde_json::from_slice(&std::fs::read(repo_path("eval/tasks.json")).unwrap()).unwrap();
     let (_server, mut client) = embedded(&[]).await;
-    let mut repaired = 0;
+    let (mut answered, mut repaired) = (0, 0);
     for item in corpus.iter().take(20) {
         let task = Task {
             title: item.title.clone(),
@@ -80,20 +97,32 @@ async fn twenty_everyday_tasks_decompose_into_sound_subtasks() {
             complexity: item.complexity,
             ..Default::default()
         };
-        let response = client
+        let result = client
             .decompose_task(DecomposeTaskRequest {
                 task: Some(task.clone()),
                 ..Default::default()
             })
-            .await
-            .unwrap_or_else(|status| panic!("{:?}: {status:?}", item.title))
-            .into_inner();
+            .await;
+        let response = match result {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+                let rule = status
+                    .metadata()
+                    .get("rigger-violation")
+                    .unwrap_or_else(|| panic!("{:?}: a refusal names its rule", item.title));
+                assert!(!rule.is_empty(), "{status:?}");
+                continue;
+            }
+        };
         assert_sound(&task, &response.subtasks);
         let meta = response.meta.unwrap();
         assert_eq!(meta.attempts as usize, meta.repaired.len() + 1, "{meta:?}");
+        answered += 1;
         repaired += meta.repaired.len();
     }
-    println!("repair attempts over 20 tasks: {repaired}");
+    println!("answered {answered} of 20, repair attempts: {repaired}");
+    assert!(answered >= MIN_ANSWERED, "answered {answered} of 20");
 }
 
 fn decompose_request(sampling: Option<SamplingOptions>) -> DecomposeTaskRequest {

@@ -681,7 +681,10 @@ mod tests {
         assert!(ok("Store the chosen theme so dark pages stay dark"));
         assert!(ok("Mode switches are kept per user"));
         assert!(!ok("Store the chosen theme per user account"));
-        assert!(!ok("Store the theme as an undarkened setting"), "a word start");
+        assert!(
+            !ok("Store the theme as an undarkened setting"),
+            "a word start"
+        );
         assert!(
             !ok(&format!("{} dark", "x".repeat(60))),
             "named in the first half"
