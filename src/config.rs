@@ -247,8 +247,10 @@ pub struct Config {
     pub max_message_bytes: usize,
 
     /// Model answers tried per EnhanceTask/DecomposeTask before an invalid
-    /// answer becomes an error; retries tell the model what was wrong.
-    #[arg(long, env = "RIGGER_TASK_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=5))]
+    /// answer becomes an error; retries tell the model what was wrong. Four:
+    /// a retry that only asks for missing subtasks costs a fraction of an
+    /// answer.
+    #[arg(long, env = "RIGGER_TASK_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=5))]
     pub task_attempts: u32,
 
     /// EnhanceTask/DecomposeTask answers kept per RPC for identical

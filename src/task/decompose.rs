@@ -69,13 +69,17 @@ impl Task for DecomposeRequest {
         })
     }
 
-    fn schema(&self) -> Value {
+    fn schema(&self, text_pattern: Option<&TextPattern>) -> Value {
         schema::decomposition(
             self.min_subtasks,
             self.max_subtasks,
             self.task.complexity,
-            &TextPattern::of(&self.task, &self.context),
+            text_pattern,
         )
+    }
+
+    fn text_pattern(&self) -> TextPattern {
+        TextPattern::of(&self.task, &self.context)
     }
 
     fn messages(&self) -> Vec<Message> {
@@ -104,13 +108,14 @@ impl Task for DecomposeRequest {
         already_said.extend(kept.iter().map(|subtask| subtask.title.clone()));
         Ask {
             messages: prompt::decompose_more(&self.asked(), kept, min, max, violation),
-            schema: schema::continuation(
+            constraint: schema::continuation(
                 given,
                 min,
                 max,
                 self.task.complexity,
-                &TextPattern::of(&self.task, &self.context),
+                Some(&self.text_pattern()),
             ),
+            schema: schema::continuation(given, min, max, self.task.complexity, None),
             already_said,
         }
     }
@@ -495,7 +500,7 @@ mod tests {
             "Task: Build a login page\nComplexity: 6/10\nSplit it into 3 to 4 subtasks."
         );
         assert_eq!(
-            asked.schema()["properties"]["subtasks"]["minItems"],
+            asked.schema(None)["properties"]["subtasks"]["minItems"],
             json!(3)
         );
         request.min_subtasks = 4;

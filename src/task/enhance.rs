@@ -60,8 +60,12 @@ impl Task for EnhanceRequest {
         &self.sampling
     }
 
-    fn schema(&self) -> Value {
-        schema::enhancement(self.kind, &TextPattern::of(&self.task, &self.context))
+    fn schema(&self, text_pattern: Option<&TextPattern>) -> Value {
+        schema::enhancement(self.kind, text_pattern)
+    }
+
+    fn text_pattern(&self) -> TextPattern {
+        TextPattern::of(&self.task, &self.context)
     }
 
     fn messages(&self) -> Vec<Message> {

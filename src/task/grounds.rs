@@ -41,7 +41,7 @@ fn generic_words() -> &'static HashSet<&'static str> {
 /// Acronyms a software text may use without its task naming them.
 const COMMON_ACRONYMS: &[&str] = &[
     "API", "UI", "URL", "URI", "ID", "HTTP", "HTTPS", "JSON", "HTML", "CSS", "SQL", "CLI", "UX",
-    "FAQ", "OK", "README", "TODO", "CI", "AI", "DB", "OS", "QA", "SDK", "CRUD", "REST",
+    "FAQ", "OK", "README", "TODO", "CI", "CD", "AI", "DB", "OS", "QA", "SDK", "CRUD", "REST",
 ];
 
 /// Characters of markup and code that plain task text does not carry.
@@ -216,7 +216,9 @@ impl Grounds {
         let mut sentence_start = true;
         for raw in text.split_whitespace() {
             let capital_is_normal = sentence_start || title_case;
-            sentence_start = raw.ends_with(['.', '!', '?', ':', ';']);
+            sentence_start = raw
+                .trim_end_matches(['"', '\'', ')'])
+                .ends_with(['.', '!', '?', ':', ';']);
             let token = raw.trim_matches(|c: char| !c.is_alphanumeric());
             // Paths, URLs, file names and versions are looked up whole;
             // other words piece by piece ("two-factor", "Flask's").
@@ -431,7 +433,7 @@ fn specific_kind(token: &str, capital_is_normal: bool) -> Option<&'static str> {
         return (!COMMON_ACRONYMS.contains(&singular)).then_some("name");
     }
     let capitalized = token.chars().next().is_some_and(char::is_uppercase);
-    (capitalized && !capital_is_normal && token != "I").then_some("name")
+    (capitalized && !capital_is_normal && token.chars().count() > 1).then_some("name")
 }
 
 /// Whether most words of `text` start with a capital ("Set Up The Build").

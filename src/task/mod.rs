@@ -133,8 +133,11 @@ pub trait Task: KeyFields + Clone + Send + Sync + 'static {
     fn asked(&self) -> Cow<'_, Self> {
         Cow::Borrowed(self)
     }
-    /// The JSON Schema the answer is generated under.
-    fn schema(&self) -> serde_json::Value;
+    /// The JSON Schema of the answer: with the texts' patterns, the one it
+    /// is generated under; without, the one it is checked against.
+    fn schema(&self, text_pattern: Option<&TextPattern>) -> serde_json::Value;
+    /// What the answer's texts are generated under.
+    fn text_pattern(&self) -> TextPattern;
     fn messages(&self) -> Vec<Message>;
     /// Text the answer should not repeat, beyond itself.
     fn already_said(&self) -> Vec<String> {
@@ -157,11 +160,13 @@ pub trait Task: KeyFields + Clone + Send + Sync + 'static {
     fn cache(runner: &TaskRunner) -> Option<&ResultCache<Answered<Self::Answer>>>;
 }
 
-/// One request put to the model: its messages, the schema of its answer
-/// and text the answer should not repeat.
+/// One request put to the model: its messages, the schema its answer is
+/// generated under and the one it is checked against, and text the answer
+/// should not repeat.
 #[derive(Clone, Debug)]
 pub struct Ask {
     pub messages: Vec<Message>,
+    pub constraint: serde_json::Value,
     pub schema: serde_json::Value,
     pub already_said: Vec<String>,
 }
@@ -312,7 +317,8 @@ impl TaskRunner {
         let asked = request.asked();
         let first = Ask {
             messages: asked.messages(),
-            schema: asked.schema(),
+            constraint: asked.schema(Some(&request.text_pattern())),
+            schema: asked.schema(None),
             already_said: request.already_said(),
         };
         let sampling = AttemptSampling::of(request.sampling());
@@ -337,7 +343,7 @@ impl TaskRunner {
                     messages: ask.messages,
                     sampling: sampling.of_attempt(attempt, ask.already_said),
                     stop: Vec::new(),
-                    json_schema: Some(schema.schema().clone()),
+                    json_schema: Some(ask.constraint),
                 },
                 started,
             )
@@ -521,7 +527,7 @@ pub(crate) fn judge_answer<K: Task>(
         text,
         FinishReason::Stop,
         request.sampling().max_tokens,
-        request.schema(),
+        request.schema(None),
         |value| request.parse(value),
     )
 }
@@ -629,7 +635,7 @@ mod tests {
             text,
             finish_reason,
             256,
-            decompose_request().schema(),
+            decompose_request().schema(None),
             |value| decompose::parse(value, &request),
         )
         .map(|parsed| parsed.value)

@@ -2,11 +2,11 @@
 //! the default model has 135M parameters, and the schema (not the prompt)
 //! carries the answer's shape.
 
-use std::{fmt::Write, sync::LazyLock};
+use std::{borrow::Cow, fmt::Write, sync::LazyLock};
 
 use serde::Deserialize;
 
-use super::{DecomposeRequest, EnhanceRequest, ProjectContext, Subtask, TaskSpec, Violation};
+use super::{DecomposeRequest, EnhanceRequest, ProjectContext, Rule, Subtask, TaskSpec, Violation};
 use crate::backend::{Message, Role};
 
 const ENHANCE_SYSTEM: &str = "You improve software tasks so a developer can start at once. \
@@ -117,7 +117,7 @@ pub fn decompose_more(
             "Some subtasks were left out: {}. Give {count} more subtasks of the same task, \
              different from the ones above. depends_on counts from 0 over all subtasks, \
              the ones above included.",
-            violation.detail
+            feedback(violation)
         ),
     ));
     messages
@@ -132,10 +132,27 @@ pub fn corrected(first: &[Message], violation: &Violation) -> Vec<Message> {
         let _ = write!(
             last.content,
             "\nA previous answer was rejected: {}. Avoid that mistake.",
-            violation.detail
+            feedback(violation)
         );
     }
     messages
+}
+
+/// What the model is told about a violation. The rules about the task
+/// name the offending text in their detail ("gives the name \"Windows\""),
+/// and a small model told a word writes it again: those get advice instead.
+fn feedback(violation: &Violation) -> Cow<'_, str> {
+    let advice = match violation.rule {
+        Rule::CopiesExample => "it copied the worked example; write about this task only",
+        Rule::UnsupportedDetail => {
+            "it named products, versions, numbers or files that the task does not give; \
+             use only what the task gives"
+        }
+        Rule::MalformedText => "it held code or markup; write plain sentences",
+        Rule::OffTopic => "part of it was not about this task; keep every part about this task",
+        _ => return Cow::Borrowed(&violation.detail),
+    };
+    Cow::Borrowed(advice)
 }
 
 fn render_task(task: &TaskSpec, context: &ProjectContext) -> String {
@@ -219,13 +236,13 @@ mod tests {
         let examples = examples();
         assert!(!examples.enhance.is_empty() && !examples.decompose.is_empty());
         for example in &examples.decompose {
-            OutputSchema::compile(schema::decomposition(3, 4, Some(5), &Default::default()))
+            OutputSchema::compile(schema::decomposition(3, 4, Some(5), None))
                 .unwrap()
                 .check(&example.answer.to_string())
                 .unwrap();
         }
         for example in &examples.enhance {
-            OutputSchema::compile(schema::enhancement(None, &Default::default()))
+            OutputSchema::compile(schema::enhancement(None, None))
                 .unwrap()
                 .check(&example.answer.to_string())
                 .unwrap();
@@ -250,6 +267,13 @@ mod tests {
              restates the title \"Ship\". Avoid that mistake."
         );
         assert_eq!(repaired.len(), first.len());
+        let invented = Violation::new(
+            Rule::UnsupportedDetail,
+            "subtasks[2].title gives the name \"Windows\", which the task does not",
+        );
+        let repaired = corrected(&first, &invented);
+        assert!(!repaired[1].content.contains("Windows"), "{repaired:?}");
+        assert!(repaired[1].content.contains("use only what the task gives"));
     }
 
     #[test]

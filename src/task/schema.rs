@@ -17,7 +17,7 @@ pub const CRITERION_MAX_CHARS: usize = 160;
 pub const MAX_CRITERIA: usize = 6;
 
 /// Schema of an enhancement; a requested kind is the only allowed kind.
-pub fn enhancement(kind: Option<EnhancementKind>, text_pattern: &TextPattern) -> Value {
+pub fn enhancement(kind: Option<EnhancementKind>, text_pattern: Option<&TextPattern>) -> Value {
     let kinds: Vec<&str> = match kind {
         Some(kind) => vec![kind.as_str()],
         None => EnhancementKind::ALL
@@ -57,7 +57,7 @@ pub fn decomposition(
     min: u32,
     max: u32,
     parent_complexity: Option<u8>,
-    text_pattern: &TextPattern,
+    text_pattern: Option<&TextPattern>,
 ) -> Value {
     continuation(0, min, max, parent_complexity, text_pattern)
 }
@@ -70,7 +70,7 @@ pub fn continuation(
     min: u32,
     max: u32,
     parent_complexity: Option<u8>,
-    text_pattern: &TextPattern,
+    text_pattern: Option<&TextPattern>,
 ) -> Value {
     let ceiling = subtask_complexity_ceiling(parent_complexity);
     let positions: Vec<Value> = (first..first + max)
@@ -91,19 +91,27 @@ pub fn continuation(
     })
 }
 
-/// A text field of `min..=max` characters matching `pattern`. The length
-/// goes into the pattern: llguidance cannot intersect a pattern with
-/// `minLength`/`maxLength`.
-fn text(min: usize, max: usize, pattern: &TextPattern) -> Value {
-    json!({ "type": "string", "pattern": pattern.of_length(min, max) })
+/// A text field of `min..=max` characters, generated under `pattern` when
+/// given. The length then goes into the pattern: llguidance cannot
+/// intersect a pattern with `minLength`/`maxLength`. Answers are checked
+/// without patterns (the rules judge the text), so the checking schema
+/// stays the same for every task and is compiled once.
+fn text(min: usize, max: usize, pattern: Option<&TextPattern>) -> Value {
+    match pattern {
+        Some(pattern) => json!({ "type": "string", "pattern": pattern.of_length(min, max) }),
+        None => json!({ "type": "string", "minLength": min, "maxLength": max }),
+    }
 }
 
 /// A text field that names the task's subject ([`TextPattern::about`]).
-fn about(min: usize, max: usize, pattern: &TextPattern) -> Value {
-    json!({ "type": "string", "pattern": pattern.about(min, max) })
+fn about(min: usize, max: usize, pattern: Option<&TextPattern>) -> Value {
+    match pattern {
+        Some(pattern) => json!({ "type": "string", "pattern": pattern.about(min, max) }),
+        None => text(min, max, None),
+    }
 }
 
-fn subtask(position: u32, complexity_ceiling: u8, text_pattern: &TextPattern) -> Value {
+fn subtask(position: u32, complexity_ceiling: u8, text_pattern: Option<&TextPattern>) -> Value {
     json!({
         "type": "object",
         "properties": {
@@ -131,26 +139,19 @@ mod tests {
     use super::*;
     use crate::json_schema::OutputSchema;
 
-    /// Any text on one line: the rules' pattern is tested in `grounds`.
-    const ONE_LINE: TextPattern = TextPattern {
-        first: String::new(),
-        rest: String::new(),
-        topic: Vec::new(),
-    };
-
     #[test]
     fn every_task_schema_is_valid_json_schema() {
         for kind in [None].into_iter().chain(EnhancementKind::ALL.map(Some)) {
-            OutputSchema::compile(enhancement(kind, &ONE_LINE)).unwrap();
+            OutputSchema::compile(enhancement(kind, None)).unwrap();
         }
         for (min, max, parent) in [(2, 2, None), (3, 6, Some(1)), (12, 12, Some(10))] {
-            OutputSchema::compile(decomposition(min, max, parent, &ONE_LINE)).unwrap();
+            OutputSchema::compile(decomposition(min, max, parent, None)).unwrap();
         }
     }
 
     #[test]
     fn dependencies_can_only_point_backwards() {
-        let schema = OutputSchema::compile(decomposition(2, 3, None, &ONE_LINE)).unwrap();
+        let schema = OutputSchema::compile(decomposition(2, 3, None, None)).unwrap();
         let subtask = |depends_on: &[u32]| {
             json!({
                 "title": "Do a thing",
@@ -184,7 +185,7 @@ mod tests {
         assert_eq!(subtask_complexity_ceiling(Some(6)), 5);
         assert_eq!(subtask_complexity_ceiling(Some(1)), 1);
         assert_eq!(subtask_complexity_ceiling(None), 10);
-        let schema = decomposition(2, 3, Some(6), &ONE_LINE);
+        let schema = decomposition(2, 3, Some(6), None);
         assert_eq!(
             schema["properties"]["subtasks"]["prefixItems"][2]["properties"]["complexity"]["maximum"],
             json!(5)
@@ -193,7 +194,7 @@ mod tests {
 
     #[test]
     fn a_requested_kind_is_the_only_allowed_kind() {
-        let schema = enhancement(Some(EnhancementKind::Specify), &ONE_LINE);
+        let schema = enhancement(Some(EnhancementKind::Specify), None);
         assert_eq!(schema["properties"]["kind"]["enum"], json!(["specify"]));
     }
 }
