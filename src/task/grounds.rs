@@ -280,8 +280,8 @@ pub struct TextPattern {
     /// Characters a text does not contain (line breaks and other control
     /// characters always).
     pub(super) rest: String,
-    /// Alternatives, one per content word of the task's title (its stem,
-    /// either case first), one of which a text about the task contains.
+    /// The stems of the task title's content words, one of which a text
+    /// about the task contains.
     pub(super) topic: Vec<String>,
 }
 
@@ -298,14 +298,8 @@ impl TextPattern {
         }
         let mut topic: Vec<String> = Vec::new();
         for stem in topic_stems(&task.title) {
-            let mut letters = stem.chars();
-            let Some(first) = letters.next() else {
-                continue;
-            };
-            let rest: String = letters.collect();
-            let alternative = format!("[{}{first}]{rest}", first.to_uppercase());
-            if !topic.contains(&alternative) {
-                topic.push(alternative);
+            if !topic.contains(&stem) {
+                topic.push(stem);
             }
         }
         Self {
@@ -331,19 +325,36 @@ impl TextPattern {
     /// the model cannot drift to other work without tying it to this task.
     /// Without such words in the title, [`Self::of_length`] with `min`.
     pub fn about(&self, min: usize, max: usize) -> String {
-        let longest = self.topic.iter().map(String::len).max().unwrap_or(0);
-        if self.topic.is_empty() || max < 2 * longest + 2 {
+        let lengths = self.topic.iter().map(|stem| stem.chars().count());
+        let (shortest, longest) = (lengths.clone().min(), lengths.max());
+        let (Some(shortest), Some(longest)) = (shortest, longest) else {
             return self.of_length(min, max);
-        }
+        };
         let head = (max - 1) / 2;
-        let tail = max - 1 - head - longest;
+        // At least `min` characters wherever the word falls.
+        let tail_min = min.saturating_sub(1 + shortest);
+        let Some(tail) = (max - 1)
+            .checked_sub(head + longest)
+            .filter(|&tail| tail >= tail_min)
+        else {
+            return self.of_length(min, max);
+        };
+        let alternatives: Vec<String> = self
+            .topic
+            .iter()
+            .map(|stem| {
+                let mut letters = stem.chars();
+                let first = letters.next().expect("stems are not empty");
+                format!("[{}{first}]{}", first.to_uppercase(), letters.as_str())
+            })
+            .collect();
         // The word starts the text or follows a space or punctuation, so
         // that "reset" is not found inside "preset".
         format!(
-            "^(?:{}{any}{{0,{}}}[ \\-'\"(/])?(?:{}){any}{{0,{tail}}}$",
+            "^(?:{}{any}{{0,{}}}[ \\-'\"(/])?(?:{}){any}{{{tail_min},{tail}}}$",
             self.first_char(),
             head - 1,
-            self.topic.join("|"),
+            alternatives.join("|"),
             any = self.any_char(),
         )
     }
