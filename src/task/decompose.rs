@@ -12,7 +12,7 @@ use super::{
     Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec, TextPattern,
     cache::ResultCache,
     enhance::non_blank,
-    grounds::Grounds,
+    grounds::{Grounds, example_phrases},
     prompt, schema,
     schema::subtask_complexity_ceiling,
     violation::{Rule, Violation, same_meaning},
@@ -86,9 +86,16 @@ impl Task for DecomposeRequest {
         prompt::decompose(self)
     }
 
-    /// The parent's title: small models otherwise copy it into the list.
+    /// The parent's title (small models otherwise copy it into the list)
+    /// and the worked examples' phrases.
     fn already_said(&self) -> Vec<String> {
-        vec![self.task.title.clone()]
+        let mut said = vec![self.task.title.clone()];
+        said.extend(example_phrases(
+            &self.task,
+            &self.context,
+            &prompt::examples().decompose,
+        ));
+        said
     }
 
     fn parse(&self, value: Value) -> Result<Parsed<Vec<Subtask>>, Rejection<Vec<Subtask>>> {

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::{
     Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec, TextPattern,
     cache::ResultCache,
-    grounds::Grounds,
+    grounds::{Grounds, example_phrases},
     prompt, schema,
     violation::{Rule, Violation, named_variants, same_meaning},
 };
@@ -62,6 +62,11 @@ impl Task for EnhanceRequest {
 
     fn schema(&self, text_pattern: Option<&TextPattern>) -> Value {
         schema::enhancement(self.kind, text_pattern)
+    }
+
+    /// The worked examples' phrases.
+    fn already_said(&self) -> Vec<String> {
+        example_phrases(&self.task, &self.context, &prompt::examples().enhance)
     }
 
     fn text_pattern(&self) -> TextPattern {

@@ -408,6 +408,35 @@ impl ExampleContent {
     }
 }
 
+/// The runs of [`COPIED_RUN`] words of the worked examples' answers that
+/// hold a word the task does not have, as written there and with the space
+/// before them: an answer must not complete one (`NoRepeat::already_said`),
+/// so the engines that honour it cannot copy the example word for word.
+pub(super) fn example_phrases(
+    task: &TaskSpec,
+    context: &ProjectContext,
+    examples: &[Example],
+) -> Vec<String> {
+    let task_stems: HashSet<String> = topic_stems(&inputs(task, context)).collect();
+    let mut phrases = Vec::new();
+    for example in examples {
+        let mut text = String::new();
+        collect_strings(&example.answer, &mut text);
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            for run in words.windows(COPIED_RUN) {
+                let phrase = format!(" {}", run.join(" "));
+                if topic_stems(&phrase).any(|stem| !task_stems.contains(&stem))
+                    && !phrases.contains(&phrase)
+                {
+                    phrases.push(phrase);
+                }
+            }
+        }
+    }
+    phrases
+}
+
 /// Every [`COPIED_RUN`] words in a row of `text` (lowercased).
 fn runs(text: &str) -> Vec<Vec<String>> {
     let words: Vec<String> = words(text).map(str::to_owned).collect();
@@ -708,6 +737,23 @@ mod tests {
         };
         let pattern = TextPattern::of(&terse, &ProjectContext::default());
         assert_eq!(pattern.about(10, 80), pattern.of_length(10, 80));
+    }
+
+    #[test]
+    fn example_phrases_are_the_runs_holding_words_the_task_lacks() {
+        let example = Example {
+            task: "Task: Archive old log files".into(),
+            answer: json!({ "title": "Compress the old logs daily" }),
+        };
+        let task = TaskSpec {
+            title: "Compress images".into(),
+            ..TaskSpec::default()
+        };
+        let phrases = example_phrases(&task, &ProjectContext::default(), &[example]);
+        assert_eq!(
+            phrases,
+            [" Compress the old", " the old logs", " old logs daily"]
+        );
     }
 
     /// The examples teach what the rules demand: each answer's texts are
