@@ -337,7 +337,7 @@ fn cases(main: &TestServer, busy: &TestServer, down: &TestServer, nowhere: &str)
                 json!({ "rigger-violation": "truncated" }),
                 json!({ "error_info": error_info("TRUNCATED", json!({
                 "rule": "truncated",
-                "attempts": "3",
+                "attempts": support::config(&[]).task_attempts.to_string(),
                 "detail": format!(
                     "the answer was cut off at max_tokens={TASK_MAX_TOKENS} before the JSON was complete"
                 ),

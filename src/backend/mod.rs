@@ -158,6 +158,13 @@ pub struct Capabilities {
     pub seed: bool,
     /// Whether [`Sampling::no_repeat`] is honoured; elsewhere it is ignored.
     pub no_repeat: bool,
+    /// Whether `pattern` in a JSON Schema's strings, with the regular
+    /// expressions the task schemas use (negated classes, bounded
+    /// repetition, alternatives in `(?:...)`), is enforced while decoding.
+    /// llguidance (embedded engine, MLX) does; llama.cpp's grammar converter
+    /// (its server, Ollama) takes a smaller syntax and silently drops what
+    /// it cannot read, length limits included.
+    pub text_patterns: bool,
 }
 
 /// What a successful health probe learned.

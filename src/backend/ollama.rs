@@ -238,6 +238,7 @@ impl Backend for OllamaBackend {
             seed: true,
             // Ollama's options have no n-gram ban.
             no_repeat: false,
+            text_patterns: false,
         }
     }
 

@@ -284,6 +284,7 @@ impl Backend for OpenAiBackend {
             seed: true,
             // The chat completions API has no n-gram ban.
             no_repeat: false,
+            text_patterns: false,
         }
     }
 

@@ -72,6 +72,7 @@ impl From<Capabilities> for proto::BackendCapabilities {
     fn from(capabilities: Capabilities) -> Self {
         Self {
             no_repeat: capabilities.no_repeat,
+            text_patterns: capabilities.text_patterns,
             json_schema: proto::SchemaSupport::from(capabilities.json_schema).into(),
             seed: capabilities.seed,
         }
@@ -254,6 +255,7 @@ mod tests {
             models: Vec::new(),
             capabilities: Capabilities {
                 no_repeat: true,
+                text_patterns: true,
                 json_schema: SchemaSupport::Enforced,
                 seed: true,
             },

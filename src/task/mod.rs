@@ -336,6 +336,11 @@ impl TaskRunner {
                 (_, None) => first.clone(),
             };
             let schema = self.compiled(ask.schema);
+            let constraint = if backend.capabilities().text_patterns {
+                ask.constraint
+            } else {
+                schema.schema().clone()
+            };
             let generation = generate_text(
                 backend,
                 GenerationRequest {
@@ -343,7 +348,7 @@ impl TaskRunner {
                     messages: ask.messages,
                     sampling: sampling.of_attempt(attempt, ask.already_said),
                     stop: Vec::new(),
-                    json_schema: Some(ask.constraint),
+                    json_schema: Some(constraint),
                 },
                 started,
             )

@@ -251,6 +251,7 @@ async fn get_status_reports_each_backends_models_and_capabilities() {
         "first",
         Capabilities {
             no_repeat: true,
+            text_patterns: true,
             json_schema: SchemaSupport::Requested,
             seed: false,
         },

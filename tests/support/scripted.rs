@@ -187,6 +187,7 @@ impl ScriptedBackend {
             name,
             Capabilities {
                 no_repeat: false,
+                text_patterns: false,
                 json_schema: SchemaSupport::Enforced,
                 seed: true,
             },

@@ -246,6 +246,7 @@ impl Backend for EmbeddedBackend {
             json_schema: SchemaSupport::Enforced,
             seed: true,
             no_repeat: true,
+            text_patterns: true,
         }
     }
 

@@ -106,6 +106,7 @@ impl Backend for MlxBackend {
             json_schema: SchemaSupport::Enforced,
             seed: true,
             no_repeat: true,
+            text_patterns: true,
         }
     }
 

@@ -216,6 +216,7 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             Capabilities {
                 no_repeat: false,
+                text_patterns: false,
                 json_schema: SchemaSupport::Requested,
                 seed: false,
             }
