@@ -15,10 +15,15 @@
 #          bash scripts/eval-device.sh receive target/eval-device/model-1
 #          bash scripts/eval-device.sh receive target/eval-device/model-2
 #          bash scripts/eval-device.sh receive target/eval-device/bin
-#          bash scripts/eval-device.sh run RPC NAME...
-#        `run` evaluates each build in turn on the embedded engine, for one
-#        RPC (decompose or enhance); answers, report and log land in
-#        $OUT/NAME/.
+#          bash scripts/eval-device.sh run RPC SLICES NAME...
+#        `run` evaluates every build on the embedded engine for one RPC
+#        (decompose or enhance), the corpus cut into SLICES parts, all
+#        builds and slices at once, one process each (the engine decodes on
+#        one thread per call, so processes up to the core count do not slow
+#        each other); then merges each build's answers into
+#        $OUT/NAME/embedded-RPC.json and prints, per build, calls answered,
+#        latency p50/p95 and mean attempts and completion tokens per call.
+# Also:  bash scripts/eval-device.sh summary FILE...  (the same of saved files)
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -49,25 +54,68 @@ receive() {
 }
 
 run() {
-  local rpc="$1"
-  shift
+  local rpc="$1" slices="$2"
+  shift 2
   local cache="$staging/cache"
   mkdir -p "$cache/models"
   cat "$staging/model-1/part" "$staging/model-2/part" > "$cache/models/$model_name"
   echo "$(nproc) cores, $(uname -r), model $(sha256sum "$cache/models/$model_name" | cut -c1-16)"
-  local name
+  python3 - "$staging/bin/tasks.json" "$slices" "$staging/slices" <<'PY'
+import json, os, sys
+tasks, slices, into = json.load(open(sys.argv[1])), int(sys.argv[2]), sys.argv[3]
+os.makedirs(into, exist_ok=True)
+for index in range(slices):
+    json.dump(tasks[index::slices], open(f"{into}/{index}.json", "w"))
+PY
+  local name slice
   for name in "$@"; do
-    echo "== $name"
-    mkdir -p "$OUT/$name"
-    RIGGER_CACHE_DIR="$cache" "$staging/bin/eval-$name" --backends embedded --only "$rpc" \
-      --corpus "$staging/bin/tasks.json" --answers "$OUT/$name/answers" \
-      --report "$OUT/$name/report.json" | tee "$OUT/$name/log"
+    for slice in $(seq 0 $(( slices - 1 ))); do
+      mkdir -p "$OUT/$name/$slice"
+      RIGGER_CACHE_DIR="$cache" "$staging/bin/eval-$name" --backends embedded --only "$rpc" \
+        --corpus "$staging/slices/$slice.json" --answers "$OUT/$name/$slice" \
+        --report "$OUT/$name/$slice/report.json" > "$OUT/$name/$slice/log" 2>&1 &
+    done
   done
+  wait
+  for name in "$@"; do
+    python3 - "$OUT/$name" "$rpc" "$slices" <<'PY'
+import json, sys
+folder, rpc, slices = sys.argv[1], sys.argv[2], int(sys.argv[3])
+parts = [json.load(open(f"{folder}/{index}/embedded-{rpc}.json")) for index in range(slices)]
+merged = dict(parts[0], calls=[call for part in parts for call in part["calls"]])
+merged["tasks"] = len(merged["calls"])
+json.dump(merged, open(f"{folder}/embedded-{rpc}.json", "w"), indent=1)
+PY
+  done
+  summary "${@/#/$OUT/}"
+}
+
+# Per answers file (a build's folder or the file itself): calls answered,
+# latency p50/p95 over all calls, mean attempts and completion tokens.
+summary() {
+  python3 - "$@" <<'PY'
+import glob, json, os, statistics, sys
+def percentile(values, share):
+    ordered = sorted(values)
+    return ordered[round((len(ordered) - 1) * share)]
+print(f"{'answers':48} {'answered':>9} {'p50 ms':>8} {'p95 ms':>8} {'attempts':>9} {'tokens':>7}")
+for path in sys.argv[1:]:
+    files = [path] if path.endswith(".json") else sorted(glob.glob(os.path.join(path, "embedded-*.json")))
+    for file in files:
+        calls = json.load(open(file))["calls"]
+        latencies = [call["meta"]["latency_ms"] for call in calls]
+        answered = sum("answer" in call for call in calls)
+        tokens = [call["meta"]["completion_tokens"] for call in calls if "completion_tokens" in call["meta"]]
+        print(f"{file[-48:]:48} {answered:>4}/{len(calls):<4} {percentile(latencies, 0.5):8.0f} "
+              f"{percentile(latencies, 0.95):8.0f} {statistics.mean(c['meta']['attempts'] for c in calls):9.2f} "
+              f"{statistics.mean(tokens):7.0f}")
+PY
 }
 
 case "${1:-}" in
   pack) shift; pack "$@" ;;
   receive) shift; receive "$@" ;;
   run) shift; run "$@" ;;
-  *) sed -n '2,22p' "$0" >&2; exit 2 ;;
+  summary) shift; summary "$@" ;;
+  *) sed -n '2,28p' "$0" >&2; exit 2 ;;
 esac
