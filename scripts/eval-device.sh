@@ -18,9 +18,9 @@
 #          bash scripts/eval-device.sh run RPC SLICES NAME...
 #        `run` evaluates every build on the embedded engine for one RPC
 #        (decompose or enhance), the corpus cut into SLICES parts, all
-#        builds and slices at once, one process each (the engine decodes on
-#        one thread per call, so processes up to the core count do not slow
-#        each other); then merges each build's answers into
+#        builds and slices at once, one process each on one engine thread
+#        (as on the 2-core box; processes up to the core count then do not
+#        slow each other); then merges each build's answers into
 #        $OUT/NAME/embedded-RPC.json and prints, per build, calls answered,
 #        latency p50/p95 and mean attempts and completion tokens per call.
 # Also:  bash scripts/eval-device.sh summary FILE...  (the same of saved files)
@@ -71,7 +71,7 @@ PY
   for name in "$@"; do
     for slice in $(seq 0 $(( slices - 1 ))); do
       mkdir -p "$OUT/$name/$slice"
-      RIGGER_CACHE_DIR="$cache" "$staging/bin/eval-$name" --backends embedded --only "$rpc" \
+      RIGGER_CACHE_DIR="$cache" RIGGER_THREADS=1 "$staging/bin/eval-$name" --backends embedded --only "$rpc" \
         --corpus "$staging/slices/$slice.json" --answers "$OUT/$name/$slice" \
         --report "$OUT/$name/$slice/report.json" > "$OUT/$name/$slice/log" 2>&1 &
     done
