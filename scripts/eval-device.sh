@@ -70,21 +70,23 @@ PY
   local name slice
   for name in "$@"; do
     for slice in $(seq 0 $(( slices - 1 ))); do
-      mkdir -p "$OUT/$name/$slice"
+      # Slices stay on the device: only what `files` can bring back (a
+      # few files) goes to $OUT.
+      mkdir -p "$staging/runs/$name/$slice" "$OUT/$name"
       RIGGER_CACHE_DIR="$cache" RIGGER_THREADS=1 "$staging/bin/eval-$name" --backends embedded --only "$rpc" \
-        --corpus "$staging/slices/$slice.json" --answers "$OUT/$name/$slice" \
-        --report "$OUT/$name/$slice/report.json" > "$OUT/$name/$slice/log" 2>&1 &
+        --corpus "$staging/slices/$slice.json" --answers "$staging/runs/$name/$slice" \
+        --report "$staging/runs/$name/$slice/report.json" > "$staging/runs/$name/$slice/log" 2>&1 &
     done
   done
   wait
   for name in "$@"; do
-    python3 - "$OUT/$name" "$rpc" "$slices" <<'PY'
+    python3 - "$staging/runs/$name" "$OUT/$name" "$rpc" "$slices" <<'PY'
 import json, sys
-folder, rpc, slices = sys.argv[1], sys.argv[2], int(sys.argv[3])
-parts = [json.load(open(f"{folder}/{index}/embedded-{rpc}.json")) for index in range(slices)]
+runs, out, rpc, slices = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+parts = [json.load(open(f"{runs}/{index}/embedded-{rpc}.json")) for index in range(slices)]
 merged = dict(parts[0], calls=[call for part in parts for call in part["calls"]])
 merged["tasks"] = len(merged["calls"])
-json.dump(merged, open(f"{folder}/embedded-{rpc}.json", "w"), indent=1)
+json.dump(merged, open(f"{out}/embedded-{rpc}.json", "w"), indent=1)
 PY
   done
   summary "${@/#/$OUT/}"
