@@ -26,7 +26,7 @@ use std::{
 use clap::Parser;
 use rigger_inference::proto::{
     DecomposeTaskRequest, EnhanceTaskRequest, Enhancement, EnhancementKind, ResponseMeta, Subtask,
-    Task, TaskContext, inference_service_client::InferenceServiceClient,
+    Task, TaskContext, Violation, inference_service_client::InferenceServiceClient,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -124,14 +124,18 @@ impl Outcome {
         answer: Value,
     ) -> Self {
         let meta = meta.unwrap_or_default();
+        let violations = |violations: &[Violation]| -> Vec<Value> {
+            violations
+                .iter()
+                .map(|violation| json!({ "rule": violation.rule, "detail": violation.detail }))
+                .collect()
+        };
         let record = json!({
             "answer": answer,
             "meta": {
                 "attempts": meta.attempts,
-                "repaired": meta.repaired.iter().map(|violation| json!({
-                    "rule": violation.rule,
-                    "detail": violation.detail,
-                })).collect::<Vec<_>>(),
+                "repaired": violations(&meta.repaired),
+                "dropped": violations(&meta.dropped),
                 "completion_tokens": meta.completion_tokens,
                 "prompt_tokens": meta.prompt_tokens,
                 "cached": meta.cached,
