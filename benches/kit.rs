@@ -98,6 +98,7 @@ impl Backend for InstantBackend {
             json_schema: SchemaSupport::Enforced,
             seed: true,
             no_repeat: false,
+            text_patterns: false,
         }
     }
 
