@@ -65,7 +65,11 @@ def main() -> None:
     enhanced = json_format.MessageToDict(
         rpc("EnhanceTask")(
             {
-                "task": {"id": "T-1", "title": "Add a logout button"},
+                "task": {
+                    "id": "T-1",
+                    "title": "Add a logout button",
+                    "description": "Users cannot end their session from the page header.",
+                },
                 "kind": "ENHANCEMENT_KIND_CLARIFY",
                 "sampling": {"temperature": 0, "seed": 3},
             }
