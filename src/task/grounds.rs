@@ -272,7 +272,7 @@ fn inputs(task: &TaskSpec, context: &ProjectContext) -> String {
 /// it does not give is invented), no line breaks, and no stray punctuation
 /// first. Backends that constrain decoding by the schema then cannot write
 /// what `malformed_text` and the figures of `unsupported_detail` reject.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TextPattern {
     /// Characters a text does not start with, beyond `rest` and whitespace,
     /// as a regular-expression class body.
@@ -663,6 +663,16 @@ mod tests {
         assert_eq!(rule(vague.on_topic("subtasks[0]", "Anything at all")), None);
     }
 
+    /// Whether a text is valid under a string schema with `pattern`, as the
+    /// service's validator checks it.
+    fn matcher(pattern: &str) -> impl Fn(&str) -> bool {
+        let schema = crate::json_schema::OutputSchema::compile(
+            json!({ "type": "string", "pattern": pattern }),
+        )
+        .unwrap();
+        move |text| schema.check(&json!(text).to_string()).is_ok()
+    }
+
     #[test]
     fn the_text_pattern_bans_the_markup_and_digits_the_task_lacks() {
         let plain = TaskSpec {
@@ -670,11 +680,7 @@ mod tests {
             ..TaskSpec::default()
         };
         let pattern = TextPattern::of(&plain, &ProjectContext::default()).of_length(3, 60);
-        let schema = crate::json_schema::OutputSchema::compile(
-            json!({ "type": "string", "pattern": pattern }),
-        )
-        .unwrap();
-        let ok = |text: &str| schema.check(&json!(text).to_string()).is_ok();
+        let ok = matcher(&pattern);
         assert!(ok("Store the theme choice per user"));
         assert!(ok("\"Dark\" and 'light' themes (both) work."));
         for bad in [
@@ -715,11 +721,7 @@ mod tests {
             ..TaskSpec::default()
         };
         let pattern = TextPattern::of(&task, &ProjectContext::default()).about(10, 80);
-        let schema = crate::json_schema::OutputSchema::compile(
-            json!({ "type": "string", "pattern": pattern }),
-        )
-        .unwrap();
-        let ok = |text: &str| schema.check(&json!(text).to_string()).is_ok();
+        let ok = matcher(&pattern);
         assert!(ok("Store the chosen theme so dark pages stay dark"));
         assert!(ok("Mode switches are kept per user"));
         assert!(!ok("Store the chosen theme per user account"));

@@ -179,15 +179,6 @@ pub struct Parsed<T> {
     pub dropped: Vec<Violation>,
 }
 
-impl<T> Parsed<T> {
-    pub fn whole(value: T) -> Self {
-        Self {
-            value,
-            dropped: Vec::new(),
-        }
-    }
-}
-
 /// Why a model's output was not accepted.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Rejection<K> {

@@ -54,6 +54,14 @@ fn sign_in() -> Value {
     )
 }
 
+fn recovery_codes() -> Value {
+    subtask(
+        "Issue recovery codes",
+        "Generate single-use recovery codes at two-factor enrolment and accept each once.",
+        &[0],
+    )
+}
+
 /// A worked example's content, in a task that does not mention it.
 fn copied() -> Value {
     subtask(
@@ -87,11 +95,7 @@ async fn a_subtask_breaking_a_rule_is_left_out_and_the_rest_returned_at_once() {
         secret(),
         copied(),
         sign_in(),
-        subtask(
-            "Issue recovery codes",
-            "Generate single-use recovery codes at two-factor enrolment and accept each once.",
-            &[0],
-        ),
+        recovery_codes(),
     ])]));
     let server = serve(&[], &[&backend]).await;
     let response = server
@@ -126,11 +130,7 @@ async fn too_few_good_subtasks_keep_the_good_ones_and_ask_only_for_the_missing()
     let first = answer(&[secret(), copied(), sign_in(), malformed()]);
     backend.next(Reply::text([first]));
     let more = answer(&[
-        subtask(
-            "Issue recovery codes",
-            "Generate single-use recovery codes at two-factor enrolment and accept each once.",
-            &[0],
-        ),
+        recovery_codes(),
         subtask(
             "Let users turn the second factor off",
             "Add a settings action that removes the second-factor secret after a fresh password check.",
