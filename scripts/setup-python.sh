@@ -40,6 +40,34 @@ PY
   mv "$model.part" "$model"
 fi
 
+# The on-topic rule's sentence-embedding model: WordLlama's l2_supercat
+# (a 16 MB table of token vectors and its tokenizer), unpacked from its PyPI
+# wheel in the layout src/meaning/ reads.
+meaning="$models/wordllama-l2-supercat-256"
+if [ ! -s "$meaning/model.safetensors" ]; then
+  echo "setup: fetching WordLlama l2_supercat (PyPI wheel wordllama) into $meaning" >&2
+  tmp_meaning="$(mktemp -d)"
+  "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+    -d "$tmp_meaning" "wordllama==0.4.0.post1"
+  "$venv/bin/python" - "$tmp_meaning" "$meaning" <<'PY'
+import glob, os, shutil, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/wordllama-*.whl")[0]
+part = sys.argv[2] + ".part"
+os.makedirs(part, exist_ok=True)
+members = {
+    "wordllama/tokenizers/l2_supercat_tokenizer_config.json": "tokenizer.json",
+    "wordllama/weights/l2_supercat_256.safetensors": "model.safetensors",
+}
+with zipfile.ZipFile(wheel) as z:
+    for member, name in members.items():
+        with z.open(member) as src, open(os.path.join(part, name), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+shutil.rmtree(sys.argv[2], ignore_errors=True)
+os.rename(part, sys.argv[2])
+PY
+  rm -rf "$tmp_meaning"
+fi
+
 # MLX's Linux CPU wheel links a slow reference BLAS; the MLX worker preloads
 # OpenBLAS instead. Debian's packages are unpacked into the cache (no system
 # change, no root): libopenblas0-pthread and the libgfortran5 it needs.

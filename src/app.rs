@@ -24,11 +24,12 @@ use crate::{
         openai::{OpenAiBackend, OpenAiSettings},
     },
     config::{BackendChoice, Config, cache_dir},
+    meaning::Meaning,
     server::{
         self, AdmissionLimits, DeadlinePolicy, Limits, ServerError, ServerSettings,
         auth::BearerToken,
     },
-    task::{CacheSettings, TaskRunner},
+    task::{CacheSettings, OnTopic, TaskRunner},
 };
 
 /// Longest wait between restarts of an MLX worker that keeps dying.
@@ -96,6 +97,7 @@ pub fn server_settings(config: &Config) -> Result<ServerSettings, ServerError> {
                 entries: config.task_cache_entries,
                 ttl: config.task_cache_ttl,
             },
+            on_topic(config)?,
         ),
         metrics_listen: config.metrics_listen.0,
         auth_token: token.map(|secret| BearerToken::new(secret.expose())),
@@ -115,6 +117,27 @@ pub fn server_settings(config: &Config) -> Result<ServerSettings, ServerError> {
 }
 
 /// The gRPC port's TLS settings, when a certificate is configured.
+/// The on-topic check: semantic with the configured model; lexical when it
+/// is turned off, or when the default model is not there (a model named
+/// explicitly must load).
+fn on_topic(config: &Config) -> Result<OnTopic, ServerError> {
+    if config.on_topic_similarity == 0.0 {
+        return Ok(OnTopic::lexical());
+    }
+    let path = config.topic_model_path();
+    match Meaning::load(&path) {
+        Ok(meaning) => Ok(OnTopic::semantic(
+            Arc::new(meaning),
+            config.on_topic_similarity as f32,
+        )),
+        Err(error) if config.topic_model.is_none() => {
+            tracing::warn!(%error, "no on-topic model: parts of answers are held to their task by shared words only (`make` installs the model)");
+            Ok(OnTopic::lexical())
+        }
+        Err(error) => Err(ServerError::TopicModel(error)),
+    }
+}
+
 fn tls(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);

@@ -253,6 +253,27 @@ pub struct Config {
     #[arg(long, env = "RIGGER_TASK_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=5))]
     pub task_attempts: u32,
 
+    /// Least similarity in meaning (cosine) between a part of an answer (a
+    /// subtask's title and description, an enhancement's title and
+    /// description, an acceptance criterion) and the task's title and
+    /// description, by `--topic-model`; a part below it is off topic and
+    /// left out or asked for again. 0 turns the semantic check off (a part
+    /// must still share a content word with the task). 0.3: on the eval
+    /// corpus's answers it catches about 80% of the parts an independent
+    /// judge finds ungrounded, and leaves out about 5% of those it finds
+    /// grounded (README, "Answers about the task").
+    #[arg(long, env = "RIGGER_ON_TOPIC_SIMILARITY", default_value_t = 0.3, value_parser = parse_ratio)]
+    pub on_topic_similarity: f64,
+
+    /// Sentence-embedding model of the on-topic check: a directory holding
+    /// `tokenizer.json` (byte-fallback BPE) and `model.safetensors` (one
+    /// half-precision table of token vectors). Default: WordLlama's
+    /// l2_supercat, which `make` unpacks from its PyPI wheel into
+    /// `$RIGGER_CACHE_DIR/models/wordllama-l2-supercat-256`; where that is
+    /// missing, the check is off and the log says so.
+    #[arg(long, env = "RIGGER_TOPIC_MODEL")]
+    pub topic_model: Option<PathBuf>,
+
     /// EnhanceTask/DecomposeTask answers kept per RPC for identical
     /// reproducible requests (greedy or seeded); 0 turns the cache off.
     #[arg(long, env = "RIGGER_TASK_CACHE_ENTRIES", default_value_t = 1024)]
@@ -463,6 +484,13 @@ impl Config {
         self.model_path
             .clone()
             .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    }
+
+    /// The on-topic check's model: `--topic-model`, else the cached default.
+    pub fn topic_model_path(&self) -> PathBuf {
+        self.topic_model
+            .clone()
+            .unwrap_or_else(|| cache_dir().join("models/wordllama-l2-supercat-256"))
     }
 
     /// The embedded engine's threads: `--threads`, else one less than the CPUs.

@@ -12,6 +12,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod json_schema;
 pub mod loadgen;
+pub mod meaning;
 mod random;
 pub mod server;
 pub mod task;

@@ -67,6 +67,8 @@ pub enum ServerError {
     Tls(String),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    #[error("on-topic model: {0}")]
+    TopicModel(crate::meaning::MeaningError),
 }
 
 /// What the gRPC edge needs to serve, already resolved from the

@@ -12,7 +12,7 @@ use super::{
     Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec, TextPattern,
     cache::ResultCache,
     enhance::non_blank,
-    grounds::{Grounds, example_phrases},
+    grounds::{Grounds, OnTopic, example_phrases},
     prompt, schema,
     schema::subtask_complexity_ceiling,
     violation::{Rule, Violation, same_meaning},
@@ -98,8 +98,12 @@ impl Task for DecomposeRequest {
         said
     }
 
-    fn parse(&self, value: Value) -> Result<Parsed<Vec<Subtask>>, Rejection<Vec<Subtask>>> {
-        parse(value, self)
+    fn parse(
+        &self,
+        value: Value,
+        on_topic: &OnTopic,
+    ) -> Result<Parsed<Vec<Subtask>>, Rejection<Vec<Subtask>>> {
+        parse(value, self, on_topic)
     }
 
     /// Asks for the missing subtasks alone, after the kept ones (shown as
@@ -155,6 +159,7 @@ impl Task for DecomposeRequest {
 pub(super) fn parse(
     value: Value,
     request: &DecomposeRequest,
+    on_topic: &OnTopic,
 ) -> Result<Parsed<Vec<Subtask>>, Rejection<Vec<Subtask>>> {
     let Answer { subtasks } = serde_json::from_value(value).map_err(|error| {
         Violation::new(Rule::Schema, format!("unexpected answer shape: {error}"))
@@ -163,6 +168,7 @@ pub(super) fn parse(
         &request.task,
         &request.context,
         &prompt::examples().decompose,
+        on_topic,
     );
     let given = subtasks.len();
     let mut kept: Vec<Subtask> = Vec::with_capacity(given);
@@ -308,11 +314,12 @@ fn sound(subtask: &Subtask, grounds: &Grounds, index: usize) -> Result<(), Viola
     grounds.check(&field(index, "title"), &subtask.title)?;
     grounds.check(&field(index, "description"), &subtask.description)?;
     grounds.check(&field(index, "reasoning"), &subtask.reasoning)?;
-    let whole = format!(
-        "{}. {}. {}",
-        subtask.title, subtask.description, subtask.reasoning
-    );
-    grounds.on_topic(&format!("subtasks[{index}]"), &whole)
+    // The reasoning says why, in words any subtask may use ("this comes
+    // first"): what the subtask is about is its title and description.
+    grounds.on_topic(
+        &format!("subtasks[{index}]"),
+        &format!("{}. {}", subtask.title, subtask.description),
+    )
 }
 
 /// Points dependencies at kept positions: one on a repeat moves to its
@@ -400,6 +407,7 @@ mod tests {
                 subtask("Wire the API", 3, &[0, 0]),
             ]),
             &request(),
+            &OnTopic::lexical(),
         )
         .unwrap()
         .value;
@@ -485,7 +493,7 @@ mod tests {
             ),
         ];
         for (subtasks, rule, expected) in cases {
-            let violation = parse(answer(subtasks), &request())
+            let violation = parse(answer(subtasks), &request(), &OnTopic::lexical())
                 .unwrap_err()
                 .violation()
                 .clone();
@@ -523,6 +531,7 @@ mod tests {
                 subtask("Wire the API", 3, &[1]),
             ]),
             &request(),
+            &OnTopic::lexical(),
         )
         .unwrap();
         let titles: Vec<&str> = parsed.value.iter().map(|s| s.title.as_str()).collect();

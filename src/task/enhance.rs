@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::{
     Answered, Ask, Parsed, ProjectContext, Rejection, Task, TaskRunner, TaskSpec, TextPattern,
     cache::ResultCache,
-    grounds::{Grounds, example_phrases},
+    grounds::{Grounds, OnTopic, example_phrases},
     prompt, schema,
     violation::{Rule, Violation, named_variants, same_meaning},
 };
@@ -77,8 +77,12 @@ impl Task for EnhanceRequest {
         prompt::enhance(self)
     }
 
-    fn parse(&self, value: Value) -> Result<Parsed<Enhancement>, Rejection<Infallible>> {
-        parse(value, self)
+    fn parse(
+        &self,
+        value: Value,
+        on_topic: &OnTopic,
+    ) -> Result<Parsed<Enhancement>, Rejection<Infallible>> {
+        parse(value, self, on_topic)
     }
 
     /// An enhancement is small: it is asked for again whole, never in parts.
@@ -104,6 +108,7 @@ impl Task for EnhanceRequest {
 pub(super) fn parse(
     value: Value,
     request: &EnhanceRequest,
+    on_topic: &OnTopic,
 ) -> Result<Parsed<Enhancement>, Rejection<Infallible>> {
     let mut answer: Enhancement = serde_json::from_value(value).map_err(|error| {
         Violation::new(Rule::Schema, format!("unexpected answer shape: {error}"))
@@ -134,7 +139,12 @@ pub(super) fn parse(
         )
         .into());
     }
-    let grounds = Grounds::of(&request.task, &request.context, &prompt::examples().enhance);
+    let grounds = Grounds::of(
+        &request.task,
+        &request.context,
+        &prompt::examples().enhance,
+        on_topic,
+    );
     grounds.check("title", &answer.title)?;
     grounds.check("description", &answer.description)?;
     grounds.on_topic(
@@ -260,7 +270,7 @@ mod tests {
             ),
         ];
         for (answer, rule, expected) in cases {
-            let violation = parse(answer, &request(None))
+            let violation = parse(answer, &request(None), &OnTopic::lexical())
                 .unwrap_err()
                 .violation()
                 .clone();
@@ -278,10 +288,13 @@ mod tests {
             "Add a login form with e-mail and password that starts a session.",
             &["A user with a valid password reaches the dashboard"],
         );
-        assert!(parse(answer, &request).is_ok());
+        assert!(parse(answer, &request, &OnTopic::lexical()).is_ok());
         let restated = super::tests::answer("Add the login", "Add login.", &["Users can log in"]);
         assert_eq!(
-            parse(restated, &request).unwrap_err().violation().rule,
+            parse(restated, &request, &OnTopic::lexical())
+                .unwrap_err()
+                .violation()
+                .rule,
             Rule::RestatesTask
         );
     }
@@ -289,10 +302,19 @@ mod tests {
     #[test]
     fn a_kind_other_than_the_requested_one_is_a_violation() {
         let answer = answer("Add login", "Add a login form.", &["A user can log in"]);
-        let rejection =
-            parse(answer.clone(), &request(Some(EnhancementKind::Specify))).unwrap_err();
+        let rejection = parse(
+            answer.clone(),
+            &request(Some(EnhancementKind::Specify)),
+            &OnTopic::lexical(),
+        )
+        .unwrap_err();
         assert_eq!(rejection.violation().rule, Rule::WrongKind);
-        let parsed = parse(answer, &request(Some(EnhancementKind::Clarify))).unwrap();
+        let parsed = parse(
+            answer,
+            &request(Some(EnhancementKind::Clarify)),
+            &OnTopic::lexical(),
+        )
+        .unwrap();
         assert_eq!(parsed.value.title, "Add login");
     }
 
@@ -310,6 +332,7 @@ mod tests {
                 ],
             ),
             &request(None),
+            &OnTopic::lexical(),
         )
         .unwrap();
         assert_eq!(
@@ -326,6 +349,7 @@ mod tests {
         let none_left = parse(
             answer("Add login", "Add a login form.", &["Ship it to AWS"]),
             &request(None),
+            &OnTopic::lexical(),
         )
         .unwrap_err();
         assert_eq!(none_left.violation().rule, Rule::UnsupportedDetail);

@@ -5,7 +5,10 @@
 //! each check here names the field that did and the rule it broke, so the
 //! part can be left out or asked for again.
 
-use std::{collections::HashSet, sync::LazyLock};
+use std::{
+    collections::HashSet,
+    sync::{Arc, LazyLock},
+};
 
 use rust_stemmers::{Algorithm, Stemmer};
 
@@ -14,6 +17,7 @@ use super::{
     prompt::Example,
     violation::{Rule, Violation, is_filler},
 };
+use crate::meaning::{Embedding, Meaning};
 
 /// Words any software task may use: sharing one with the task does not make
 /// a text about it, and carrying one from a worked example is not copying.
@@ -53,9 +57,6 @@ const STRAY_FIRST: &[char] = &['-', '*', '#', ':', ';', ',', '.', '!', '?', '=',
 /// Quote-colon pairs of a dict or JSON literal (`'key': ...`).
 const LITERAL_KEYS: &[&str] = &["':", "\":"];
 
-/// Content words a text must share with its task to be about it.
-const ON_TOPIC_MIN_SHARED: usize = 1;
-
 /// Words in a row that a text and a worked example share, from which on the
 /// text is taken from the example (when one of them is a word of the example
 /// the task does not have): "Search ignores letter case" copies, a shared
@@ -83,10 +84,47 @@ pub(super) struct Grounds {
     text: String,
     /// The worked examples, as far as the task does not contain them.
     examples: Vec<ExampleContent>,
+    /// The task's meaning, where the semantic check is on.
+    meaning: Option<TaskMeaning>,
+}
+
+/// How close in meaning a part of an answer must be to its task, if the
+/// service checks meaning at all (`--on-topic-similarity`).
+#[derive(Clone, Default)]
+pub struct OnTopic {
+    semantic: Option<(Arc<Meaning>, f32)>,
+}
+
+impl OnTopic {
+    /// Parts must share a content word with the task, and be at least
+    /// `min_similarity` close to it by `meaning`.
+    pub fn semantic(meaning: Arc<Meaning>, min_similarity: f32) -> Self {
+        Self {
+            semantic: Some((meaning, min_similarity)),
+        }
+    }
+
+    /// Parts must share a content word with the task; meaning is not
+    /// checked.
+    pub fn lexical() -> Self {
+        Self::default()
+    }
+}
+
+#[derive(Clone)]
+struct TaskMeaning {
+    model: Arc<Meaning>,
+    task: Embedding,
+    min_similarity: f32,
 }
 
 impl Grounds {
-    pub fn of(task: &TaskSpec, context: &ProjectContext, examples: &[Example]) -> Self {
+    pub fn of(
+        task: &TaskSpec,
+        context: &ProjectContext,
+        examples: &[Example],
+        on_topic: &OnTopic,
+    ) -> Self {
         let inputs = inputs(task, context);
         let stems: HashSet<String> = topic_stems(&inputs).collect();
         let examples = examples
@@ -94,11 +132,22 @@ impl Grounds {
             .map(|example| ExampleContent::of(example, &stems))
             .collect();
         let text = inputs.to_lowercase();
+        // What the task says it is, not the project around it: a long
+        // context or file would pull every part towards itself.
+        let meaning = on_topic
+            .semantic
+            .as_ref()
+            .map(|(model, min_similarity)| TaskMeaning {
+                task: model.embed(&task_statement(task)),
+                model: model.clone(),
+                min_similarity: *min_similarity,
+            });
         Self {
             stems,
             words: words(&text).map(str::to_owned).collect(),
             text,
             examples,
+            meaning,
         }
     }
 
@@ -122,22 +171,34 @@ impl Grounds {
         self.supported(field, text)
     }
 
-    /// Whether `text` (a whole subtask or criterion) shares enough content
-    /// words with the task to be about it. A task without content words
-    /// ("Do it") cannot be judged and lets everything pass.
+    /// Whether `text` (a subtask's title and description, or a criterion)
+    /// is about the task: it shares a content word with it and, where
+    /// meaning is checked, is close enough to it in meaning. A task without
+    /// content words ("Do it") cannot be judged and lets everything pass.
     pub fn on_topic(&self, field: &str, text: &str) -> Result<(), Violation> {
         if self.stems.is_empty() {
             return Ok(());
         }
-        let shared: HashSet<String> = topic_stems(text)
-            .filter(|stem| self.stems.contains(stem))
-            .collect();
-        if shared.len() >= ON_TOPIC_MIN_SHARED {
+        let shared = topic_stems(text).any(|stem| self.stems.contains(&stem));
+        if !shared {
+            return Err(Violation::new(
+                Rule::OffTopic,
+                format!("{field} shares no content word with the task"),
+            ));
+        }
+        let Some(meaning) = &self.meaning else {
+            return Ok(());
+        };
+        let similarity = meaning.model.embed(text).similarity(&meaning.task);
+        if similarity >= meaning.min_similarity {
             return Ok(());
         }
         Err(Violation::new(
             Rule::OffTopic,
-            format!("{field} shares no content word with the task"),
+            format!(
+                "{field} is not about the task: its similarity in meaning to it is {similarity:.2}, under {:.2}",
+                meaning.min_similarity
+            ),
         ))
     }
 
@@ -265,6 +326,14 @@ fn inputs(task: &TaskSpec, context: &ProjectContext) -> String {
         &context.prd_excerpt,
     ]
     .join("\n")
+}
+
+/// What the task itself says: its title and description.
+fn task_statement(task: &TaskSpec) -> String {
+    match &task.description {
+        Some(description) => format!("{}\n{description}", task.title),
+        None => task.title.clone(),
+    }
 }
 
 /// What every text field of an answer to a task is generated under: none
@@ -548,7 +617,12 @@ mod tests {
                 ]
             }),
         };
-        Grounds::of(&task, &ProjectContext::default(), &[example])
+        Grounds::of(
+            &task,
+            &ProjectContext::default(),
+            &[example],
+            &OnTopic::lexical(),
+        )
     }
 
     fn rule(result: Result<(), Violation>) -> Option<Rule> {
@@ -659,7 +733,12 @@ mod tests {
             title: "Do it".into(),
             ..TaskSpec::default()
         };
-        let vague = Grounds::of(&no_content, &ProjectContext::default(), &[]);
+        let vague = Grounds::of(
+            &no_content,
+            &ProjectContext::default(),
+            &[],
+            &OnTopic::lexical(),
+        );
         assert_eq!(rule(vague.on_topic("subtasks[0]", "Anything at all")), None);
     }
 
@@ -770,7 +849,7 @@ mod tests {
                 title: example.task.clone(),
                 ..TaskSpec::default()
             };
-            let grounds = Grounds::of(&task, &ProjectContext::default(), &[]);
+            let grounds = Grounds::of(&task, &ProjectContext::default(), &[], &OnTopic::lexical());
             let parts: Vec<&serde_json::Value> = match example.answer.get("subtasks") {
                 Some(subtasks) => subtasks.as_array().unwrap().iter().collect(),
                 None => example.answer["acceptance_criteria"]

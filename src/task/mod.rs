@@ -27,7 +27,7 @@ use futures_util::StreamExt;
 
 pub use decompose::{DecomposeRequest, Subtask};
 pub use enhance::{EnhanceRequest, Enhancement, EnhancementKind};
-pub use grounds::TextPattern;
+pub use grounds::{OnTopic, TextPattern};
 pub use violation::{Rule, Violation, same_meaning};
 
 use self::cache::{CacheKey, CacheStats, KeyFields, ResultCache, cacheable};
@@ -151,6 +151,7 @@ pub trait Task: KeyFields + Clone + Send + Sync + 'static {
     fn parse(
         &self,
         value: serde_json::Value,
+        on_topic: &OnTopic,
     ) -> Result<Parsed<Self::Answer>, Rejection<Self::Kept>>;
     /// The request for what `kept` lacks, after `violation`.
     fn follow_up(&self, kept: &Self::Kept, violation: &Violation) -> Ask;
@@ -232,11 +233,14 @@ pub struct TaskRunner {
     /// bounded by validation), and compiling one costs more than the rest
     /// of a call's bookkeeping.
     schemas: Arc<Mutex<HashMap<String, Arc<OutputSchema>>>>,
+    /// How parts of answers are held to their task's topic.
+    on_topic: OnTopic,
 }
 
 impl TaskRunner {
-    pub fn new(attempts: u32, cache: CacheSettings) -> Self {
+    pub fn new(attempts: u32, cache: CacheSettings, on_topic: OnTopic) -> Self {
         Self {
+            on_topic,
             attempts: attempts.max(1),
             enhancements: cache.build(),
             decompositions: cache.build(),
@@ -346,8 +350,8 @@ impl TaskRunner {
             .await?;
             spent.add(&generation);
             let parse = |value| match &kept {
-                Some(kept) => request.parse(request.merged(kept, value)),
-                None => request.parse(value),
+                Some(kept) => request.parse(request.merged(kept, value), &self.on_topic),
+                None => request.parse(value, &self.on_topic),
             };
             match judge(&generation, sampling.max_tokens(), &schema, parse) {
                 Ok(parsed) => {
@@ -524,7 +528,7 @@ pub(crate) fn judge_answer<K: Task>(
         FinishReason::Stop,
         request.sampling().max_tokens,
         request.schema(None),
-        |value| request.parse(value),
+        |value| request.parse(value, &OnTopic::lexical()),
     )
 }
 
@@ -632,7 +636,7 @@ mod tests {
             finish_reason,
             256,
             decompose_request().schema(None),
-            |value| decompose::parse(value, &request),
+            |value| decompose::parse(value, &request, &OnTopic::lexical()),
         )
         .map(|parsed| parsed.value)
         .map_err(|rejection| rejection.violation().clone())

@@ -44,7 +44,10 @@ async fn serve(flags: &[&str], backends: &[&Arc<ScriptedBackend>]) -> TestServer
     serve_with(support::config(flags), backends).await
 }
 
-async fn serve_with(config: Config, backends: &[&Arc<ScriptedBackend>]) -> TestServer {
+async fn serve_with(mut config: Config, backends: &[&Arc<ScriptedBackend>]) -> TestServer {
+    // No model in this tier: parts are held to their task by shared words
+    // (the semantic check, with its model, is tests/on_topic.rs).
+    config.on_topic_similarity = 0.0;
     let backends = backends
         .iter()
         .map(|backend| Arc::clone(backend) as Arc<dyn Backend>)
