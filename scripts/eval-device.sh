@@ -2,14 +2,14 @@
 # The eval's latency, before and after a change, on a quiet machine: the
 # shared 2-core development box is too noisy for p50s. The device machine
 # has no Rust toolchain, but release binaries built here run there
-# unchanged; the model (98 MB) travels in two parts because one call
+# unchanged; the models (116 MB) travel in two parts because one call
 # carries at most 64 MiB, and files under /tmp stay while the machine is
 # held.
 #
 # Here:  scripts/eval-device.sh pack NAME=EVAL_BINARY...
 #          strips each eval bench binary (`cargo bench --bench eval
 #          --no-run` prints its path) into target/eval-device/bin/eval-NAME
-#          with the corpus and this script, and splits the model into
+#          with the corpus and this script, and splits the models into
 #          target/eval-device/model-1 and model-2.
 # There, one call each, carrying the directory named:
 #          bash scripts/eval-device.sh receive target/eval-device/model-1
@@ -28,6 +28,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 model_name="SmolLM2-135M-Instruct.Q4_1.gguf"
+meaning_name="wordllama-l2-supercat-256"
 staging="/tmp/eval-device"
 
 pack() {
@@ -40,10 +41,13 @@ pack() {
     strip -o "$dir/bin/eval-${build%%=*}" "${build#*=}"
   done
   cp "$here/../eval/tasks.json" "$dir/bin/"
-  local model="$cache_dir/models/$model_name" half
-  half=$(( ($(stat -c %s "$model") + 1) / 2 ))
-  head -c "$half" "$model" > "$dir/model-1/part"
-  tail -c +"$(( half + 1 ))" "$model" > "$dir/model-2/part"
+  # The models (the chat model and the on-topic rule's embeddings) as one
+  # tar cut in two.
+  tar -C "$cache_dir/models" -cf "$dir/models.tar" "$model_name" "$meaning_name"
+  split -n 2 "$dir/models.tar" "$dir/models."
+  rm "$dir/models.tar"
+  mv "$dir/models.aa" "$dir/model-1/part"
+  mv "$dir/models.ab" "$dir/model-2/part"
   du -sh "$dir"/*
 }
 
@@ -58,7 +62,7 @@ run() {
   shift 2
   local cache="$staging/cache"
   mkdir -p "$cache/models"
-  cat "$staging/model-1/part" "$staging/model-2/part" > "$cache/models/$model_name"
+  cat "$staging/model-1/part" "$staging/model-2/part" | tar -x -C "$cache/models"
   echo "$(nproc) cores, $(uname -r), model $(sha256sum "$cache/models/$model_name" | cut -c1-16)"
   python3 - "$staging/bin/tasks.json" "$slices" "$staging/slices" <<'PY'
 import json, os, sys

@@ -314,11 +314,13 @@ fn sound(subtask: &Subtask, grounds: &Grounds, index: usize) -> Result<(), Viola
     grounds.check(&field(index, "title"), &subtask.title)?;
     grounds.check(&field(index, "description"), &subtask.description)?;
     grounds.check(&field(index, "reasoning"), &subtask.reasoning)?;
-    // The reasoning says why, in words any subtask may use ("this comes
-    // first"): what the subtask is about is its title and description.
+    // What the subtask is about is its title and description; the
+    // reasoning says why, mostly in words any subtask may use ("this comes
+    // first"), so it counts for shared words only.
     grounds.on_topic(
         &format!("subtasks[{index}]"),
         &format!("{}. {}", subtask.title, subtask.description),
+        &subtask.reasoning,
     )
 }
 

@@ -150,6 +150,7 @@ pub(super) fn parse(
     grounds.on_topic(
         "title and description",
         &format!("{}. {}", answer.title, answer.description),
+        "",
     )?;
     // Criteria may build on what the accepted title and description add.
     let grounds = grounds.widened(&format!("{}\n{}", answer.title, answer.description));
@@ -179,7 +180,7 @@ fn criteria(
             )),
             None => grounds
                 .check(&field, &criterion)
-                .and_then(|()| grounds.on_topic(&field, &criterion)),
+                .and_then(|()| grounds.on_topic(&field, &criterion, "")),
         };
         match judged {
             Ok(()) => kept.push(criterion),

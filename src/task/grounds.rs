@@ -172,14 +172,17 @@ impl Grounds {
     }
 
     /// Whether `text` (a subtask's title and description, or a criterion)
-    /// is about the task: it shares a content word with it and, where
-    /// meaning is checked, is close enough to it in meaning. A task without
+    /// is about the task: it, or `said_with` it (a subtask's reasoning),
+    /// shares a content word with the task and, where meaning is checked,
+    /// `text` alone is close enough to the task in meaning. A task without
     /// content words ("Do it") cannot be judged and lets everything pass.
-    pub fn on_topic(&self, field: &str, text: &str) -> Result<(), Violation> {
+    pub fn on_topic(&self, field: &str, text: &str, said_with: &str) -> Result<(), Violation> {
         if self.stems.is_empty() {
             return Ok(());
         }
-        let shared = topic_stems(text).any(|stem| self.stems.contains(&stem));
+        let shared = topic_stems(text)
+            .chain(topic_stems(said_with))
+            .any(|stem| self.stems.contains(&stem));
         if !shared {
             return Err(Violation::new(
                 Rule::OffTopic,
@@ -718,15 +721,15 @@ mod tests {
             "Paginate query results.",
         );
         assert_eq!(
-            rule(grounds.on_topic("subtasks[2]", "Remove duplicate rows from the table")),
+            rule(grounds.on_topic("subtasks[2]", "Remove duplicate rows from the table", "")),
             Some(Rule::OffTopic)
         );
         assert_eq!(
-            rule(grounds.on_topic("subtasks[0]", "Parse the LIMIT clause")),
+            rule(grounds.on_topic("subtasks[0]", "Parse the LIMIT clause", "")),
             None
         );
         assert_eq!(
-            rule(grounds.on_topic("subtasks[1]", "Page through the results of a query")),
+            rule(grounds.on_topic("subtasks[1]", "Page through the results of a query", "")),
             None
         );
         let no_content = TaskSpec {
@@ -739,7 +742,10 @@ mod tests {
             &[],
             &OnTopic::lexical(),
         );
-        assert_eq!(rule(vague.on_topic("subtasks[0]", "Anything at all")), None);
+        assert_eq!(
+            rule(vague.on_topic("subtasks[0]", "Anything at all", "")),
+            None
+        );
     }
 
     /// Whether a text is valid under a string schema with `pattern`, as the
@@ -865,7 +871,7 @@ mod tests {
                 for line in text.lines().filter(|line| !line.is_empty()) {
                     assert_eq!(grounds.check("example", line), Ok(()), "{line}");
                 }
-                assert_eq!(grounds.on_topic("example", &text), Ok(()), "{text}");
+                assert_eq!(grounds.on_topic("example", &text, ""), Ok(()), "{text}");
             }
         }
     }
