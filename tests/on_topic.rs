@@ -121,7 +121,7 @@ async fn with_the_semantic_check_off_shared_words_are_enough() {
 
 #[tokio::test]
 async fn a_stricter_threshold_leaves_out_more_and_asks_for_the_missing() {
-    // One more than are missing, as the follow-up asks.
+    // Two more than are missing, as the follow-up asks.
     let more = json!({ "subtasks": [
         subtask(
             "Let users turn the second factor off",
@@ -133,6 +133,11 @@ async fn a_stricter_threshold_leaves_out_more_and_asks_for_the_missing() {
             "Tell users on their account page whether two-factor authentication protects their account.",
             &[0],
         ),
+        subtask(
+            "Let users choose their second factor",
+            "Offer an authenticator app or a security key as the second factor at enrolment.",
+            &[0],
+        ),
     ]});
     let (subtasks, meta) = decompose(&["--on-topic-similarity", "0.35"], &[more.to_string()]).await;
     assert_eq!(
@@ -141,7 +146,8 @@ async fn a_stricter_threshold_leaves_out_more_and_asks_for_the_missing() {
             "Store a second-factor secret per user",
             "Ask for a code at sign-in",
             "Let users turn the second factor off",
-            "Show whether two-factor authentication is on"
+            "Show whether two-factor authentication is on",
+            "Let users choose their second factor"
         ],
         "{meta:?}"
     );

@@ -19,6 +19,11 @@ use super::{
 };
 use crate::backend::{Message, Sampling};
 
+/// Subtasks a follow-up asks for beyond those missing: a follow-up comes
+/// after the model already broke a rule on this task, and breaks one again
+/// in about half of its subtasks, so one spare seldom fills the gap.
+const FOLLOW_UP_SPARE: u32 = 2;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecomposeRequest {
     pub task: TaskSpec,
@@ -107,13 +112,13 @@ impl Task for DecomposeRequest {
     }
 
     /// Asks for the missing subtasks alone, after the kept ones (shown as
-    /// the model's own earlier answer): exactly one more than are missing
-    /// where the range allows, as [`Task::asked`] does, since a model given
-    /// a range writes its maximum.
+    /// the model's own earlier answer): exactly [`FOLLOW_UP_SPARE`] more
+    /// than are missing where the range allows (an exact count, since a
+    /// model given a range writes its maximum).
     fn follow_up(&self, kept: &Vec<Subtask>, violation: &Violation) -> Ask {
         let given = kept.len() as u32;
         let room = self.max_subtasks.saturating_sub(given);
-        let count = (self.min_subtasks.saturating_sub(given) + 1).min(room);
+        let count = (self.min_subtasks.saturating_sub(given) + FOLLOW_UP_SPARE).min(room);
         let (min, max) = (count, count);
         let mut already_said = self.already_said();
         already_said.extend(kept.iter().map(|subtask| subtask.title.clone()));

@@ -136,6 +136,11 @@ async fn too_few_good_subtasks_keep_the_good_ones_and_ask_only_for_the_missing()
             "Add a settings action that removes the second-factor secret after a fresh password check.",
             &[0, 2],
         ),
+        subtask(
+            "Show whether two-factor authentication is on",
+            "Tell users on their account page whether two-factor authentication protects their account.",
+            &[0],
+        ),
     ]);
     backend.next(Reply::text([more]));
     let server = serve(&[], &[&backend]).await;
@@ -154,7 +159,8 @@ async fn too_few_good_subtasks_keep_the_good_ones_and_ask_only_for_the_missing()
             "Store a second-factor secret per user",
             "Ask for a code at sign-in",
             "Issue recovery codes",
-            "Let users turn the second factor off"
+            "Let users turn the second factor off",
+            "Show whether two-factor authentication is on"
         ]
     );
     assert_eq!(response.subtasks[3].depends_on, [0, 2]);
@@ -175,14 +181,15 @@ async fn too_few_good_subtasks_keep_the_good_ones_and_ask_only_for_the_missing()
     );
     assert_eq!(kept["subtasks"].as_array().map(Vec::len), Some(2));
     let ask = &follow_up.messages.last().expect("a request").content;
-    assert!(ask.contains("Give 2 more subtasks"), "{ask}");
+    assert!(ask.contains("Give 3 more subtasks"), "{ask}");
     // The missing subtasks take positions 2 on: the first new one may
-    // depend on either kept subtask; one more than is missing is asked for.
+    // depend on either kept subtask; two more than are missing are asked
+    // for.
     let schema = follow_up.json_schema.as_ref().expect("a schema");
     let positions = schema["properties"]["subtasks"]["prefixItems"]
         .as_array()
         .expect("positions");
-    assert_eq!(positions.len(), 2);
+    assert_eq!(positions.len(), 3);
     assert_eq!(
         positions[0]["properties"]["depends_on"]["items"]["maximum"],
         json!(1)
