@@ -18,7 +18,7 @@ CARGO_LINTED := source "$(RIGGER_CACHE_DIR)/build.env" \
 	&& RUSTC_WORKSPACE_WRAPPER="$$(rustc --print sysroot)/bin/clippy-driver" \
 	CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" cargo
 
-.PHONY: run test test-fast setup lint bench bench-kit bench-mlx eval fuzz
+.PHONY: run test test-fast setup lint bench bench-kit bench-mlx bench-meaning eval fuzz
 
 setup:
 	scripts/setup-python.sh >/dev/null
@@ -59,6 +59,9 @@ bench: setup
 	$(CARGO) bench --locked --bench kit
 	$(CARGO) bench --locked --bench inference
 	$(CARGO) bench --locked --bench mlx
+
+bench-meaning: setup
+	$(CARGO) bench --locked --bench meaning
 
 bench-kit: setup
 	$(CARGO) bench --locked --bench kit
