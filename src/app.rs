@@ -116,7 +116,6 @@ pub fn server_settings(config: &Config) -> Result<ServerSettings, ServerError> {
     })
 }
 
-/// The gRPC port's TLS settings, when a certificate is configured.
 /// The on-topic check: semantic with the configured model; lexical when it
 /// is turned off, or when the default model is not there (a model named
 /// explicitly must load).
@@ -138,6 +137,7 @@ fn on_topic(config: &Config) -> Result<OnTopic, ServerError> {
     }
 }
 
+/// The gRPC port's TLS settings, when a certificate is configured.
 fn tls(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
