@@ -12,50 +12,27 @@ use std::sync::Arc;
 use rigger_inference::{
     app,
     backend::Backend,
-    proto::{DecomposeTaskRequest, ResponseMeta, Subtask, Task},
+    proto::{ResponseMeta, Subtask},
 };
-use serde_json::{Value, json};
 use support::{
     TestServer, config,
     scripted::{Reply, ScriptedBackend},
+    two_factor::{self, recovery_codes, secret, show_status, sign_in, subtask, turn_off},
 };
-
-fn subtask(title: &str, description: &str, depends_on: &[u32]) -> Value {
-    json!({
-        "title": title,
-        "description": description,
-        "complexity": 3,
-        "depends_on": depends_on,
-        "reasoning": "The second factor of the authentication needs it."
-    })
-}
 
 /// Three subtasks about two-factor authentication and one that only names
 /// it: similarities to the task 0.56, 0.38, 0.10 and 0.34 by the model.
 fn answer() -> String {
-    json!({ "subtasks": [
-        subtask(
-            "Store a second-factor secret per user",
-            "Add an encrypted column for each user's second-factor secret, with a migration.",
-            &[],
-        ),
-        subtask(
-            "Ask for a code at sign-in",
-            "After the password check, ask users with a second factor for their current code and refuse a wrong one.",
-            &[0],
-        ),
+    two_factor::answer(&[
+        secret(),
+        sign_in(),
         subtask(
             "Plan the team lunch",
             "Book a restaurant for the authentication team's lunch and order vegetarian food for everyone.",
             &[],
         ),
-        subtask(
-            "Issue recovery codes",
-            "Generate single-use recovery codes at two-factor enrolment and accept each once.",
-            &[0],
-        ),
-    ]})
-    .to_string()
+        recovery_codes(),
+    ])
 }
 
 /// The answer to the task, given `answer()` and then `follow_ups`.
@@ -68,14 +45,7 @@ async fn decompose(flags: &[&str], follow_ups: &[String]) -> (Vec<Subtask>, Resp
     let response = server
         .client()
         .await
-        .decompose_task(DecomposeTaskRequest {
-            task: Some(Task {
-                title: "Add two-factor authentication".into(),
-                complexity: Some(6),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+        .decompose_task(two_factor::decompose())
         .await
         .expect("an answer")
         .into_inner();
@@ -122,24 +92,16 @@ async fn with_the_semantic_check_off_shared_words_are_enough() {
 #[tokio::test]
 async fn a_stricter_threshold_leaves_out_more_and_asks_for_the_missing() {
     // Two more than are missing, as the follow-up asks.
-    let more = json!({ "subtasks": [
-        subtask(
-            "Let users turn the second factor off",
-            "Add a settings action that removes the second-factor secret after a fresh password check.",
-            &[0],
-        ),
-        subtask(
-            "Show whether two-factor authentication is on",
-            "Tell users on their account page whether two-factor authentication protects their account.",
-            &[0],
-        ),
+    let more = two_factor::answer(&[
+        turn_off(&[0]),
+        show_status(),
         subtask(
             "Let users choose their second factor",
             "Offer an authenticator app or a security key as the second factor at enrolment.",
             &[0],
         ),
-    ]});
-    let (subtasks, meta) = decompose(&["--on-topic-similarity", "0.35"], &[more.to_string()]).await;
+    ]);
+    let (subtasks, meta) = decompose(&["--on-topic-similarity", "0.35"], &[more]).await;
     assert_eq!(
         titles(&subtasks),
         [

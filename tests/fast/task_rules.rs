@@ -6,61 +6,17 @@
 
 use rigger_inference::{
     backend::Role,
-    proto::{DecomposeTaskRequest, EnhanceTaskRequest, Task},
+    proto::{EnhanceTaskRequest, Task},
 };
 use serde_json::{Value, json};
 
 use super::serve;
-use crate::support::scripted::{Reply, ScriptedBackend};
-
-fn decompose() -> DecomposeTaskRequest {
-    DecomposeTaskRequest {
-        task: Some(Task {
-            title: "Add two-factor authentication".into(),
-            complexity: Some(6),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn subtask(title: &str, description: &str, depends_on: &[u32]) -> Value {
-    json!({
-        "title": title,
-        "description": description,
-        "complexity": 3,
-        "depends_on": depends_on,
-        "reasoning": "The second factor of the authentication needs it."
-    })
-}
-
-fn answer(subtasks: &[Value]) -> String {
-    json!({ "subtasks": subtasks }).to_string()
-}
-
-fn secret() -> Value {
-    subtask(
-        "Store a second-factor secret per user",
-        "Add an encrypted column for each user's second-factor secret, with a migration.",
-        &[],
-    )
-}
-
-fn sign_in() -> Value {
-    subtask(
-        "Ask for a code at sign-in",
-        "After the password check, ask users with a second factor for their current code and refuse a wrong one.",
-        &[0],
-    )
-}
-
-fn recovery_codes() -> Value {
-    subtask(
-        "Issue recovery codes",
-        "Generate single-use recovery codes at two-factor enrolment and accept each once.",
-        &[0],
-    )
-}
+use crate::support::{
+    scripted::{Reply, ScriptedBackend},
+    two_factor::{
+        answer, decompose, recovery_codes, secret, show_status, sign_in, subtask, turn_off,
+    },
+};
 
 /// A worked example's content, in a task that does not mention it.
 fn copied() -> Value {
@@ -129,19 +85,7 @@ async fn too_few_good_subtasks_keep_the_good_ones_and_ask_only_for_the_missing()
     let backend = ScriptedBackend::new("scripted");
     let first = answer(&[secret(), copied(), sign_in(), malformed()]);
     backend.next(Reply::text([first]));
-    let more = answer(&[
-        recovery_codes(),
-        subtask(
-            "Let users turn the second factor off",
-            "Add a settings action that removes the second-factor secret after a fresh password check.",
-            &[0, 2],
-        ),
-        subtask(
-            "Show whether two-factor authentication is on",
-            "Tell users on their account page whether two-factor authentication protects their account.",
-            &[0],
-        ),
-    ]);
+    let more = answer(&[recovery_codes(), turn_off(&[0, 2]), show_status()]);
     backend.next(Reply::text([more]));
     let server = serve(&[], &[&backend]).await;
     let response = server
