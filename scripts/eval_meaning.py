@@ -106,7 +106,7 @@ BULLET = r"(?:[-*•]\s*|\d+[.)]\s*)?"
 SENTENCE_START = re.compile(rf"""(?:^\s*{BULLET}|[.!?:;]\s+{BULLET}|\s[-–—]\s+|\n\s*{BULLET}|["'“‘(\[]\s*)$""")
 
 ON_TOPIC_OVERLAPS = (0, 1, 2)
-ON_TOPIC_COSINES = (0.1, 0.2, 0.3, 0.4)
+ON_TOPIC_COSINES = (0.1, 0.15, 0.2, 0.3, 0.4)
 
 
 def singular(word: str) -> str:

@@ -258,10 +258,11 @@ pub struct Config {
     /// description, an acceptance criterion) and the task's title and
     /// description, by `--topic-model`; a part below it is off topic and
     /// left out or asked for again. 0 turns the semantic check off (a part
-    /// must still share a content word with the task). 0.15: below it lie
-    /// no parts of the eval corpus's answers that the judge finds grounded
-    /// and 29% of those it finds ungrounded; higher thresholds catch more
-    /// and refuse more calls (README, "Answer quality").
+    /// must still share a content word with the task). 0.15: in the eval
+    /// corpus's judged answers (`eval/after/`), below it lie none of the
+    /// parts the judge finds grounded and 29% (decompositions) and 26%
+    /// (enhancements) of those it finds ungrounded; higher thresholds catch
+    /// more and refuse more calls (README, "Answer quality").
     #[arg(long, env = "RIGGER_ON_TOPIC_SIMILARITY", default_value_t = 0.15, value_parser = parse_ratio)]
     pub on_topic_similarity: f64,
 
