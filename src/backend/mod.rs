@@ -14,6 +14,7 @@ pub mod ollama;
 pub mod openai;
 mod registry;
 mod relay;
+pub mod residency;
 
 use std::pin::Pin;
 
