@@ -207,6 +207,27 @@ impl InferenceService for Bare {
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
         Err(Status::unimplemented("not measured"))
     }
+
+    async fn list_models(
+        &self,
+        _request: Request<proto::ListModelsRequest>,
+    ) -> Result<Response<proto::ListModelsResponse>, Status> {
+        Err(Status::unimplemented("not measured"))
+    }
+
+    async fn load_model(
+        &self,
+        _request: Request<proto::LoadModelRequest>,
+    ) -> Result<Response<proto::LoadModelResponse>, Status> {
+        Err(Status::unimplemented("not measured"))
+    }
+
+    async fn unload_model(
+        &self,
+        _request: Request<proto::UnloadModelRequest>,
+    ) -> Result<Response<proto::UnloadModelResponse>, Status> {
+        Err(Status::unimplemented("not measured"))
+    }
 }
 
 async fn listener() -> (TcpListener, String) {
@@ -463,18 +484,20 @@ async fn main() {
 
     // Token relay: the same engine through the service and called directly.
     let engine = Arc::new(
-        EmbeddedBackend::load(EmbeddedSettings {
-            model_path: model_path(),
-            model_name: None,
-            shape: EngineShape {
-                parallel: 8,
-                ctx_per_sequence: 2048,
-                batch_tokens: 512,
-                threads: 1,
-                flash_attention: false,
-            },
-            queue: 64,
-        })
+        EmbeddedBackend::load(
+            EmbeddedSettings::one_model(
+                &model_path(),
+                EngineShape {
+                    parallel: 8,
+                    ctx_per_sequence: 2048,
+                    batch_tokens: 512,
+                    threads: 1,
+                    flash_attention: false,
+                },
+                64,
+            )
+            .expect("the model's metadata reads"),
+        )
         .await
         .expect("load the embedded engine"),
     );

@@ -17,16 +17,18 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use crate::{
     backend::{
         Backend, BackendRegistry, BackendSnapshot, BreakerPolicy, FailoverPolicy, GenerationCheck,
-        SelectionError,
+        ResidencyPolicy, SelectionError,
+        catalog::Catalog,
         embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape},
         mlx::{self, MlxBackend, WorkerSettings},
         ollama::{OllamaBackend, OllamaSettings},
         openai::{OpenAiBackend, OpenAiSettings},
+        residency,
     },
-    config::{BackendChoice, Config, cache_dir},
+    config::{BackendChoice, Config, MemoryBudget, cache_dir},
     meaning::Meaning,
     server::{
-        self, AdmissionLimits, DeadlinePolicy, Limits, ServerError, ServerSettings,
+        self, AdmissionLimits, DeadlinePolicy, Limits, RoleModels, ServerError, ServerSettings,
         auth::BearerToken,
     },
     task::{CacheSettings, OnTopic, TaskRunner},
@@ -90,6 +92,11 @@ pub fn server_settings(config: &Config) -> Result<ServerSettings, ServerError> {
             task_max_tokens: config.task_max_tokens,
             max_prompt_bytes: config.max_prompt_bytes,
             max_tokens_limit: config.max_tokens_limit,
+            role_models: RoleModels {
+                enhance: config.enhance_model.clone(),
+                decompose: config.decompose_model.clone(),
+                generate: config.generate_model.clone(),
+            },
         },
         runner: TaskRunner::new(
             config.task_attempts,
@@ -309,8 +316,10 @@ async fn auto_mlx(config: &Config) -> Result<Arc<dyn Backend>, String> {
 
 async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, SelectionError> {
     let backend = EmbeddedBackend::load(EmbeddedSettings {
-        model_path: config.embedded_model_path(),
-        model_name: config.model.clone(),
+        catalog: model_catalog(config)?,
+        default_model: config.embedded_model_name(),
+        preload: config.preload.clone(),
+        residency: residency_policy(config),
         shape: EngineShape {
             parallel: config.parallel,
             ctx_per_sequence: config.ctx_per_sequence,
@@ -322,6 +331,41 @@ async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, SelectionErr
     })
     .await?;
     Ok(Arc::new(backend))
+}
+
+/// The models on disk: `--models-dir`, the `--models` aliases and the
+/// embedded default model (`--model-path`, under `--model`'s name), plus a
+/// Hugging Face cache when one is configured.
+fn model_catalog(config: &Config) -> Result<Catalog, SelectionError> {
+    let mut aliases = config.models.clone();
+    let default = config.embedded_model_name();
+    if !aliases.iter().any(|(name, _)| *name == default) {
+        aliases.push((default, config.embedded_model_path()));
+    }
+    let dir = config.models_dir();
+    let (catalog, skipped) = Catalog::scan(
+        dir.is_dir().then_some(dir.as_path()),
+        &aliases,
+        config.hf_cache.as_deref(),
+    )?;
+    for skipped in skipped {
+        tracing::warn!(path = %skipped.path.display(), reason = %skipped.reason, "not a model; skipped");
+    }
+    Ok(catalog)
+}
+
+/// How backends that hold models themselves keep them.
+fn residency_policy(config: &Config) -> ResidencyPolicy {
+    let physical = residency::physical_memory();
+    if physical.is_none() && matches!(config.model_memory, MemoryBudget::Share(_)) {
+        tracing::warn!("physical memory unknown: RIGGER_MODEL_MEMORY as a share sets no limit");
+    }
+    ResidencyPolicy {
+        memory_budget: physical.map_or(u64::MAX, |bytes| config.model_memory.bytes(bytes)),
+        max_loaded: config.max_loaded_models as usize,
+        keep_alive: config.keep_alive,
+        pinned: config.pin.clone(),
+    }
 }
 
 async fn load_mlx(config: &Config) -> Result<Arc<dyn Backend>, SelectionError> {

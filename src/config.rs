@@ -3,6 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use crate::backend::KeepAlive;
 use clap::{Parser, ValueEnum};
 
 /// Which backend serves requests.
@@ -102,6 +103,62 @@ pub struct Config {
     /// caches, `$RIGGER_CACHE_DIR/models/SmolLM2-135M-Instruct.Q4_1.gguf`.
     #[arg(long, env = "RIGGER_MODEL_PATH")]
     pub model_path: Option<PathBuf>,
+
+    /// Directory scanned for models at start: GGUF files and MLX model
+    /// directories (config.json, safetensors, tokenizer), each served under
+    /// its file or directory name. Default: `$RIGGER_CACHE_DIR/models`.
+    #[arg(long, env = "RIGGER_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+
+    /// Models by alias, `NAME=PATH,...`: served under NAME, wherever PATH
+    /// is. A path that cannot be read stops the start.
+    #[arg(long, env = "RIGGER_MODELS", value_delimiter = ',', value_parser = crate::backend::catalog::parse_alias)]
+    pub models: Vec<(String, PathBuf)>,
+
+    /// A Hugging Face hub cache (e.g. `~/.cache/huggingface/hub`) whose
+    /// models are served too, as `ORG/NAME`. Unset: none.
+    #[arg(long, env = "RIGGER_HF_CACHE")]
+    pub hf_cache: Option<PathBuf>,
+
+    /// Memory every loaded model may take together (weights plus KV cache,
+    /// estimated before loading): bytes (`8GiB`, `512MiB`, `4000000000`) or
+    /// a share of physical memory (`75%`). Least recently used idle models
+    /// are evicted to make room.
+    #[arg(long, env = "RIGGER_MODEL_MEMORY", default_value = "75%", value_parser = parse_memory)]
+    pub model_memory: MemoryBudget,
+
+    /// Most models loaded at once, per backend that holds models itself.
+    #[arg(long, env = "RIGGER_MAX_LOADED_MODELS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_loaded_models: u32,
+
+    /// How long an idle model stays loaded (Ollama's semantics): a duration
+    /// (`5m`), `0` to unload after every call, `-1` to keep it until it is
+    /// evicted for room or unloaded by UnloadModel.
+    #[arg(long, env = "RIGGER_KEEP_ALIVE", default_value = "-1", value_parser = parse_keep_alive, allow_hyphen_values = true)]
+    pub keep_alive: KeepAlive,
+
+    /// Models loaded at start and never evicted nor unloaded for
+    /// idleness, `NAME,...`.
+    #[arg(long, env = "RIGGER_PIN", value_delimiter = ',')]
+    pub pin: Vec<String>,
+
+    /// Models loaded at start besides the default one, `NAME,...`; they may
+    /// be evicted later.
+    #[arg(long, env = "RIGGER_PRELOAD", value_delimiter = ',')]
+    pub preload: Vec<String>,
+
+    /// Model of EnhanceTask calls that name none. Unset: the backend's
+    /// default model.
+    #[arg(long, env = "RIGGER_ENHANCE_MODEL")]
+    pub enhance_model: Option<String>,
+
+    /// Model of DecomposeTask calls that name none.
+    #[arg(long, env = "RIGGER_DECOMPOSE_MODEL")]
+    pub decompose_model: Option<String>,
+
+    /// Model of Generate calls that name none.
+    #[arg(long, env = "RIGGER_GENERATE_MODEL")]
+    pub generate_model: Option<String>,
 
     /// Python interpreter of the MLX worker (with `mlx` and `mlx-lm`).
     /// Default: the venv `make` sets up, `$RIGGER_CACHE_DIR/venv/bin/python`.
@@ -411,6 +468,61 @@ fn parse_ratio(value: &str) -> Result<f64, String> {
     }
 }
 
+/// `--model-memory`: fixed bytes, or a share of physical memory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MemoryBudget {
+    Bytes(u64),
+    Share(f64),
+}
+
+impl MemoryBudget {
+    /// The budget in bytes on a machine with `physical` bytes of memory.
+    pub fn bytes(self, physical: u64) -> u64 {
+        match self {
+            Self::Bytes(bytes) => bytes,
+            Self::Share(share) => (physical as f64 * share) as u64,
+        }
+    }
+}
+
+fn parse_memory(value: &str) -> Result<MemoryBudget, String> {
+    let value = value.trim();
+    if let Some(percent) = value.strip_suffix('%') {
+        return match percent.trim().parse::<f64>() {
+            Ok(share) if share > 0.0 && share <= 100.0 => Ok(MemoryBudget::Share(share / 100.0)),
+            _ => Err(format!("{value:?} is not a share between 0% and 100%")),
+        };
+    }
+    let digits = value.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = value[digits.len()..].to_ascii_lowercase();
+    let scale: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{value:?}: unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB or %)"
+            ));
+        }
+    };
+    match digits.trim().parse::<f64>() {
+        Ok(amount) if amount > 0.0 => Ok(MemoryBudget::Bytes((amount * scale as f64) as u64)),
+        _ => Err(format!("{value:?} is not a positive amount of memory")),
+    }
+}
+
+fn parse_keep_alive(value: &str) -> Result<KeepAlive, String> {
+    match value.trim() {
+        "-1" => Ok(KeepAlive::Forever),
+        "0" => Ok(KeepAlive::Idle(Duration::ZERO)),
+        other => humantime::parse_duration(other)
+            .map(KeepAlive::Idle)
+            .map_err(|error| format!("{other:?} is neither -1, 0 nor a duration: {error}")),
+    }
+}
+
 /// A secret setting: its `Debug` form never shows the value, so logging a
 /// configuration cannot leak it.
 #[derive(Clone, PartialEq, Eq)]
@@ -487,6 +599,24 @@ impl Config {
             .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     }
 
+    /// The directory scanned for models: `--models-dir`, else the cache's.
+    pub fn models_dir(&self) -> PathBuf {
+        self.models_dir
+            .clone()
+            .unwrap_or_else(|| cache_dir().join("models"))
+    }
+
+    /// The embedded engine's default model's name: `--model`, else its
+    /// file name without `.gguf`.
+    pub fn embedded_model_name(&self) -> String {
+        self.model.clone().unwrap_or_else(|| {
+            self.embedded_model_path().file_stem().map_or_else(
+                || "model".to_owned(),
+                |stem| stem.to_string_lossy().into_owned(),
+            )
+        })
+    }
+
     /// The on-topic check's model: `--topic-model`, else the cached default.
     pub fn topic_model_path(&self) -> PathBuf {
         self.topic_model
@@ -528,6 +658,39 @@ mod tests {
         assert_eq!(config.ollama_host, "http://127.0.0.1:11434");
         assert_eq!(config.openai_base_url, None);
         assert_eq!(config.probe_interval, Duration::from_secs(5));
+        assert_eq!(config.model_memory, MemoryBudget::Share(0.75));
+        assert_eq!(config.max_loaded_models, 3);
+        assert_eq!(config.keep_alive, KeepAlive::Forever);
+    }
+
+    #[test]
+    fn model_memory_reads_bytes_with_units_and_shares() {
+        let gib = 1u64 << 30;
+        assert_eq!(parse_memory("8GiB"), Ok(MemoryBudget::Bytes(8 * gib)));
+        assert_eq!(parse_memory("512mb"), Ok(MemoryBudget::Bytes(512 << 20)));
+        assert_eq!(parse_memory("1.5G"), Ok(MemoryBudget::Bytes(gib * 3 / 2)));
+        assert_eq!(parse_memory("4000"), Ok(MemoryBudget::Bytes(4000)));
+        assert_eq!(
+            parse_memory("50%").map(|budget| budget.bytes(10 * gib)),
+            Ok(5 * gib)
+        );
+        for bad in ["0", "-1GiB", "8 parsecs", "120%", "0%", "GiB", ""] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keep_alive_reads_ollamas_forms() {
+        assert_eq!(parse_keep_alive("-1"), Ok(KeepAlive::Forever));
+        assert_eq!(parse_keep_alive("0"), Ok(KeepAlive::Idle(Duration::ZERO)));
+        assert_eq!(
+            parse_keep_alive("5m"),
+            Ok(KeepAlive::Idle(Duration::from_secs(300)))
+        );
+        assert!(parse_keep_alive("soon").is_err());
+        let config = Config::parse_from(["x", "--keep-alive", "-1", "--pin", "a,b"]);
+        assert_eq!(config.keep_alive, KeepAlive::Forever);
+        assert_eq!(config.pin, ["a", "b"]);
     }
 
     #[test]

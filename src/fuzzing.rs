@@ -13,7 +13,7 @@ use crate::{
         ollama, openai,
     },
     proto,
-    server::{Limits, validate},
+    server::{Limits, RoleModels, validate},
     task::{self, DecomposeRequest, EnhanceRequest, ProjectContext, TaskSpec},
 };
 
@@ -32,6 +32,11 @@ const LIMITS: Limits = Limits {
     task_max_tokens: 1024,
     max_tokens_limit: 8192,
     max_prompt_bytes: 256 * 1024,
+    role_models: RoleModels {
+        enhance: None,
+        decompose: None,
+        generate: None,
+    },
 };
 
 /// Request validation: any bytes decoding as a request either validate or

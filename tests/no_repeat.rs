@@ -71,18 +71,20 @@ async fn answer(backend: &dyn Backend, request: GenerationRequest) -> String {
 
 #[tokio::test]
 async fn the_mlx_worker_bans_the_ngrams_the_embedded_engine_bans() {
-    let embedded = EmbeddedBackend::load(EmbeddedSettings {
-        model_path: support::model_path(),
-        model_name: None,
-        shape: EngineShape {
-            parallel: 1,
-            ctx_per_sequence: 1024,
-            batch_tokens: 512,
-            threads: 1,
-            flash_attention: false,
-        },
-        queue: 1,
-    })
+    let embedded = EmbeddedBackend::load(
+        EmbeddedSettings::one_model(
+            &support::model_path(),
+            EngineShape {
+                parallel: 1,
+                ctx_per_sequence: 1024,
+                batch_tokens: 512,
+                threads: 1,
+                flash_attention: false,
+            },
+            1,
+        )
+        .expect("the model's metadata reads"),
+    )
     .await
     .expect("load the model");
     let config = Config::parse_from(["rigger-inference", "--backend", "mlx"]);

@@ -126,18 +126,20 @@ async fn a_slow_reader_is_bounded(backend: &dyn Backend, slack: usize) {
 }
 
 async fn embedded() -> EmbeddedBackend {
-    EmbeddedBackend::load(EmbeddedSettings {
-        model_path: support::model_path(),
-        model_name: None,
-        shape: EngineShape {
-            parallel: 2,
-            ctx_per_sequence: 1024,
-            batch_tokens: 512,
-            threads: 1,
-            flash_attention: false,
-        },
-        queue: 2,
-    })
+    EmbeddedBackend::load(
+        EmbeddedSettings::one_model(
+            &support::model_path(),
+            EngineShape {
+                parallel: 2,
+                ctx_per_sequence: 1024,
+                batch_tokens: 512,
+                threads: 1,
+                flash_attention: false,
+            },
+            2,
+        )
+        .expect("the model's metadata reads"),
+    )
     .await
     .expect("load the model")
 }

@@ -1,6 +1,8 @@
 //! Errors of the backend layer. The server maps them to gRPC status codes in
 //! one place (`server::status`).
 
+use super::ResidencyError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("backend {backend} is unavailable at {endpoint}: {reason}")]
@@ -45,6 +47,27 @@ pub enum BackendError {
     },
     #[error("no backend can take the call: {circuits}")]
     CircuitsOpen { circuits: String },
+    #[error("backend {backend}: {error}")]
+    Residency {
+        backend: &'static str,
+        #[source]
+        error: ResidencyError,
+    },
+    #[error("backend {backend} does not support {operation}")]
+    Unsupported {
+        backend: &'static str,
+        operation: &'static str,
+    },
+    #[error("no backend serves model {model:?}; {}", closest_names(closest))]
+    UnknownModel { model: String, closest: Vec<String> },
+}
+
+fn closest_names(closest: &[String]) -> String {
+    if closest.is_empty() {
+        "none is served".to_owned()
+    } else {
+        format!("closest: {}", closest.join(", "))
+    }
 }
 
 impl BackendError {
@@ -61,6 +84,15 @@ impl BackendError {
             Self::Failed { .. } => "BACKEND_FAILED",
             Self::Protocol { .. } => "BACKEND_PROTOCOL_ERROR",
             Self::CircuitsOpen { .. } => "CIRCUITS_OPEN",
+            Self::Residency { error, .. } => match error {
+                ResidencyError::TooLarge { .. } => "MODEL_TOO_LARGE",
+                ResidencyError::NoRoom { .. } => "MODEL_MEMORY_FULL",
+                ResidencyError::LoadFailed { .. } => "MODEL_LOAD_FAILED",
+                ResidencyError::InUse { .. } => "MODEL_IN_USE",
+                ResidencyError::NotLoaded { .. } => "MODEL_NOT_LOADED",
+            },
+            Self::Unsupported { .. } => "UNSUPPORTED",
+            Self::UnknownModel { .. } => "MODEL_NOT_FOUND",
         }
     }
 
@@ -80,7 +112,27 @@ impl BackendError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Unavailable { .. } | Self::Busy { .. } | Self::Overloaded { .. }
+            Self::Unavailable { .. }
+                | Self::Busy { .. }
+                | Self::Overloaded { .. }
+                | Self::Residency {
+                    error: ResidencyError::NoRoom { .. },
+                    ..
+                }
+        )
+    }
+
+    /// The backend cannot serve this model (it does not know it, or cannot
+    /// load it) while another backend might: failover moves on to the next
+    /// backend that lists the model, without counting it as a retry.
+    pub fn is_about_the_model(&self) -> bool {
+        matches!(
+            self,
+            Self::ModelNotFound { .. }
+                | Self::Residency {
+                    error: ResidencyError::TooLarge { .. } | ResidencyError::LoadFailed { .. },
+                    ..
+                }
         )
     }
 }

@@ -4,6 +4,7 @@
 //! runtimes (`embedded`, `mlx`, `ollama`, `openai`) and the choice among
 //! them (`registry`) live here.
 
+pub mod catalog;
 mod clock;
 pub mod embedded;
 mod error;
@@ -28,6 +29,9 @@ pub use registry::{
     GenerationCheck, SelectionError,
 };
 pub use relay::RELAY_CAPACITY;
+pub use residency::{KeepAlive, Residence, ResidencyCounters, ResidencyError, ResidencyPolicy};
+
+use catalog::ModelEntry;
 
 /// Author of a chat message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +172,51 @@ pub struct Capabilities {
     pub text_patterns: bool,
 }
 
+/// A model a backend can serve: what is known of it without loading it
+/// (only its name where the backend tells no more), and its residence when
+/// loaded or loading.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub facts: Option<ModelEntry>,
+    pub residence: Option<Residence>,
+}
+
+impl ModelInfo {
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
+    }
+
+    pub fn from_entry(entry: &ModelEntry, residence: Option<Residence>) -> Self {
+        Self {
+            name: entry.name.clone(),
+            facts: Some(entry.clone()),
+            residence,
+        }
+    }
+}
+
+/// The models a backend holds in memory, and the limits it holds them under.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResidencyStatus {
+    pub policy: ResidencyPolicy,
+    pub residents: Vec<Residence>,
+    pub counters: ResidencyCounters,
+}
+
+impl ResidencyStatus {
+    pub fn of<M: Send + Sync + 'static>(residency: &residency::Residency<M>) -> Self {
+        Self {
+            policy: residency.policy().clone(),
+            residents: residency.residents(),
+            counters: residency.counters(),
+        }
+    }
+}
+
 /// What a successful health probe learned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProbeReport {
@@ -187,4 +236,33 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts a generation. Fails fast (before any text) when the backend is
     /// down or does not serve the model.
     async fn generate(&self, request: GenerationRequest) -> Result<ChunkStream, BackendError>;
+
+    /// Every model the backend can serve; by default the ones its probe
+    /// lists, known by name only.
+    async fn models(&self) -> Result<Vec<ModelInfo>, BackendError> {
+        let report = self.probe().await?;
+        Ok(report.models.into_iter().map(ModelInfo::named).collect())
+    }
+
+    /// Loads a model ahead of its first call, where the backend holds
+    /// models itself.
+    async fn load_model(&self, _model: &str) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported {
+            backend: self.name(),
+            operation: "loading a model on request",
+        })
+    }
+
+    /// Frees a loaded model's memory, where the backend holds models itself.
+    async fn unload_model(&self, _model: &str) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported {
+            backend: self.name(),
+            operation: "unloading a model on request",
+        })
+    }
+
+    /// The models held in memory, for backends that hold them themselves.
+    fn residency(&self) -> Option<ResidencyStatus> {
+        None
+    }
 }

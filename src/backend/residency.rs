@@ -73,6 +73,22 @@ pub enum ResidencyError {
     NotLoaded { model: String },
 }
 
+/// This machine's physical memory (on Apple Silicon the unified memory),
+/// when it can be read.
+pub fn physical_memory() -> Option<u64> {
+    if cfg!(target_os = "macos") {
+        let output = std::process::Command::new("sysctl")
+            .args(["-n", "hw.memsize"])
+            .output()
+            .ok()?;
+        return String::from_utf8_lossy(&output.stdout).trim().parse().ok();
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|line| line.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn mib(bytes: u64) -> u64 {
     bytes.div_ceil(1 << 20)
 }
@@ -105,7 +121,9 @@ type LoadOutcome = Result<(), ResidencyError>;
 enum Refusal<M> {
     /// Models in use or loading hold the room; it frees when they end.
     /// Idle models evicted on the way are handed back for unloading.
-    Wait { evicted: Vec<Slot<M>> },
+    Wait {
+        evicted: Vec<Slot<M>>,
+    },
     Fail(ResidencyError),
 }
 
@@ -312,6 +330,19 @@ impl<M: Send + Sync + 'static> Residency<M> {
         residents
     }
 
+    /// The resident models themselves.
+    pub fn models(&self) -> Vec<(String, Arc<M>)> {
+        self.inner
+            .lock()
+            .slots
+            .iter()
+            .filter_map(|(name, slot)| match slot {
+                Slot::Resident(resident) => Some((name.clone(), resident.model.clone())),
+                Slot::Loading { .. } => None,
+            })
+            .collect()
+    }
+
     pub fn counters(&self) -> ResidencyCounters {
         self.inner.lock().counters.clone()
     }
@@ -368,7 +399,9 @@ impl<M: Send + Sync + 'static> Residency<M> {
 
 impl<M: Send + Sync + 'static> Inner<M> {
     fn lock(&self) -> MutexGuard<'_, State<M>> {
-        self.state.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     fn pinned(&self, name: &str) -> bool {
@@ -612,7 +645,10 @@ mod tests {
     struct Loads(Arc<AtomicUsize>);
 
     impl Loads {
-        fn of(&self, name: &str) -> impl Fn() -> BoxFuture<'static, Result<String, String>> + use<> {
+        fn of(
+            &self,
+            name: &str,
+        ) -> impl Fn() -> BoxFuture<'static, Result<String, String>> + use<> {
             let (count, name) = (self.0.clone(), name.to_owned());
             move || {
                 let (count, name) = (count.clone(), name.clone());
@@ -638,6 +674,12 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn physical_memory_is_read_here() {
+        let bytes = physical_memory().expect("Linux and macOS report it");
+        assert!(bytes > 64 * MIB, "{bytes} bytes");
+    }
+
     #[tokio::test]
     async fn concurrent_calls_for_a_cold_model_share_one_load() {
         let residency = Residency::new(policy(100, 4));
@@ -656,7 +698,10 @@ mod tests {
         let residency = Residency::new(policy(30, 8));
         let loads = Loads::default();
         for name in ["a", "b", "c"] {
-            residency.warm(name, 10 * MIB, loads.of(name)).await.unwrap();
+            residency
+                .warm(name, 10 * MIB, loads.of(name))
+                .await
+                .unwrap();
         }
         // "a" used last: "b" is now the least recently used.
         residency.warm("a", 10 * MIB, loads.of("a")).await.unwrap();
@@ -683,7 +728,10 @@ mod tests {
         let residency = Residency::new(pinned);
         let loads = Loads::default();
         residency.warm("p", 10 * MIB, loads.of("p")).await.unwrap();
-        let busy = residency.acquire("a", 10 * MIB, loads.of("a")).await.unwrap();
+        let busy = residency
+            .acquire("a", 10 * MIB, loads.of("a"))
+            .await
+            .unwrap();
         let waiting = tokio::spawn({
             let (residency, load) = (residency.clone(), loads.of("b"));
             async move { residency.warm("b", 10 * MIB, load).await }
@@ -732,8 +780,9 @@ mod tests {
     #[tokio::test]
     async fn a_failed_load_fails_its_waiters_and_frees_the_slot() {
         let residency: Residency<String> = Residency::new(policy(100, 4));
-        let failing =
-            || -> BoxFuture<'static, Result<String, String>> { async { Err("bad file".to_owned()) }.boxed() };
+        let failing = || -> BoxFuture<'static, Result<String, String>> {
+            async { Err("bad file".to_owned()) }.boxed()
+        };
         let (first, second) = tokio::join!(
             residency.acquire("bad", MIB, failing),
             residency.acquire("bad", MIB, failing)

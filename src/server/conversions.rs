@@ -7,7 +7,8 @@ use std::time::Duration;
 use super::{admission::AdmissionStats, health};
 use crate::{
     backend::{
-        BackendHealth, BackendSnapshot, Capabilities, CircuitState, FinishReason, SchemaSupport,
+        BackendHealth, BackendSnapshot, Capabilities, CircuitState, FinishReason, ModelInfo,
+        Residence, ResidencyStatus, SchemaSupport, catalog::ModelEntry,
     },
     proto,
     task::{
@@ -18,6 +19,69 @@ use crate::{
 /// A duration as the proto's; `None` for one beyond its range.
 pub(super) fn duration(value: Duration) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(value).ok()
+}
+
+/// A model as ListModels and LoadModel report it, under the backend that
+/// serves it.
+pub(super) fn model_info(backend: &str, info: ModelInfo) -> proto::ModelInfo {
+    proto::ModelInfo {
+        name: info.name,
+        backend: backend.to_owned(),
+        facts: info.facts.as_ref().map(model_facts),
+        residence: info.residence.map(Into::into),
+    }
+}
+
+fn model_facts(entry: &ModelEntry) -> proto::ModelFacts {
+    proto::ModelFacts {
+        format: entry.format.as_str().to_owned(),
+        architecture: entry.facts.architecture.clone(),
+        parameters: entry.facts.parameters,
+        quantization: entry.facts.quantization.clone(),
+        context_length: entry.facts.context_length,
+        size_bytes: entry.size_bytes,
+        path: entry.path.display().to_string(),
+    }
+}
+
+impl From<Residence> for proto::ModelResidence {
+    fn from(residence: Residence) -> Self {
+        Self {
+            loading: residence.loading,
+            memory_bytes: residence.memory_bytes,
+            in_use: residence.in_use as u32,
+            pinned: residence.pinned,
+            last_used: residence.last_used.map(prost_types::Timestamp::from),
+            load_time: residence.load_time.and_then(duration),
+        }
+    }
+}
+
+impl From<ResidencyStatus> for proto::ModelMemory {
+    fn from(status: ResidencyStatus) -> Self {
+        Self {
+            budget_bytes: status.policy.memory_budget,
+            used_bytes: status
+                .residents
+                .iter()
+                .map(|residence| residence.memory_bytes)
+                .sum(),
+            max_loaded_models: status.policy.max_loaded as u32,
+            resident: status
+                .residents
+                .into_iter()
+                .map(|residence| proto::ModelInfo {
+                    name: residence.model.clone(),
+                    residence: Some(residence.into()),
+                    ..Default::default()
+                })
+                .collect(),
+            loads: status.counters.loads,
+            load_failures: status.counters.load_failures,
+            evictions: status.counters.evictions,
+            idle_unloads: status.counters.idle_unloads,
+        }
+    }
 }
 
 impl From<BackendHealth> for proto::BackendHealth {
@@ -95,6 +159,7 @@ impl From<BackendSnapshot> for proto::BackendStatus {
             consecutive_failures: snapshot.consecutive_failures,
             failures: snapshot.failures,
             retried: snapshot.retried,
+            model_memory: snapshot.residency.map(Into::into),
         }
     }
 }
@@ -264,6 +329,7 @@ mod tests {
             consecutive_failures: 2,
             failures: 5,
             retried: 1,
+            residency: None,
         }
     }
 

@@ -51,6 +51,12 @@ struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    backend: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheLabels {
     rpc: &'static str,
 }
@@ -83,6 +89,13 @@ pub struct Metrics {
     backend_retried: Family<BackendLabels, Counter>,
     cache_hits: Family<CacheLabels, Counter>,
     cache_misses: Family<CacheLabels, Counter>,
+    model_loads: Family<BackendLabels, Counter>,
+    model_load_failures: Family<BackendLabels, Counter>,
+    model_evictions: Family<BackendLabels, Counter>,
+    model_idle_unloads: Family<BackendLabels, Counter>,
+    model_memory_budget: Family<BackendLabels, Gauge>,
+    model_memory: Family<ModelLabels, Gauge>,
+    model_load_seconds: Family<ModelLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 /// The states read at scrape time.
@@ -112,6 +125,13 @@ impl Default for Metrics {
             backend_retried: Family::default(),
             cache_hits: Family::default(),
             cache_misses: Family::default(),
+            model_loads: Family::default(),
+            model_load_failures: Family::default(),
+            model_evictions: Family::default(),
+            model_idle_unloads: Family::default(),
+            model_memory_budget: Family::default(),
+            model_memory: Family::default(),
+            model_load_seconds: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -194,11 +214,50 @@ impl Default for Metrics {
             "Cacheable EnhanceTask/DecomposeTask calls that were generated",
             metrics.cache_misses.clone(),
         );
+        register_model_metrics(&mut registry, &metrics);
         Self {
             registry,
             ..metrics
         }
     }
+}
+
+fn register_model_metrics(registry: &mut Registry, metrics: &Metrics) {
+    registry.register(
+        "model_loads",
+        "Models loaded by a backend that holds models itself",
+        metrics.model_loads.clone(),
+    );
+    registry.register(
+        "model_load_failures",
+        "Model loads that failed (bad file, unsupported architecture)",
+        metrics.model_load_failures.clone(),
+    );
+    registry.register(
+        "model_evictions",
+        "Idle models unloaded to make room for another",
+        metrics.model_evictions.clone(),
+    );
+    registry.register(
+        "model_idle_unloads",
+        "Models unloaded after their keep-alive",
+        metrics.model_idle_unloads.clone(),
+    );
+    registry.register(
+        "model_memory_budget_bytes",
+        "Bytes every loaded model may take together (--model-memory)",
+        metrics.model_memory_budget.clone(),
+    );
+    registry.register(
+        "model_memory_bytes",
+        "Estimated bytes of each loaded or loading model; a model absent here is not loaded",
+        metrics.model_memory.clone(),
+    );
+    registry.register(
+        "model_load_seconds",
+        "How long each loaded model took to load",
+        metrics.model_load_seconds.clone(),
+    );
 }
 
 impl Metrics {
@@ -294,6 +353,7 @@ impl Metrics {
                 backend.retried,
             );
         }
+        self.render_models(&snapshot.backends);
         if let Some((enhance, decompose)) = snapshot.caches {
             for (rpc, stats) in [(Rpc::EnhanceTask, enhance), (Rpc::DecomposeTask, decompose)] {
                 let labels = CacheLabels { rpc: rpc.as_str() };
@@ -304,6 +364,54 @@ impl Metrics {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
+    }
+}
+
+impl Metrics {
+    /// The models each backend holds: only the resident ones are present,
+    /// so an unloaded model's series ends.
+    fn render_models(&self, backends: &[BackendSnapshot]) {
+        self.model_memory.clear();
+        self.model_load_seconds.clear();
+        for backend in backends {
+            let Some(residency) = &backend.residency else {
+                continue;
+            };
+            let labels = BackendLabels {
+                backend: backend.name.to_owned(),
+            };
+            let counters = &residency.counters;
+            catch_up(&self.model_loads.get_or_create(&labels), counters.loads);
+            catch_up(
+                &self.model_load_failures.get_or_create(&labels),
+                counters.load_failures,
+            );
+            catch_up(
+                &self.model_evictions.get_or_create(&labels),
+                counters.evictions,
+            );
+            catch_up(
+                &self.model_idle_unloads.get_or_create(&labels),
+                counters.idle_unloads,
+            );
+            self.model_memory_budget
+                .get_or_create(&labels)
+                .set(i64::try_from(residency.policy.memory_budget).unwrap_or(i64::MAX));
+            for residence in &residency.residents {
+                let model = ModelLabels {
+                    backend: backend.name.to_owned(),
+                    model: residence.model.clone(),
+                };
+                self.model_memory
+                    .get_or_create(&model)
+                    .set(i64::try_from(residence.memory_bytes).unwrap_or(i64::MAX));
+                if let Some(load_time) = residence.load_time {
+                    self.model_load_seconds
+                        .get_or_create(&model)
+                        .set(load_time.as_secs_f64());
+                }
+            }
+        }
     }
 }
 

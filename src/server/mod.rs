@@ -34,7 +34,7 @@ pub use service::InferenceApi;
 use service::{Backends, Shared};
 pub use status::RETRY_AFTER;
 pub use telemetry::TelemetryError;
-pub use validate::{Limits, ValidationError};
+pub use validate::{Limits, RoleModels, ValidationError};
 
 use crate::{
     backend::{BackendRegistry, GenerationCheck, SelectionError},
@@ -312,7 +312,7 @@ impl Edge {
             deadlines: self.settings.deadlines,
             admission: self.admission.clone(),
             runner: self.settings.runner.clone(),
-            limits: self.settings.limits,
+            limits: self.settings.limits.clone(),
             drain: self.drain.clone(),
             metrics: self.metrics.clone(),
             telemetry: self.telemetry.clone(),

@@ -9,6 +9,9 @@ pub enum Rpc {
     DecomposeTask,
     Generate,
     GetStatus,
+    ListModels,
+    LoadModel,
+    UnloadModel,
 }
 
 impl Rpc {
@@ -20,6 +23,9 @@ impl Rpc {
             Self::DecomposeTask => "decompose_task",
             Self::Generate => "generate",
             Self::GetStatus => "get_status",
+            Self::ListModels => "list_models",
+            Self::LoadModel => "load_model",
+            Self::UnloadModel => "unload_model",
         }
     }
 
@@ -30,6 +36,9 @@ impl Rpc {
             Self::DecomposeTask => "DecomposeTask",
             Self::Generate => "Generate",
             Self::GetStatus => "GetStatus",
+            Self::ListModels => "ListModels",
+            Self::LoadModel => "LoadModel",
+            Self::UnloadModel => "UnloadModel",
         }
     }
 
@@ -41,6 +50,9 @@ impl Rpc {
             Self::DecomposeTask => "rigger.inference.v1.InferenceService/DecomposeTask",
             Self::Generate => "rigger.inference.v1.InferenceService/Generate",
             Self::GetStatus => "rigger.inference.v1.InferenceService/GetStatus",
+            Self::ListModels => "rigger.inference.v1.InferenceService/ListModels",
+            Self::LoadModel => "rigger.inference.v1.InferenceService/LoadModel",
+            Self::UnloadModel => "rigger.inference.v1.InferenceService/UnloadModel",
         }
     }
 }
@@ -70,6 +82,9 @@ mod tests {
             Rpc::DecomposeTask,
             Rpc::Generate,
             Rpc::GetStatus,
+            Rpc::ListModels,
+            Rpc::LoadModel,
+            Rpc::UnloadModel,
         ];
         assert_eq!(methods, rpcs.map(Rpc::method));
         for rpc in rpcs {

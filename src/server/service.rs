@@ -19,7 +19,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{
     admission::{Admission, Permit, Priority},
-    conversions::{StatusReport, duration},
+    conversions::{StatusReport, duration, model_info},
     deadline::{Deadline, DeadlinePolicy},
     drain::Drain,
     metrics::Metrics,
@@ -106,6 +106,34 @@ impl InferenceApi {
         // says it did not.
         let _ = log.set_parent(span.context().clone());
         Traced { span, log }
+    }
+
+    /// A call about models (listing, loading, unloading): traced and
+    /// counted like the others, outside admission, since it generates
+    /// nothing.
+    async fn model_call<Req, Resp, F, Fut>(
+        &self,
+        rpc: Rpc,
+        request: Request<Req>,
+        handle: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(Arc<BackendRegistry>, Req) -> Fut,
+        Fut: Future<Output = Result<Resp, Status>>,
+    {
+        let started = Instant::now();
+        let call = self.traced(rpc, &request);
+        let registry = self.0.registry.get().cloned().ok_or_else(starting);
+        let result = match registry {
+            Ok(registry) => {
+                call.clone()
+                    .run(handle(registry, request.into_inner()))
+                    .await
+            }
+            Err(status) => Err(status),
+        };
+        self.observe(rpc, call, &result, started, None);
+        result.map(Response::new)
     }
 
     /// Waits for a generation slot, recording the wait.
@@ -287,6 +315,59 @@ impl InferenceService for InferenceApi {
             self.observe(Rpc::Generate, call, &result, started, None);
         }
         result
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<proto::ListModelsRequest>,
+    ) -> Result<Response<proto::ListModelsResponse>, Status> {
+        self.model_call(Rpc::ListModels, request, |registry, request| async move {
+            let backend = validate::backend_name(&request.backend, &registry.backend_names())?;
+            let models = registry
+                .models(backend)
+                .await
+                .into_iter()
+                .map(|(backend, info)| model_info(backend, info))
+                .collect();
+            Ok(proto::ListModelsResponse { models })
+        })
+        .await
+    }
+
+    async fn load_model(
+        &self,
+        request: Request<proto::LoadModelRequest>,
+    ) -> Result<Response<proto::LoadModelResponse>, Status> {
+        self.model_call(Rpc::LoadModel, request, |registry, request| async move {
+            let (model, backend) = validate::model_operation(
+                request.model,
+                request.backend,
+                &registry.backend_names(),
+            )?;
+            let (backend, info) = registry.load_model(&model, backend).await?;
+            Ok(proto::LoadModelResponse {
+                model: Some(model_info(backend, info)),
+            })
+        })
+        .await
+    }
+
+    async fn unload_model(
+        &self,
+        request: Request<proto::UnloadModelRequest>,
+    ) -> Result<Response<proto::UnloadModelResponse>, Status> {
+        self.model_call(Rpc::UnloadModel, request, |registry, request| async move {
+            let (model, backend) = validate::model_operation(
+                request.model,
+                request.backend,
+                &registry.backend_names(),
+            )?;
+            let backends = registry.unload_model(&model, backend).await?;
+            Ok(proto::UnloadModelResponse {
+                backends: backends.into_iter().map(str::to_owned).collect(),
+            })
+        })
+        .await
     }
 
     /// Logged in a span of its own, but neither counted nor exported: it

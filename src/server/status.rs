@@ -25,7 +25,10 @@ use tonic::{
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use super::validate::ValidationError;
-use crate::{backend::BackendError, task::TaskError};
+use crate::{
+    backend::{BackendError, ResidencyError},
+    task::TaskError,
+};
 
 /// Trailer giving the seconds after which a refused call may succeed, as
 /// HTTP's Retry-After (also in the status's `RetryInfo`).
@@ -119,7 +122,18 @@ impl From<BackendError> for Status {
             | BackendError::Busy { .. }
             | BackendError::CircuitsOpen { .. } => Code::Unavailable,
             BackendError::Overloaded { .. } => Code::ResourceExhausted,
-            BackendError::ModelNotFound { .. } => Code::NotFound,
+            BackendError::ModelNotFound { .. } | BackendError::UnknownModel { .. } => {
+                Code::NotFound
+            }
+            BackendError::Residency { error, .. } => match error {
+                ResidencyError::TooLarge { .. } | ResidencyError::NoRoom { .. } => {
+                    Code::ResourceExhausted
+                }
+                ResidencyError::LoadFailed { .. }
+                | ResidencyError::InUse { .. }
+                | ResidencyError::NotLoaded { .. } => Code::FailedPrecondition,
+            },
+            BackendError::Unsupported { .. } => Code::Unimplemented,
             BackendError::NoDefaultModel { .. } => Code::FailedPrecondition,
             BackendError::Rejected { .. } => Code::InvalidArgument,
             BackendError::Failed { .. } | BackendError::Protocol { .. } => Code::Internal,
@@ -141,15 +155,58 @@ impl From<BackendError> for Status {
             | BackendError::Failed { backend, .. }
             | BackendError::Protocol { backend, .. } => vec![("backend", backend.to_string())],
             BackendError::CircuitsOpen { circuits } => vec![("circuits", circuits.clone())],
+            BackendError::Residency { backend, error } => {
+                residency_metadata(error, backend.to_string())
+            }
+            BackendError::Unsupported { backend, .. } => vec![("backend", backend.to_string())],
+            BackendError::UnknownModel { model, closest } => {
+                vec![("model", model.clone()), ("closest", closest.join(","))]
+            }
         };
         let mut details = error_info(error.reason(), metadata);
         // A full engine frees up as its generations end, at a pace only
         // the engine knows: retrying is right, when is the client's guess.
-        if code == Code::ResourceExhausted {
+        // A model larger than the whole budget never fits: no retry.
+        let never_fits = matches!(
+            error,
+            BackendError::Residency {
+                error: ResidencyError::TooLarge { .. },
+                ..
+            }
+        );
+        if code == Code::ResourceExhausted && !never_fits {
             details.set_retry_info(None);
         }
         Status::with_error_details(code, error.to_string(), details)
     }
+}
+
+/// A residency error's metadata: the backend, the model and, where the
+/// refusal is about memory, the bytes asked and the bytes there are.
+fn residency_metadata(error: &ResidencyError, backend: String) -> Vec<(&'static str, String)> {
+    let mut metadata = vec![("backend", backend)];
+    match error {
+        ResidencyError::TooLarge {
+            model,
+            needed,
+            budget,
+        } => metadata.extend([
+            ("model", model.clone()),
+            ("needed_bytes", needed.to_string()),
+            ("budget_bytes", budget.to_string()),
+        ]),
+        ResidencyError::NoRoom { model, needed, .. } => metadata.extend([
+            ("model", model.clone()),
+            ("needed_bytes", needed.to_string()),
+        ]),
+        ResidencyError::LoadFailed { model, .. } | ResidencyError::NotLoaded { model } => {
+            metadata.push(("model", model.clone()))
+        }
+        ResidencyError::InUse { model, calls } => {
+            metadata.extend([("model", model.clone()), ("calls", calls.to_string())])
+        }
+    }
+    metadata
 }
 
 impl From<TaskError> for Status {
@@ -367,6 +424,48 @@ mod tests {
                 circuits: "ollama open".to_owned(),
             }),
             BackendError::CircuitsOpen { .. } => None,
+            // Reached from `residency_errors`; `UnknownModel` shares
+            // MODEL_NOT_FOUND with `ModelNotFound` on purpose.
+            BackendError::Residency { .. }
+            | BackendError::Unsupported { .. }
+            | BackendError::UnknownModel { .. } => None,
+        })
+        .chain(residency_errors())
+        .chain([BackendError::Unsupported {
+            backend: "ollama",
+            operation: "loading a model on request",
+        }])
+        .collect()
+    }
+
+    /// One residency refusal of every kind.
+    fn residency_errors() -> Vec<BackendError> {
+        let model = || "m".to_owned();
+        [
+            ResidencyError::TooLarge {
+                model: model(),
+                needed: 2,
+                budget: 1,
+            },
+            ResidencyError::NoRoom {
+                model: model(),
+                needed: 1,
+                why: "in use".to_owned(),
+            },
+            ResidencyError::LoadFailed {
+                model: model(),
+                reason: "bad file".to_owned(),
+            },
+            ResidencyError::InUse {
+                model: model(),
+                calls: 1,
+            },
+            ResidencyError::NotLoaded { model: model() },
+        ]
+        .into_iter()
+        .map(|error| BackendError::Residency {
+            backend: "embedded",
+            error,
         })
         .collect()
     }
@@ -522,8 +621,8 @@ mod tests {
             assert!(!info.metadata.is_empty(), "{reason} names what failed");
             assert_eq!(
                 status.get_details_retry_info().is_some(),
-                status.code() == Code::ResourceExhausted,
-                "{reason}"
+                status.code() == Code::ResourceExhausted && reason != "MODEL_TOO_LARGE",
+                "{reason}: a model larger than the budget never fits"
             );
         }
     }

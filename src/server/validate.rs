@@ -46,13 +46,62 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ValidationErr
     }
 }
 
-/// Token budgets and size limits from the configuration.
-#[derive(Clone, Copy, Debug)]
+/// Token budgets, size limits and role models from the configuration.
+#[derive(Clone, Debug)]
 pub struct Limits {
     pub default_max_tokens: u32,
     pub task_max_tokens: u32,
     pub max_tokens_limit: u32,
     pub max_prompt_bytes: usize,
+    pub role_models: RoleModels,
+}
+
+/// The model of each RPC's calls that name none (`--enhance-model`,
+/// `--decompose-model`, `--generate-model`); unset: the backend's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoleModels {
+    pub enhance: Option<String>,
+    pub decompose: Option<String>,
+    pub generate: Option<String>,
+}
+
+/// LoadModel's and UnloadModel's `model` (required) and `backend` (one of
+/// `backends`, or empty for any).
+pub fn model_operation(
+    model: String,
+    backend: String,
+    backends: &[&'static str],
+) -> Result<(String, Option<&'static str>), ValidationError> {
+    let model = self::model(model)?.ok_or_else(|| invalid("model", "name the model"))?;
+    Ok((model, backend_name(&backend, backends)?))
+}
+
+/// A `backend` field: empty for any, else one of `backends`.
+pub fn backend_name(
+    backend: &str,
+    backends: &[&'static str],
+) -> Result<Option<&'static str>, ValidationError> {
+    if backend.is_empty() {
+        return Ok(None);
+    }
+    backends
+        .iter()
+        .find(|name| **name == backend)
+        .map(|name| Some(*name))
+        .ok_or_else(|| {
+            invalid(
+                "backend",
+                format!(
+                    "{backend:?} is not a configured backend; configured: {}",
+                    backends.join(", ")
+                ),
+            )
+        })
+}
+
+/// The model a call asked for, else its role's.
+fn model_or(requested: String, role: &Option<String>) -> Result<Option<String>, ValidationError> {
+    Ok(model(requested)?.or_else(|| role.clone()))
 }
 
 pub fn enhance(
@@ -70,7 +119,7 @@ pub fn enhance(
         task: task(request.task)?,
         context: context(request.context)?,
         kind,
-        model: model(request.model)?,
+        model: model_or(request.model, &limits.role_models.enhance)?,
         sampling: sampling(request.sampling, limits.task_max_tokens, limits)?,
     })
 }
@@ -104,7 +153,7 @@ pub fn decompose(
         context: context(request.context)?,
         min_subtasks: min,
         max_subtasks: max,
-        model: model(request.model)?,
+        model: model_or(request.model, &limits.role_models.decompose)?,
         sampling: sampling(request.sampling, limits.task_max_tokens, limits)?,
     })
 }
@@ -152,7 +201,7 @@ pub fn generate(
     };
     Ok((
         GenerationRequest {
-            model: model(request.model)?,
+            model: model_or(request.model, &limits.role_models.generate)?,
             messages,
             sampling: sampling(request.sampling, limits.default_max_tokens, limits)?,
             stop: request.stop,
@@ -345,10 +394,93 @@ mod tests {
         task_max_tokens: 256,
         max_tokens_limit: 1000,
         max_prompt_bytes: 100,
+        role_models: RoleModels {
+            enhance: None,
+            decompose: None,
+            generate: None,
+        },
     };
 
     fn field_of(error: ValidationError) -> String {
         error.field
+    }
+
+    #[test]
+    fn model_operations_name_a_model_and_a_configured_backend() {
+        let backends = ["embedded", "ollama"];
+        assert_eq!(
+            model_operation("phi3".into(), String::new(), &backends),
+            Ok(("phi3".to_owned(), None))
+        );
+        assert_eq!(
+            model_operation("phi3".into(), "ollama".into(), &backends),
+            Ok(("phi3".to_owned(), Some("ollama")))
+        );
+        assert_eq!(
+            field_of(model_operation(String::new(), String::new(), &backends).unwrap_err()),
+            "model"
+        );
+        let unknown = model_operation("phi3".into(), "vllm".into(), &backends).unwrap_err();
+        assert_eq!(unknown.field, "backend");
+        assert!(
+            unknown.reason.contains("embedded, ollama"),
+            "{}",
+            unknown.reason
+        );
+    }
+
+    #[test]
+    fn a_call_without_a_model_gets_its_roles_model() {
+        let limits = Limits {
+            role_models: RoleModels {
+                enhance: Some("enhancer".to_owned()),
+                decompose: Some("decomposer".to_owned()),
+                generate: None,
+            },
+            ..LIMITS
+        };
+        let task = || {
+            Some(proto::Task {
+                title: "Add a health check".to_owned(),
+                ..Default::default()
+            })
+        };
+        let enhance = |model: &str| proto::EnhanceTaskRequest {
+            task: task(),
+            model: model.to_owned(),
+            ..Default::default()
+        };
+        assert_eq!(
+            super::enhance(enhance(""), &limits)
+                .unwrap()
+                .model
+                .as_deref(),
+            Some("enhancer")
+        );
+        assert_eq!(
+            super::enhance(enhance("mine"), &limits)
+                .unwrap()
+                .model
+                .as_deref(),
+            Some("mine"),
+            "a named model wins"
+        );
+        let decompose = proto::DecomposeTaskRequest {
+            task: task(),
+            ..Default::default()
+        };
+        assert_eq!(
+            super::decompose(decompose, &limits)
+                .unwrap()
+                .model
+                .as_deref(),
+            Some("decomposer")
+        );
+        let (generation, _) = generate(generate_request(), &limits).unwrap();
+        assert_eq!(
+            generation.model, None,
+            "no role model: the backend's default"
+        );
     }
 
     fn generate_request() -> proto::GenerateRequest {

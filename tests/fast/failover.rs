@@ -153,7 +153,7 @@ async fn nothing_is_retried_once_text_reached_the_client() {
 }
 
 #[tokio::test]
-async fn a_models_absence_is_not_retried_elsewhere() {
+async fn a_model_no_backend_lists_is_refused_before_any_backend_is_asked() {
     let (first, second) = pair();
     let server = serve(&[], &[&first, &second]).await;
     let mut client = server.client().await;
@@ -165,14 +165,34 @@ async fn a_models_absence_is_not_retried_elsewhere() {
         .await
         .expect_err("nobody serves it");
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
-    assert!(second.requests().is_empty());
+    assert!(first.requests().is_empty() && second.requests().is_empty());
     let served = GenerateRequest {
         model: "model-b".into(),
         ..greedy("Hi", 4)
     };
     let answer = generate(&mut client, served).await.expect("served");
     assert_eq!(answer.summary.meta.expect("meta").model, "model-b");
-    assert_eq!(first.requests()[1].model.as_deref(), Some("model-b"));
+    assert_eq!(first.requests()[0].model.as_deref(), Some("model-b"));
+}
+
+#[tokio::test]
+async fn a_backend_whose_listing_was_stale_passes_the_call_to_the_next_that_lists_the_model() {
+    let (first, second) = pair();
+    first.next(Reply::refuse(ErrorKind::ModelNotFound));
+    let server = serve(&[], &[&first, &second]).await;
+    let mut client = server.client().await;
+    let request = GenerateRequest {
+        model: "model-b".into(),
+        ..greedy("Hi", 4)
+    };
+    let answer = generate(&mut client, request).await.expect("served");
+    assert_eq!(answer.summary.meta.expect("meta").backend, "second");
+    let entry = backend_status(&mut client, "first").await;
+    assert_eq!(
+        (entry.failures, entry.retried),
+        (0, 0),
+        "not an outage, not a retry"
+    );
 }
 
 #[tokio::test]

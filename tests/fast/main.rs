@@ -14,6 +14,7 @@ mod drain;
 mod failover;
 mod health;
 mod metrics;
+mod models;
 mod result_cache;
 mod task_rules;
 mod validation;

@@ -1,234 +1,187 @@
 //! The embedded backend: llama.cpp in this process (crate `llama-cpp-2`), so
 //! a machine with nothing else installed serves from one binary.
 //!
-//! Requests are prepared here (chat template, tokenization, grammar) and
-//! handed to the engine thread (`engine`), which decodes every active
-//! sequence in one batch per step. JSON Schemas are enforced while sampling
-//! with llguidance: each step only tokens the grammar allows can be drawn.
+//! It serves every GGUF model of the catalog: each is loaded on its first
+//! call (or at start when preloaded or pinned) and held under the memory
+//! budget (`residency`). Requests are prepared by the model they name
+//! (`model`: chat template, tokenization, grammar) and handed to that
+//! model's engine thread (`engine`), which decodes every active sequence in
+//! one batch per step. JSON Schemas are enforced while sampling with
+//! llguidance: each step only tokens the grammar allows can be drawn.
 
 mod engine;
+mod model;
 mod sampler;
 mod text;
 
-use std::{
-    io::Read,
-    path::{Path, PathBuf},
-    sync::{
-        Arc, OnceLock,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Instant, SystemTime, UNIX_EPOCH},
-};
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use llama_cpp_2::{
-    llama_backend::LlamaBackend,
-    model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel, params::LlamaModelParams},
-    sampling::LlamaSampler,
-};
-use llguidance::{Matcher, ParserFactory, api::TopLevelGrammar};
+use futures_util::{FutureExt, StreamExt, future::BoxFuture};
 
 pub use engine::EngineShape;
 
-use self::{
-    engine::{EngineThread, Job, Refused},
-    sampler::Sampler,
-    text::TextAssembler,
-};
+use self::model::LoadedModel;
 use super::{
-    Backend, BackendError, Capabilities, ChunkStream, GenerationRequest, ProbeReport,
-    SchemaSupport,
-    relay::{RELAY_CAPACITY, relay},
+    Backend, BackendError, Capabilities, ChunkStream, GenerationRequest, ModelInfo, ProbeReport,
+    ResidencyStatus, SchemaSupport,
+    catalog::{Catalog, ModelEntry, ModelFormat},
+    residency::{KeepAlive, Lease, Residency, ResidencyError, ResidencyPolicy},
 };
 
 const NAME: &str = "embedded";
-const GGUF_MAGIC: &[u8; 4] = b"GGUF";
-/// llama.cpp's defaults, used when a request leaves them unset.
-const DEFAULT_TEMPERATURE: f32 = 0.8;
-const DEFAULT_TOP_P: f32 = 0.95;
 
 pub struct EmbeddedSettings {
-    pub model_path: PathBuf,
-    /// Name requests use for the model; default: the file name without `.gguf`.
-    pub model_name: Option<String>,
+    /// The models it may serve; only GGUF entries are taken.
+    pub catalog: Catalog,
+    /// The model of requests that name none.
+    pub default_model: String,
+    /// Loaded before the backend is ready, besides the default model and
+    /// the pinned ones.
+    pub preload: Vec<String>,
+    pub residency: ResidencyPolicy,
     pub shape: EngineShape,
-    /// Requests that may wait for a free sequence; beyond it RESOURCE_EXHAUSTED.
+    /// Requests that may wait for a free sequence of one model; beyond it
+    /// RESOURCE_EXHAUSTED.
     pub queue: usize,
 }
 
+impl EmbeddedSettings {
+    /// One GGUF model, served under its file name and never unloaded: the
+    /// shape of tests and benchmarks that need one engine.
+    pub fn one_model(path: &Path, shape: EngineShape, queue: usize) -> Result<Self, LoadError> {
+        let name = path.file_stem().map_or_else(
+            || "model".to_owned(),
+            |stem| stem.to_string_lossy().into_owned(),
+        );
+        let entry = ModelEntry::read(name.clone(), path).map_err(|error| LoadError {
+            model: name.clone(),
+            reason: error.to_string(),
+        })?;
+        Ok(Self {
+            catalog: Catalog::from_entries(vec![entry]),
+            default_model: name,
+            preload: Vec::new(),
+            residency: ResidencyPolicy {
+                memory_budget: u64::MAX,
+                max_loaded: 1,
+                keep_alive: KeepAlive::Forever,
+                pinned: Vec::new(),
+            },
+            shape,
+            queue,
+        })
+    }
+}
+
 pub struct EmbeddedBackend {
-    model: Arc<LlamaModel>,
-    model_name: String,
-    model_path: PathBuf,
-    template: LlamaChatTemplate,
-    grammars: ParserFactory,
-    engine: EngineThread,
+    catalog: Catalog,
+    default_model: String,
+    residency: Residency<LoadedModel>,
     shape: EngineShape,
     queue: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot load the model {path}: {reason}")]
+#[error("cannot load the model {model}: {reason}")]
 pub struct LoadError {
-    path: PathBuf,
+    model: String,
     reason: String,
 }
 
-fn llama() -> Result<&'static LlamaBackend, String> {
-    static LLAMA: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
-    LLAMA
-        .get_or_init(|| {
-            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
-            LlamaBackend::init().map_err(|error| error.to_string())
-        })
-        .as_ref()
-        .map_err(Clone::clone)
-}
-
 impl EmbeddedBackend {
-    /// Loads the model, starts the engine thread and runs a one-token
-    /// warm-up; the backend is ready when this returns.
+    /// Loads the default model, the pinned ones and those to preload, each
+    /// with its engine thread warmed up; the backend is ready when this
+    /// returns.
     pub async fn load(settings: EmbeddedSettings) -> Result<Self, LoadError> {
-        let path = settings.model_path.clone();
-        tokio::task::spawn_blocking(move || Self::load_blocking(settings))
-            .await
-            .map_err(|error| LoadError {
-                path,
-                reason: format!("loader thread failed: {error}"),
-            })?
-    }
-
-    fn load_blocking(settings: EmbeddedSettings) -> Result<Self, LoadError> {
-        let path = settings.model_path;
-        let fail = |reason: String| LoadError {
-            path: path.clone(),
-            reason,
-        };
-        check_gguf(&path).map_err(&fail)?;
-        let started = Instant::now();
-        let llama = llama().map_err(&fail)?;
-        let model = LlamaModel::load_from_file(llama, &path, &LlamaModelParams::default())
-            .map_err(|error| fail(format!("llama.cpp could not load it: {error}")))?;
-        let model = Arc::new(model);
-        let template = model
-            .chat_template(None)
-            .map_err(|error| fail(format!("no chat template in the GGUF: {error}")))?;
-        let grammars = ParserFactory::new_simple(&LlamaSampler::llguidance_tok_env(&model))
-            .map_err(|error| fail(format!("llguidance: {error}")))?;
-        let model_name = settings.model_name.unwrap_or_else(|| {
-            path.file_stem().map_or_else(
-                || "model".to_owned(),
-                |stem| stem.to_string_lossy().into_owned(),
-            )
-        });
-
-        let shape = settings.shape;
-        let (engine, warm_up) =
-            EngineThread::start(model.clone(), llama, shape, settings.queue).map_err(&fail)?;
-        tracing::info!(
-            path = %path.display(),
-            model = %model_name,
-            architecture = %model.meta_val_str("general.architecture").unwrap_or_default(),
-            parameters = model.n_params(),
-            size_bytes = model.size(),
-            context_length = model.n_ctx_train(),
-            load_ms = started.elapsed().as_millis() as u64,
-            warm_up_ms = warm_up.as_millis() as u64,
-            sequences = shape.parallel,
-            ctx_per_sequence = shape.ctx_per_sequence,
-            threads = shape.threads,
-            "embedded model loaded"
+        let catalog = Catalog::from_entries(
+            settings
+                .catalog
+                .entries()
+                .iter()
+                .filter(|entry| entry.format == ModelFormat::Gguf)
+                .cloned()
+                .collect(),
         );
-        Ok(Self {
-            model,
-            model_name,
-            model_path: path,
-            template,
-            grammars,
-            engine,
-            shape,
+        let backend = Self {
+            catalog,
+            default_model: settings.default_model.clone(),
+            residency: Residency::new(settings.residency.clone()),
+            shape: settings.shape,
             queue: settings.queue,
-        })
-    }
-
-    fn rejected(reason: String) -> BackendError {
-        BackendError::Rejected {
-            backend: NAME,
-            reason,
+        };
+        let mut warm = vec![settings.default_model];
+        warm.extend(settings.residency.pinned);
+        warm.extend(settings.preload);
+        warm.dedup();
+        for model in warm {
+            backend
+                .load_model(&model)
+                .await
+                .map_err(|error| LoadError {
+                    model,
+                    reason: error.to_string(),
+                })?;
         }
+        Ok(backend)
     }
 
-    fn prompt(
-        &self,
-        request: &GenerationRequest,
-    ) -> Result<Vec<llama_cpp_2::token::LlamaToken>, BackendError> {
-        let messages = request
-            .messages
-            .iter()
-            .map(|message| {
-                LlamaChatMessage::new(message.role.as_str().to_owned(), message.content.clone())
-                    .map_err(|_| Self::rejected("a message contains a NUL character".to_owned()))
+    fn entry(&self, model: &str) -> Result<&ModelEntry, BackendError> {
+        self.catalog
+            .get(model)
+            .map_err(|_| BackendError::ModelNotFound {
+                backend: NAME,
+                model: model.to_owned(),
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let prompt = self
-            .model
-            .apply_chat_template(&self.template, &messages, true)
-            .map_err(|error| Self::rejected(format!("chat template: {error}")))?;
-        let tokens = self.model.vocab().tokenize(prompt.as_bytes(), true, true);
-        let room = self.shape.ctx_per_sequence as usize;
-        if tokens.len() >= room {
-            return Err(Self::rejected(format!(
-                "the prompt has {} tokens; a sequence holds at most {room} (RIGGER_CTX_PER_SEQUENCE), \
-                 and at least one must be left to generate",
-                tokens.len()
-            )));
-        }
-        Ok(tokens)
     }
 
-    fn matcher(&self, schema: &serde_json::Value) -> Result<Matcher, BackendError> {
-        let mut schema = schema.clone();
-        if let Some(object) = schema.as_object_mut() {
-            // Compact JSON: fewer tokens for the same answer.
-            object
-                .entry("x-guidance")
-                .or_insert_with(|| serde_json::json!({ "whitespace_flexible": false }));
-        }
-        let grammar = TopLevelGrammar::from_json_schema(schema);
-        let parser = self
-            .grammars
-            .create_parser(grammar)
-            .map_err(|error| Self::rejected(format!("json_schema cannot be enforced: {error}")))?;
-        let matcher = Matcher::new(Ok(parser));
-        match matcher.get_error() {
-            Some(error) => Err(Self::rejected(format!(
-                "json_schema cannot be enforced: {error}"
-            ))),
-            None => Ok(matcher),
-        }
+    /// Bytes a model takes once loaded: its weights (mapped from the file)
+    /// and the KV cache of every sequence.
+    fn estimate(&self, entry: &ModelEntry) -> u64 {
+        let positions = u64::from(self.shape.parallel) * u64::from(self.shape.ctx_per_sequence);
+        entry.size_bytes + entry.kv_bytes(positions)
+    }
+
+    /// The model, loading it first when it is not resident.
+    async fn lease(&self, model: &str) -> Result<Lease<LoadedModel>, BackendError> {
+        let entry = self.entry(model)?;
+        let (name, path, shape, queue) = (
+            entry.name.clone(),
+            entry.path.clone(),
+            self.shape,
+            self.queue,
+        );
+        let load = move || -> BoxFuture<'static, Result<LoadedModel, String>> {
+            let (name, path) = (name.clone(), path.clone());
+            load_off_thread(name, path, shape, queue).boxed()
+        };
+        self.residency
+            .acquire(model, self.estimate(entry), load)
+            .await
+            .map_err(residency_error)
+    }
+
+    fn requested<'r>(&'r self, request: &'r GenerationRequest) -> &'r str {
+        request.model.as_deref().unwrap_or(&self.default_model)
     }
 }
 
-/// A clear error for a path that is missing or not a GGUF file, before
-/// llama.cpp sees it.
-fn check_gguf(path: &Path) -> Result<(), String> {
-    let mut file = std::fs::File::open(path).map_err(|error| format!("cannot open it: {error}"))?;
-    let mut magic = [0u8; 4];
-    file.read_exact(&mut magic)
-        .map_err(|error| format!("cannot read it: {error}"))?;
-    if &magic != GGUF_MAGIC {
-        return Err("it is not a GGUF file (wrong magic bytes)".to_owned());
-    }
-    Ok(())
+async fn load_off_thread(
+    name: String,
+    path: PathBuf,
+    shape: EngineShape,
+    queue: usize,
+) -> Result<LoadedModel, String> {
+    tokio::task::spawn_blocking(move || LoadedModel::load(&name, &path, shape, queue))
+        .await
+        .map_err(|error| format!("loader thread failed: {error}"))?
 }
 
-/// A seed for requests that set none: distinct per request.
-fn fresh_seed() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
-    nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(32)
+fn residency_error(error: ResidencyError) -> BackendError {
+    BackendError::Residency {
+        backend: NAME,
+        error,
+    }
 }
 
 #[async_trait]
@@ -237,8 +190,12 @@ impl Backend for EmbeddedBackend {
         NAME
     }
 
+    /// The default model's file: there is no address in-process.
     fn endpoint(&self) -> String {
-        self.model_path.display().to_string()
+        self.catalog
+            .get(&self.default_model)
+            .map(|entry| entry.path.display().to_string())
+            .unwrap_or_default()
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -251,79 +208,69 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
-        if !self.engine.is_alive() {
+        if let Some(stopped) = self
+            .residency
+            .models()
+            .into_iter()
+            .find(|(_, model)| !model.is_alive())
+        {
             return Err(BackendError::Unavailable {
                 backend: NAME,
                 endpoint: self.endpoint(),
-                reason: "the engine thread stopped".to_owned(),
+                reason: format!("the engine thread of model {} stopped", stopped.0),
             });
         }
         Ok(ProbeReport {
-            models: vec![self.model_name.clone()],
-            default_model: Some(self.model_name.clone()),
+            models: self
+                .catalog
+                .entries()
+                .iter()
+                .map(|entry| entry.name.clone())
+                .collect(),
+            default_model: Some(self.default_model.clone()),
         })
     }
 
     async fn generate(&self, request: GenerationRequest) -> Result<ChunkStream, BackendError> {
-        if let Some(model) = &request.model
-            && *model != self.model_name
-        {
-            return Err(BackendError::ModelNotFound {
-                backend: NAME,
-                model: model.clone(),
-            });
-        }
-        let prompt = self.prompt(&request)?;
-        let matcher = request
-            .json_schema
-            .as_ref()
-            .map(|schema| self.matcher(schema))
-            .transpose()?;
-        let sampling = &request.sampling;
-        let (output, chunks) = relay(RELAY_CAPACITY, self.engine.waker());
-        let job = Job {
-            prompt,
-            max_tokens: sampling.max_tokens,
-            sampler: Sampler::new(
-                sampling.temperature.unwrap_or(DEFAULT_TEMPERATURE),
-                sampling.top_p.unwrap_or(DEFAULT_TOP_P),
-                sampling.frequency_penalty.unwrap_or(0.0),
-                sampling.seed.unwrap_or_else(fresh_seed),
-            )
-            .avoiding_repeated_ngrams(sampling.no_repeat.as_ref().map(|rule| {
-                let said = rule
-                    .already_said
-                    .iter()
-                    .map(|text| {
-                        self.model
-                            .vocab()
-                            .tokenize(text.as_bytes(), false, false)
-                            .into_iter()
-                            .map(|token| token.0 as u32)
-                            .collect()
-                    })
-                    .collect();
-                (rule.ngram, said)
-            })),
-            matcher,
-            text: TextAssembler::new(request.stop),
-            model: self.model_name.clone(),
-            output,
-        };
-        match self.engine.submit(job) {
-            Ok(()) => Ok(Box::pin(chunks)),
-            Err(Refused::Full) => Err(BackendError::Overloaded {
-                backend: NAME,
-                reason: format!(
-                    "all {} sequences are busy and {} requests already wait",
-                    self.shape.parallel, self.queue
-                ),
-            }),
-            Err(Refused::Stopped) => Err(BackendError::Unavailable {
-                backend: NAME,
-                endpoint: self.endpoint(),
-                reason: "the engine thread stopped".to_owned(),
-            }),
-        }
+        let lease = self.lease(self.requested(&request)).await?;
+        let stream = lease.model().generate(request)?;
+        // The model stays resident while its answer streams.
+        Ok(stream
+            .map(move |chunk| {
+                let _held = &lease;
+                chunk
+            })
+            .boxed())
+    }
+
+    async fn models(&self) -> Result<Vec<ModelInfo>, BackendError> {
+        let residents = self.residency.residents();
+        Ok(self
+            .catalog
+            .entries()
+            .iter()
+            .map(|entry| {
+                ModelInfo::from_entry(
+                    entry,
+                    residents
+                        .iter()
+                        .find(|residence| residence.model == entry.name)
+                        .cloned(),
+                )
+            })
+            .collect())
+    }
+
+    async fn load_model(&self, model: &str) -> Result<(), BackendError> {
+        self.lease(model).await.map(drop)
+    }
+
+    async fn unload_model(&self, model: &str) -> Result<(), BackendError> {
+        self.entry(model)?;
+        self.residency.unload(model).map_err(residency_error)
+    }
+
+    fn residency(&self) -> Option<ResidencyStatus> {
+        Some(ResidencyStatus::of(&self.residency))
     }
 }

@@ -12,8 +12,8 @@ use std::{
 
 use futures_util::{StreamExt, future::BoxFuture, stream};
 
-use super::{Pool, breaker::BreakerPolicy};
-use crate::backend::{BackendError, ChunkStream, GenerationRequest};
+use super::{Entry, Pool, breaker::BreakerPolicy};
+use crate::backend::{BackendError, ChunkStream, GenerationRequest, catalog::closest_names};
 
 /// The longest wait before a backend that failed a call is tried again: the
 /// call has sent nothing yet, and an interactive caller is better served by
@@ -48,6 +48,16 @@ pub struct FailoverPolicy {
 #[derive(Clone, Default)]
 struct Tried(Vec<usize>);
 
+/// Backends a call may go to at all: those that serve its model.
+#[derive(Clone)]
+pub(super) struct Eligible(Vec<usize>);
+
+impl Eligible {
+    pub(super) fn indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().copied()
+    }
+}
+
 impl Tried {
     fn attempts(&self) -> u32 {
         self.0.len() as u32
@@ -66,18 +76,41 @@ impl Pool {
         self: Arc<Self>,
         request: GenerationRequest,
     ) -> Result<ChunkStream, BackendError> {
-        self.attempt(request, Tried::default()).await
+        let eligible = self.serving(request.model.as_deref())?;
+        self.attempt(request, eligible, Tried::default()).await
+    }
+
+    /// The backends that serve `model` (every backend when the call names
+    /// none): those whose last probe listed it, and those whose listing is
+    /// unknown yet, in failover order. None at all is NOT_FOUND with the
+    /// closest names served.
+    pub(super) fn serving(&self, model: Option<&str>) -> Result<Eligible, BackendError> {
+        let Some(model) = model else {
+            return Ok(Eligible((0..self.entries.len()).collect()));
+        };
+        let eligible: Vec<usize> = (0..self.entries.len())
+            .filter(|index| self.entries[*index].may_serve(model))
+            .collect();
+        if eligible.is_empty() {
+            let served: Vec<String> = self.entries.iter().flat_map(Entry::listed).collect();
+            return Err(BackendError::UnknownModel {
+                model: model.to_owned(),
+                closest: closest_names(model, &served),
+            });
+        }
+        Ok(Eligible(eligible))
     }
 
     fn attempt(
         self: Arc<Self>,
         request: GenerationRequest,
+        mut eligible: Eligible,
         mut tried: Tried,
     ) -> BoxFuture<'static, Result<ChunkStream, BackendError>> {
         Box::pin(async move {
             let mut last_error = None;
             loop {
-                let Some(index) = self.pick(&tried) else {
+                let Some(index) = self.pick(&eligible, &tried) else {
                     return Err(last_error.unwrap_or_else(|| self.circuits_open()));
                 };
                 if tried.includes(index) {
@@ -92,11 +125,20 @@ impl Pool {
                 tried.0.push(index);
                 match self.entries[index].backend.generate(request.clone()).await {
                     Ok(stream) => {
-                        return Ok(self.clone().first_chunk(index, stream, request, tried));
+                        return Ok(self
+                            .clone()
+                            .first_chunk(index, stream, request, eligible, tried));
                     }
                     Err(error) => {
                         self.failed(index, &error);
-                        if !self.retry_after(index, &error, &tried) {
+                        let named = request.model.is_some();
+                        if named && error.is_about_the_model() && eligible.0.len() > 1 {
+                            // Its listing was stale, or it cannot load the
+                            // model: the others that serve it may. (A call
+                            // naming no model gets each backend's default,
+                            // so there is nothing to move on for.)
+                            eligible.0.retain(|other| *other != index);
+                        } else if !self.retry_after(index, &error, &tried) {
                             return Err(error);
                         }
                         last_error = Some(error);
@@ -124,6 +166,7 @@ impl Pool {
         index: usize,
         mut stream: ChunkStream,
         request: GenerationRequest,
+        eligible: Eligible,
         tried: Tried,
     ) -> ChunkStream {
         let head = async move {
@@ -133,7 +176,7 @@ impl Pool {
                     if !self.retry_after(index, &error, &tried) {
                         return stream::once(async { Err(error) }).boxed();
                     }
-                    match self.clone().attempt(request, tried).await {
+                    match self.clone().attempt(request, eligible, tried).await {
                         Ok(next) => next,
                         Err(error) => stream::once(async { Err(error) }).boxed(),
                     }
@@ -153,13 +196,18 @@ impl Pool {
         stream::once(head).flatten().boxed()
     }
 
-    /// The backend a call tries next: backends up by their last probe before
-    /// ones that failed it (which may have recovered since), configured
-    /// order within each, and the ones this call has not tried before those
-    /// it has; only those whose circuit lets a call through.
-    fn pick(&self, tried: &Tried) -> Option<usize> {
+    /// The backend a call tries next, among those eligible: backends up by
+    /// their last probe before ones that failed it (which may have
+    /// recovered since), configured order within each, and the ones this
+    /// call has not tried before those it has; only those whose circuit
+    /// lets a call through.
+    fn pick(&self, eligible: &Eligible, tried: &Tried) -> Option<usize> {
         let now = Instant::now();
-        let preferred = self.preference(now);
+        let preferred: Vec<usize> = self
+            .preference(now)
+            .into_iter()
+            .filter(|index| eligible.0.contains(index))
+            .collect();
         let untried = preferred.iter().filter(|index| !tried.includes(**index));
         let again = preferred.iter().filter(|index| tried.includes(**index));
         untried
@@ -256,6 +304,36 @@ mod tests {
         Tried(indices.to_vec())
     }
 
+    fn every(pool: &Pool) -> Eligible {
+        pool.serving(None).unwrap()
+    }
+
+    fn listing(pool: &Pool, index: usize, models: &[&str]) {
+        let mut state = pool.entries[index].state.write().unwrap();
+        state.health = BackendHealth::Serving;
+        state.report.models = models.iter().map(|model| (*model).to_owned()).collect();
+    }
+
+    #[test]
+    fn a_named_model_goes_only_to_backends_that_serve_it() {
+        let pool = pool(3);
+        listing(&pool, 0, &["phi3", "orca2"]);
+        listing(&pool, 1, &["mistral"]);
+        // The third was never probed: its listing is unknown, so it may.
+        let eligible = pool.serving(Some("mistral")).unwrap();
+        assert_eq!(eligible.0, [1, 2]);
+        assert_eq!(pool.pick(&eligible, &Tried::default()), Some(1));
+        assert_eq!(pool.serving(Some("orca2")).unwrap().0, [0, 2]);
+        listing(&pool, 2, &["llama3.1"]);
+        assert_eq!(pool.serving(Some("mistral")).unwrap().0, [1]);
+        let Err(BackendError::UnknownModel { model, closest }) = pool.serving(Some("orca")) else {
+            panic!("expected an unknown model");
+        };
+        assert_eq!(model, "orca");
+        assert_eq!(closest[0], "orca2");
+        assert_eq!(pool.serving(None).unwrap().0, [0, 1, 2]);
+    }
+
     fn down(backend: &'static str) -> BackendError {
         BackendError::Unavailable {
             backend,
@@ -281,22 +359,26 @@ mod tests {
     #[test]
     fn calls_go_to_the_first_configured_backend_up_or_not_yet_probed() {
         let pool = pool(3);
-        assert_eq!(pool.pick(&Tried::default()), Some(0), "before any probe");
+        assert_eq!(
+            pool.pick(&every(&pool), &Tried::default()),
+            Some(0),
+            "before any probe"
+        );
         for index in 0..3 {
             probed(&pool, index, BackendHealth::Serving);
         }
-        assert_eq!(pool.pick(&Tried::default()), Some(0));
+        assert_eq!(pool.pick(&every(&pool), &Tried::default()), Some(0));
         assert_eq!(pool.preference(Instant::now()), [0, 1, 2]);
     }
 
     #[test]
     fn backends_a_call_has_not_tried_come_before_those_it_has() {
         let pool = pool(3);
-        assert_eq!(pool.pick(&tried(&[0])), Some(1));
-        assert_eq!(pool.pick(&tried(&[0, 1])), Some(2));
-        assert_eq!(pool.pick(&tried(&[1])), Some(0));
+        assert_eq!(pool.pick(&every(&pool), &tried(&[0])), Some(1));
+        assert_eq!(pool.pick(&every(&pool), &tried(&[0, 1])), Some(2));
+        assert_eq!(pool.pick(&every(&pool), &tried(&[1])), Some(0));
         assert_eq!(
-            pool.pick(&tried(&[0, 1, 2])),
+            pool.pick(&every(&pool), &tried(&[0, 1, 2])),
             Some(0),
             "once all were tried, the configured order again"
         );
@@ -307,10 +389,14 @@ mod tests {
         let pool = pool(2);
         open_circuit(&pool, 0);
         assert_eq!(pool.preference(Instant::now()), [1]);
-        assert_eq!(pool.pick(&Tried::default()), Some(1));
-        assert_eq!(pool.pick(&tried(&[1])), Some(1), "tried, but the only one");
+        assert_eq!(pool.pick(&every(&pool), &Tried::default()), Some(1));
+        assert_eq!(
+            pool.pick(&every(&pool), &tried(&[1])),
+            Some(1),
+            "tried, but the only one"
+        );
         open_circuit(&pool, 1);
-        assert_eq!(pool.pick(&Tried::default()), None);
+        assert_eq!(pool.pick(&every(&pool), &Tried::default()), None);
         let BackendError::CircuitsOpen { circuits } = pool.circuits_open() else {
             panic!("every circuit is open");
         };
@@ -330,8 +416,8 @@ mod tests {
             [1, 2, 0],
             "a probe can be stale, so a failing backend stays a last resort"
         );
-        assert_eq!(pool.pick(&Tried::default()), Some(1));
-        assert_eq!(pool.pick(&tried(&[1, 2])), Some(0));
+        assert_eq!(pool.pick(&every(&pool), &Tried::default()), Some(1));
+        assert_eq!(pool.pick(&every(&pool), &tried(&[1, 2])), Some(0));
         open_circuit(&pool, 0);
         assert_eq!(pool.preference(Instant::now()), [1, 2]);
     }
@@ -405,14 +491,18 @@ mod tests {
         for _ in 0..POLICY.breaker.failures {
             pool.failed(0, &full);
         }
-        assert_eq!(pool.pick(&Tried::default()), Some(0), "busy is not down");
+        assert_eq!(
+            pool.pick(&every(&pool), &Tried::default()),
+            Some(0),
+            "busy is not down"
+        );
         let changes = pool.circuit_changed.subscribe();
         open_circuit(&pool, 0);
         assert!(
             changes.has_changed().expect("open"),
             "health learns at once"
         );
-        assert_eq!(pool.pick(&Tried::default()), None);
+        assert_eq!(pool.pick(&every(&pool), &Tried::default()), None);
     }
 
     const BASE: Duration = Duration::from_millis(50);

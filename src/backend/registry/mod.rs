@@ -23,8 +23,9 @@ pub use breaker::{BreakerPolicy, CircuitState};
 pub use failover::FailoverPolicy;
 
 use super::{
-    Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, Message,
-    ProbeReport, Role, Sampling, embedded::LoadError,
+    Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, Message, ModelInfo,
+    ProbeReport, ResidencyError, ResidencyStatus, Role, Sampling, catalog::CatalogError,
+    embedded::LoadError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,8 @@ pub enum SelectionError {
     OpenAiWithoutUrl,
     #[error(transparent)]
     Embedded(#[from] LoadError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
     #[error("cannot build the HTTP client for backends: {0}")]
     HttpClient(#[from] reqwest::Error),
     #[error("the MLX backend cannot start: {0}")]
@@ -69,6 +72,8 @@ pub struct BackendSnapshot {
     /// Calls that left this backend, down or full before their first
     /// token, for another attempt.
     pub retried: u64,
+    /// The models it holds, where it holds them itself.
+    pub residency: Option<ResidencyStatus>,
 }
 
 impl BackendSnapshot {
@@ -120,6 +125,36 @@ impl Entry {
             .read()
             .unwrap_or_else(|poison| poison.into_inner())
             .health
+    }
+
+    /// The models its last probe listed.
+    fn listed(&self) -> Vec<String> {
+        self.state
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .report
+            .models
+            .clone()
+    }
+
+    /// Whether it may serve `model`: its last probe listed it, or it has
+    /// listed nothing (not probed yet, or a runtime that does not list).
+    fn may_serve(&self, model: &str) -> bool {
+        let state = self
+            .state
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner());
+        state.report.models.is_empty() || state.report.models.iter().any(|listed| listed == model)
+    }
+
+    /// Whether it holds `model` in memory now.
+    fn holds(&self, model: &str) -> bool {
+        self.backend.residency().is_some_and(|status| {
+            status
+                .residents
+                .iter()
+                .any(|residence| residence.model == model)
+        })
     }
 
     fn mark_generated(&self) {
@@ -380,9 +415,123 @@ impl BackendRegistry {
                     consecutive_failures: breaker.consecutive_failures(),
                     failures: entry.failures.load(Ordering::Relaxed),
                     retried: entry.retried.load(Ordering::Relaxed),
+                    residency: entry.backend.residency(),
                 }
             })
             .collect()
+    }
+}
+
+/// Models across backends: listing, loading ahead of use, unloading.
+impl BackendRegistry {
+    /// Names of the backends, in failover order.
+    pub fn backend_names(&self) -> Vec<&'static str> {
+        self.pool
+            .entries
+            .iter()
+            .map(|entry| entry.backend.name())
+            .collect()
+    }
+
+    fn entries_named<'a>(&'a self, backend: Option<&'a str>) -> impl Iterator<Item = &'a Entry> {
+        self.pool
+            .entries
+            .iter()
+            .filter(move |entry| backend.is_none_or(|name| entry.backend.name() == name))
+    }
+
+    /// Every model each backend (or only `backend`) can serve, in failover
+    /// order. A backend that cannot be asked now is reported by the names
+    /// its last probe listed.
+    pub async fn models(&self, backend: Option<&str>) -> Vec<(&'static str, ModelInfo)> {
+        let listings = join_all(self.entries_named(backend).map(|entry| async move {
+            let models = entry.backend.models().await.unwrap_or_else(|error| {
+                tracing::warn!(backend = entry.backend.name(), %error, "listing models failed; using the last probe's names");
+                entry.listed().into_iter().map(ModelInfo::named).collect()
+            });
+            models
+                .into_iter()
+                .map(|model| (entry.backend.name(), model))
+                .collect::<Vec<_>>()
+        }))
+        .await;
+        listings.into_iter().flatten().collect()
+    }
+
+    /// Loads `model` on `backend`, or on the first backend in failover
+    /// order that serves it and can load it.
+    pub async fn load_model(
+        &self,
+        model: &str,
+        backend: Option<&str>,
+    ) -> Result<(&'static str, ModelInfo), BackendError> {
+        let eligible = self.pool.serving(Some(model))?;
+        let mut last_error = None;
+        for index in eligible.indices() {
+            let entry = &self.pool.entries[index];
+            if backend.is_some_and(|name| entry.backend.name() != name) {
+                continue;
+            }
+            match entry.backend.load_model(model).await {
+                Ok(()) => {
+                    let loaded = entry
+                        .backend
+                        .models()
+                        .await?
+                        .into_iter()
+                        .find(|info| info.name == model);
+                    return Ok((
+                        entry.backend.name(),
+                        loaded.unwrap_or_else(|| ModelInfo::named(model)),
+                    ));
+                }
+                Err(error)
+                    if error.is_about_the_model()
+                        || matches!(error, BackendError::Unsupported { .. }) =>
+                {
+                    last_error = Some(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| BackendError::UnknownModel {
+            model: model.to_owned(),
+            closest: Vec::new(),
+        }))
+    }
+
+    /// Unloads `model` from `backend`, or from every backend holding it;
+    /// returns the backends it left.
+    pub async fn unload_model(
+        &self,
+        model: &str,
+        backend: Option<&str>,
+    ) -> Result<Vec<&'static str>, BackendError> {
+        let eligible = self.pool.serving(Some(model))?;
+        let holding: Vec<&Entry> = eligible
+            .indices()
+            .map(|index| &self.pool.entries[index])
+            .filter(|entry| backend.is_none_or(|name| entry.backend.name() == name))
+            .filter(|entry| backend.is_some() || entry.holds(model))
+            .collect();
+        if holding.is_empty() {
+            let backend = eligible
+                .indices()
+                .next()
+                .map_or("none", |index| self.pool.entries[index].backend.name());
+            return Err(BackendError::Residency {
+                backend,
+                error: ResidencyError::NotLoaded {
+                    model: model.to_owned(),
+                },
+            });
+        }
+        let mut unloaded = Vec::new();
+        for entry in holding {
+            entry.backend.unload_model(model).await?;
+            unloaded.push(entry.backend.name());
+        }
+        Ok(unloaded)
     }
 }
 
