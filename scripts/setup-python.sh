@@ -40,6 +40,19 @@ PY
   mv "$model.part" "$model"
 fi
 
+# Tiny random-weight GGUF models of several llama.cpp architectures for the
+# tests (SmolLM2's tokenizer, so they need it first), outside models/, which
+# `make run` serves. Rewritten when the script that makes them changes.
+test_models="$cache_dir/test-models"
+tiny_script="$here/tiny_gguf.py"
+tiny_stamp="$test_models/.tiny_gguf.sha256"
+tiny_wanted="$(sha256sum "$tiny_script" | cut -d' ' -f1)"
+if [ "$(cat "$tiny_stamp" 2>/dev/null)" != "$tiny_wanted" ]; then
+  echo "setup: writing tiny test models into $test_models" >&2
+  "$venv/bin/python" "$tiny_script" --tokenizer-from "$model" "$test_models" >/dev/null
+  echo "$tiny_wanted" > "$tiny_stamp"
+fi
+
 # The on-topic rule's sentence-embedding model: WordLlama's l2_supercat
 # (a 16 MB table of token vectors and its tokenizer), unpacked from its PyPI
 # wheel in the layout src/meaning/ reads.

@@ -10,6 +10,7 @@
 pub mod health;
 pub mod ollama;
 pub mod scripted;
+pub mod tiny_models;
 pub mod two_factor;
 
 use std::{
