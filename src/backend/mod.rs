@@ -4,6 +4,7 @@
 //! runtimes (`embedded`, `mlx`, `ollama`, `openai`) and the choice among
 //! them (`registry`) live here.
 
+pub mod catalog;
 mod clock;
 pub mod embedded;
 mod error;
