@@ -412,7 +412,7 @@ impl Reader {
             for _ in 0..count {
                 match self.value(element_type)? {
                     Value::Int(value) => values.push(value),
-                    _ => unreachable!("integer element types read as integers"),
+                    other => return Err(format!("integer array element read as {other:?}")),
                 }
             }
             return Ok(Value::Ints(values));

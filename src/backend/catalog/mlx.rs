@@ -100,9 +100,12 @@ impl ModelFiles {
                 .unwrap_or("");
             let is_weights = path.extension().is_some_and(|ext| ext == WEIGHTS_EXTENSION);
             // Configs (model, tokenizer, generation) are JSON; the rest of a
-            // tokenizer is tokenizer.model, merges.txt or vocab.txt.
+            // tokenizer is tokenizer.model, merges.txt, vocab.txt or a
+            // chat_template.jinja.
             let is_part = is_weights
-                || path.extension().is_some_and(|ext| ext == "json")
+                || path
+                    .extension()
+                    .is_some_and(|ext| ext == "json" || ext == "jinja")
                 || name.starts_with("tokenizer")
                 || name == "merges.txt"
                 || name == "vocab.txt";
