@@ -27,13 +27,7 @@ type Client = InferenceServiceClient<Channel>;
 const TINY: [&str; 3] = ["tiny-llama", "tiny-qwen2", "tiny-phi3"];
 
 fn tiny_model(name: &str) -> PathBuf {
-    let path = rigger_inference::config::cache_dir().join(format!("test-models/{name}.gguf"));
-    assert!(
-        path.is_file(),
-        "{} is missing: run `make test` (or scripts/setup-python.sh) first",
-        path.display()
-    );
-    path
+    support::tiny_models::tiny_model(name.trim_start_matches("tiny-"))
 }
 
 /// A models directory: SmolLM2 as `smol-a`, `smol-b`, `smol-c`, the tiny

@@ -104,10 +104,18 @@ async fn loads_repeats_seeded_answers_and_holds_schemas(architecture: &str) {
     let object = value.as_object().expect("an object");
     assert_eq!(object.len(), 2, "{value}");
     assert!(
-        value["name"].as_str().expect("a string name").chars().count() <= 12,
+        value["name"]
+            .as_str()
+            .expect("a string name")
+            .chars()
+            .count()
+            <= 12,
         "{value}"
     );
-    assert!(value["legs"].as_u64().expect("integer legs") <= 8, "{value}");
+    assert!(
+        value["legs"].as_u64().expect("integer legs") <= 8,
+        "{value}"
+    );
 }
 
 #[tokio::test]

@@ -492,7 +492,7 @@ fn newest_snapshot(repo: &Path) -> Option<PathBuf> {
 /// Up to [`CLOSEST_NAMES`] of `known`, closest to `asked` first: names that
 /// contain it or are contained in it (case-insensitively), then by edit
 /// distance.
-fn closest_names<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Vec<String> {
+pub fn closest_names<'a>(asked: &str, known: impl Iterator<Item = &'a str>) -> Vec<String> {
     let asked = asked.to_lowercase();
     let mut ranked: Vec<(bool, usize, &str)> = known
         .map(|name| {

@@ -95,7 +95,7 @@ impl Pool {
             let served: Vec<String> = self.entries.iter().flat_map(Entry::listed).collect();
             return Err(BackendError::UnknownModel {
                 model: model.to_owned(),
-                closest: closest_names(model, &served),
+                closest: closest_names(model, served.iter().map(String::as_str)),
             });
         }
         Ok(Eligible(eligible))
