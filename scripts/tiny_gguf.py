@@ -4,10 +4,10 @@ for tests that need many models of different families without a download.
 Each model speaks SmolLM2's tokenizer (its `tokenizer.*` metadata, chat
 template included, copied from the SmolLM2 GGUF), so prompts, stop tokens and
 constrained decoding behave as with the real model; only the answers are noise.
-Shapes are the smallest llama.cpp accepts for the family (2 layers, hidden 64)
-with the vocabulary the tokenizer needs; the tied token embedding (F16) is most
-of each file. Weights come from a seeded generator: every run writes the same
-bytes, so a test's recorded answer stays valid.
+Shapes are small (2 layers, hidden 64) but the vocabulary is the tokenizer's,
+so the tied token embedding (F16) is most of each file (8 MB). Weights come
+from a seeded generator: every run writes the same bytes, so a seeded request
+gets the same answer after any setup.
 
 Usage: python tiny_gguf.py --tokenizer-from SMOLLM2.gguf OUT_DIR
 """
@@ -101,7 +101,10 @@ class SharedTokenizerWriter(GGUFWriter):
         return self._packed[key][1]
 
 
-def tokenizer_metadata(path: Path) -> list[tuple[str, object, GGUFValueType, GGUFValueType | None]]:
+MetadataItem = tuple[str, object, GGUFValueType, GGUFValueType | None]
+
+
+def tokenizer_metadata(path: Path) -> list[MetadataItem]:
     """The `tokenizer.*` items of a GGUF: key, value, type, array item type."""
     reader = MetadataReader(path)
     items = []
@@ -168,7 +171,9 @@ def tensor_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) ->
     return (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(np.float16)
 
 
-def write_model(family: Family, tokenizer: list, vocab: int, out: Path) -> tuple[int, int]:
+def write_model(
+    family: Family, tokenizer: list[MetadataItem], vocab: int, out: Path
+) -> tuple[int, int]:
     """Writes one model (atomically) and returns (parameters, bytes)."""
     name = f"tiny-{family.arch}"
     path = out / f"{name}.gguf"
@@ -212,10 +217,15 @@ def write_model(family: Family, tokenizer: list, vocab: int, out: Path) -> tuple
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path, help="directory the models are written to")
     parser.add_argument(
-        "--tokenizer-from", type=Path, required=True, help="GGUF whose tokenizer the models share (SmolLM2's)"
+        "--tokenizer-from",
+        type=Path,
+        required=True,
+        help="GGUF whose tokenizer the models share (SmolLM2's)",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,10 @@ use support::{
 /// Tokens of the free answer: enough to show decoding runs, few enough
 /// to keep six models quick.
 const ANSWER_TOKENS: u32 = 8;
-/// Room for the schema's answer: the string below is at most 12 characters,
-/// so even one character per token fits.
+/// Bounds of the schema's fields.
+const NAME_MAX_CHARS: usize = 12;
+const LEGS_MAX: u64 = 8;
+/// Room for the schema's answer even at one character per token.
 const SCHEMA_TOKENS: u32 = 48;
 /// One short sequence: the tests send one request at a time.
 const CTX_PER_SEQUENCE: &str = "256";
@@ -82,8 +84,8 @@ async fn loads_repeats_seeded_answers_and_holds_schemas(architecture: &str) {
     let schema = serde_json::json!({
         "type": "object",
         "properties": {
-            "name": {"type": "string", "maxLength": 12},
-            "legs": {"type": "integer", "minimum": 0, "maximum": 8}
+            "name": {"type": "string", "maxLength": NAME_MAX_CHARS},
+            "legs": {"type": "integer", "minimum": 0, "maximum": LEGS_MAX}
         },
         "required": ["name", "legs"],
         "additionalProperties": false
@@ -109,11 +111,11 @@ async fn loads_repeats_seeded_answers_and_holds_schemas(architecture: &str) {
             .expect("a string name")
             .chars()
             .count()
-            <= 12,
+            <= NAME_MAX_CHARS,
         "{value}"
     );
     assert!(
-        value["legs"].as_u64().expect("integer legs") <= 8,
+        value["legs"].as_u64().expect("integer legs") <= LEGS_MAX,
         "{value}"
     );
 }

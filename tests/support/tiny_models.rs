@@ -7,9 +7,6 @@ use std::path::PathBuf;
 
 use rigger_inference::config::cache_dir;
 
-/// `general.architecture` of each tiny model, as the script writes them.
-pub const ARCHITECTURES: [&str; 6] = ["llama", "qwen2", "qwen3", "phi3", "gemma", "starcoder2"];
-
 /// The directory of the tiny models; kept apart from `models/`, which
 /// `make run` serves.
 pub fn test_models_dir() -> PathBuf {
@@ -21,7 +18,8 @@ pub fn tiny_model_name(architecture: &str) -> String {
     format!("tiny-{architecture}")
 }
 
-/// Path of the tiny model of one architecture.
+/// Path of the tiny model of one architecture (`general.architecture`:
+/// llama, qwen2, qwen3, phi3, gemma, starcoder2).
 pub fn tiny_model(architecture: &str) -> PathBuf {
     let path = test_models_dir().join(format!("{}.gguf", tiny_model_name(architecture)));
     assert!(
