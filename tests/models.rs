@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use rigger_inference::proto::{
     DecomposeTaskRequest, EnhanceTaskRequest, GetStatusRequest, ListModelsRequest,
-    LoadModelRequest, ModelMemory, Task, UnloadModelRequest,
+    LoadModelRequest, ModelMemory, SamplingOptions, Task, TaskContext, UnloadModelRequest,
     inference_service_client::InferenceServiceClient,
 };
 use support::{TestServer, config, generate, greedy};
@@ -64,8 +64,6 @@ async fn serve(dir: &Path, flags: &[&str]) -> TestServer {
         &default,
         "--parallel",
         "2",
-        "--ctx-per-sequence",
-        "1024",
     ];
     all.extend_from_slice(flags);
     TestServer::start(config(&all)).await
@@ -167,18 +165,33 @@ async fn the_roles_of_a_pipeline_run_on_different_models() {
     )
     .await;
     let mut client = server.client().await;
+    // The task tests/tasks.rs answers with this model, seeded.
     let task = || {
         Some(Task {
-            title: "Add rate limiting to the login endpoint".to_owned(),
-            description: Some(
-                "Limit failed login attempts per account and per IP address.".to_owned(),
-            ),
+            title: "Add password reset".into(),
+            description: Some("Users who forget their password cannot log in.".into()),
+            context_files: vec!["src/auth/login.rs".into()],
+            ..Default::default()
+        })
+    };
+    let context = || {
+        Some(TaskContext {
+            project: "A web shop written in Rust.".into(),
+            prd_excerpt: "Users can reset a forgotten password by e-mail.".into(),
+        })
+    };
+    let seeded = || {
+        Some(SamplingOptions {
+            temperature: Some(0.0),
+            seed: Some(1),
             ..Default::default()
         })
     };
     let enhanced = client
         .enhance_task(EnhanceTaskRequest {
             task: task(),
+            context: context(),
+            sampling: seeded(),
             ..Default::default()
         })
         .await
@@ -188,13 +201,17 @@ async fn the_roles_of_a_pipeline_run_on_different_models() {
     let decomposed = client
         .decompose_task(DecomposeTaskRequest {
             task: task(),
+            context: context(),
+            sampling: seeded(),
+            min_subtasks: 3,
+            max_subtasks: 3,
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(decomposed.meta.unwrap().model, "smol-c");
-    assert!(decomposed.subtasks.len() >= 3);
+    assert_eq!(decomposed.subtasks.len(), 3);
     let generated = generate(&mut client, greedy("Hello", 4)).await.unwrap();
     assert_eq!(generated.summary.meta.unwrap().model, TINY[0]);
 }
