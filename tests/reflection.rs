@@ -56,6 +56,12 @@ async fn a_client_with_only_reflection_calls_every_rpc() {
         "ENHANCEMENT_KIND_CLARIFY"
     );
     assert!(report["enhance"]["enhancement"]["acceptanceCriteria"].is_array());
+    assert_eq!(report["models"]["models"][0]["name"], MODEL_ALIAS);
+    assert_eq!(report["models"]["models"][0]["backend"], "openai");
+    assert_eq!(
+        report["load"], "UNIMPLEMENTED",
+        "an OpenAI-compatible server loads its models itself"
+    );
     assert_eq!(report["invalid"]["code"], "INVALID_ARGUMENT");
     assert_eq!(
         report["invalid"]["message"],

@@ -76,6 +76,13 @@ def main() -> None:
         )
     )
 
+    models = json_format.MessageToDict(rpc("ListModels")({}))
+    try:
+        rpc("LoadModel")({"model": models["models"][0]["name"]})
+        load = "OK"
+    except grpc.RpcError as error:
+        load = error.code().name
+
     try:
         rpc("DecomposeTask")({"task": {"title": "Ship", "complexity": 11}})
         invalid = {"code": "OK"}
@@ -91,6 +98,8 @@ def main() -> None:
                 "status": status,
                 "generate": events,
                 "enhance": enhanced,
+                "models": models,
+                "load": load,
                 "invalid": invalid,
             }
         )

@@ -213,8 +213,8 @@ impl LoadedModel {
             Err(Refused::Full) => Err(BackendError::Overloaded {
                 backend: NAME,
                 reason: format!(
-                    "all {} sequences of model {} are busy and {} requests already wait",
-                    self.shape.parallel, self.name, self.queue
+                    "all {} sequences are busy and {} requests already wait (model {})",
+                    self.shape.parallel, self.queue, self.name
                 ),
             }),
             Err(Refused::Stopped) => Err(BackendError::Unavailable {
