@@ -4,6 +4,9 @@
 //! memory budget, pins, keep-alive, a model too large or a file that does
 //! not load, and the ListModels/LoadModel/UnloadModel RPCs.
 //!
+//! Routing by model across backends: the embedded engine's catalog beside
+//! the Ollama stand-in's tags (tests/support/ollama.rs).
+//!
 //! Models: SmolLM2 (the default model) under three names, and the tiny
 //! random-weight models of several architectures `make` writes into
 //! `$RIGGER_CACHE_DIR/test-models` (scripts/tiny_gguf.py).
@@ -17,7 +20,10 @@ use rigger_inference::proto::{
     LoadModelRequest, ModelMemory, SamplingOptions, Task, TaskContext, UnloadModelRequest,
     inference_service_client::InferenceServiceClient,
 };
-use support::{TestServer, config, generate, greedy};
+use support::{
+    TestServer, config, generate, greedy, llama,
+    ollama::{self, OllamaStandIn},
+};
 use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt;
 
@@ -51,20 +57,24 @@ fn models_dir(extra: &[(&str, &[u8])]) -> tempfile::TempDir {
     dir
 }
 
-/// The embedded engine over `dir`, its default model `smol-a`.
+/// The service over `dir`, its embedded default model `smol-a`.
 async fn serve(dir: &Path, flags: &[&str]) -> TestServer {
     let dir = dir.to_str().unwrap();
     let default = format!("{dir}/smol-a.gguf");
-    let mut all = vec![
-        "--backend",
-        "embedded",
+    // The embedded engine alone, unless the test lists the backends.
+    let mut all = if flags.contains(&"--backends") {
+        vec![]
+    } else {
+        vec!["--backend", "embedded"]
+    };
+    all.extend([
         "--models-dir",
         dir,
         "--model-path",
         &default,
         "--parallel",
         "2",
-    ];
+    ]);
     all.extend_from_slice(flags);
     TestServer::start(config(&all)).await
 }
@@ -416,6 +426,59 @@ async fn list_load_and_unload_models() {
     assert_eq!(unknown.code(), Code::NotFound);
     assert!(
         unknown.message().contains("smol-a"),
+        "{}",
+        unknown.message()
+    );
+}
+
+#[tokio::test]
+async fn a_call_goes_to_the_backend_that_serves_its_model() {
+    let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
+    let dir = models_dir(&[]);
+    let server = serve(
+        dir.path(),
+        &[
+            "--backends",
+            "embedded,ollama",
+            "--ollama-host",
+            &stand_in.host(),
+        ],
+    )
+    .await;
+    let mut client = server.client().await;
+    let backend_of = |generated: support::Generated| generated.summary.meta.unwrap().backend;
+    for (model, backend) in [
+        (ollama::MODEL, "ollama"),
+        (TINY[1], "embedded"),
+        ("smol-a", "embedded"),
+    ] {
+        let mut request = greedy("Hi", 4);
+        request.model = model.to_owned();
+        let generated = generate(&mut client, request).await.unwrap();
+        assert_eq!(backend_of(generated), backend, "{model}");
+    }
+    let completed = stand_in
+        .controls
+        .completed
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(completed, 1, "only the Ollama model went to Ollama");
+    let listed = client
+        .list_models(ListModelsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert!(
+        listed
+            .iter()
+            .any(|model| model.backend == "ollama" && model.name == ollama::MODEL)
+    );
+    let unknown = text_of(&mut client, "smollm2:1.7b", "Hi")
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert!(
+        unknown.message().contains(ollama::MODEL),
         "{}",
         unknown.message()
     );
