@@ -602,10 +602,24 @@ fn unload_off_thread<M: Send + Sync + 'static>(slots: Vec<Slot<M>>) {
     if slots.is_empty() {
         return;
     }
-    let unload = move || drop(slots);
+    let unload = move || {
+        drop(slots);
+        return_freed_memory();
+    };
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => drop(runtime.spawn_blocking(unload)),
         Err(_) => unload(),
+    }
+}
+
+/// Hands freed heap pages back to the system: glibc keeps them for reuse,
+/// so without this an unloaded model's KV cache and buffers would still
+/// count as the process's memory.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
