@@ -20,7 +20,7 @@ use crate::{
         ResidencyPolicy, SelectionError,
         catalog::Catalog,
         embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape},
-        mlx::{self, MlxBackend, WorkerSettings},
+        mlx::{self, MlxBackend, MlxSettings, WorkerSettings},
         ollama::{OllamaBackend, OllamaSettings},
         openai::{OpenAiBackend, OpenAiSettings},
         residency,
@@ -316,7 +316,10 @@ async fn auto_mlx(config: &Config) -> Result<Arc<dyn Backend>, String> {
 
 async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, SelectionError> {
     let backend = EmbeddedBackend::load(EmbeddedSettings {
-        catalog: model_catalog(config)?,
+        catalog: model_catalog(
+            config,
+            (config.embedded_model_name(), config.embedded_model_path()),
+        )?,
         default_model: config.embedded_model_name(),
         preload: config.preload.clone(),
         residency: residency_policy(config),
@@ -333,14 +336,13 @@ async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, SelectionErr
     Ok(Arc::new(backend))
 }
 
-/// The models on disk: `--models-dir`, the `--models` aliases and the
-/// embedded default model (`--model-path`, under `--model`'s name), plus a
-/// Hugging Face cache when one is configured.
-fn model_catalog(config: &Config) -> Result<Catalog, SelectionError> {
+/// The models on disk: `--models-dir`, the `--models` aliases and a
+/// backend's default model (`(name, path)`), plus a Hugging Face cache when
+/// one is configured.
+fn model_catalog(config: &Config, default: (String, PathBuf)) -> Result<Catalog, SelectionError> {
     let mut aliases = config.models.clone();
-    let default = config.embedded_model_name();
-    if !aliases.iter().any(|(name, _)| *name == default) {
-        aliases.push((default, config.embedded_model_path()));
+    if !aliases.iter().any(|(name, _)| *name == default.0) {
+        aliases.push(default);
     }
     let dir = config.models_dir();
     let (catalog, skipped) = Catalog::scan(
@@ -369,17 +371,17 @@ fn residency_policy(config: &Config) -> ResidencyPolicy {
 }
 
 async fn load_mlx(config: &Config) -> Result<Arc<dyn Backend>, SelectionError> {
-    let backend = MlxBackend::start(mlx_worker(config))
-        .await
-        .map_err(SelectionError::Mlx)?;
-    if let Some(worker) = backend.worker() {
-        tracing::info!(
-            model = %worker.model,
-            device = %worker.device,
-            fast_path = worker.fast_path,
-            "MLX worker serving"
-        );
-    }
+    let worker = mlx_worker(config);
+    let catalog = model_catalog(config, (worker.model_name.clone(), worker.model.clone()))?;
+    let backend = MlxBackend::start(MlxSettings {
+        worker,
+        catalog,
+        preload: config.preload.clone(),
+        residency: residency_policy(config),
+        ctx_per_sequence: config.ctx_per_sequence,
+    })
+    .await
+    .map_err(SelectionError::Mlx)?;
     Ok(Arc::new(backend))
 }
 

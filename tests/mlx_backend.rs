@@ -282,38 +282,71 @@ async fn a_hung_worker_ends_calls_at_their_deadline() {
     assert!(answer.is_ok(), "the worker resumes: {answer:?}");
 }
 
-/// Builds a tiny random model of `kind` with mlx-lm's own classes.
-fn tiny_model(kind: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rigger-tiny-{kind}-{}", std::process::id()));
+/// Builds a tiny random model of `kind` with mlx-lm's own classes, as
+/// `dir/tiny-<kind>`.
+fn tiny_model(dir: &std::path::Path, kind: &str) -> PathBuf {
+    let model = dir.join(format!("tiny-{kind}"));
     let status = std::process::Command::new(support::python())
         .arg(support::repo_path("tests/support/tiny_mlx_model.py"))
         .arg(kind)
-        .arg(&dir)
+        .arg(&model)
         .status()
         .expect("run tiny_mlx_model.py");
     assert!(status.success(), "building a tiny {kind} model");
-    dir
+    model
 }
 
 #[tokio::test]
-async fn llama_mistral_and_phi3_models_run_through_the_worker() {
-    for kind in ["llama", "mistral", "phi3"] {
-        let dir = tiny_model(kind);
-        let server = mlx(&["--mlx-model", dir.to_str().unwrap()]).await;
-        let mut client = server.client().await;
-        let generated = generate(&mut client, greedy("Hello", 4))
+async fn llama_mistral_and_phi3_models_run_side_by_side_each_in_its_worker() {
+    let dir = std::env::temp_dir().join(format!("rigger-tiny-mlx-{}", std::process::id()));
+    let kinds = ["llama", "mistral", "phi3"];
+    for kind in kinds {
+        tiny_model(&dir, kind);
+    }
+    let server = mlx(&[
+        "--models-dir",
+        dir.to_str().unwrap(),
+        "--max-loaded-models",
+        "4",
+    ])
+    .await;
+    let mut client = server.client().await;
+    for kind in kinds {
+        let mut request = greedy("Hello", 4);
+        request.model = format!("tiny-{kind}");
+        let generated = generate(&mut client, request)
             .await
             .unwrap_or_else(|status| panic!("{kind}: {status:?}"));
         let meta = generated.summary.meta.expect("meta");
-        assert_eq!(
-            meta.model,
-            dir.file_name().unwrap().to_string_lossy(),
-            "{kind}"
-        );
+        assert_eq!(meta.model, format!("tiny-{kind}"));
         assert!(meta.completion_tokens <= 4, "{kind}");
-        drop(server);
-        let _ = std::fs::remove_dir_all(&dir);
     }
+    let default = generate(&mut client, greedy("Say hi.", 2)).await.unwrap();
+    assert_eq!(
+        default.summary.meta.unwrap().model,
+        MODEL,
+        "the default model still serves"
+    );
+    let workers: Vec<u32> = kinds
+        .iter()
+        .map(|kind| worker_pid(&format!("tiny-{kind}")))
+        .collect();
+    assert!(
+        workers.windows(2).all(|pair| pair[0] != pair[1]),
+        "one worker per model: {workers:?}"
+    );
+    let status = client
+        .get_status(rigger_inference::proto::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let memory = status.backends[0]
+        .model_memory
+        .clone()
+        .expect("MLX holds models");
+    assert_eq!(memory.resident.len(), 4);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use rigger_inference::{
     backend::{
         Backend, Chunk, GenerationRequest, Message, NoRepeat, Role, Sampling,
         embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape},
-        mlx::MlxBackend,
+        mlx::{MlxBackend, MlxSettings},
     },
     config::Config,
 };
@@ -88,9 +88,11 @@ async fn the_mlx_worker_bans_the_ngrams_the_embedded_engine_bans() {
     .await
     .expect("load the model");
     let config = Config::parse_from(["rigger-inference", "--backend", "mlx"]);
-    let mlx = MlxBackend::start(rigger_inference::app::mlx_worker(&config))
-        .await
-        .expect("start the MLX worker");
+    let mlx = MlxBackend::start(MlxSettings::one_model(rigger_inference::app::mlx_worker(
+        &config,
+    )))
+    .await
+    .expect("start the MLX worker");
     assert!(embedded.capabilities().no_repeat);
     assert!(mlx.capabilities().no_repeat);
 

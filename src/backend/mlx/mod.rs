@@ -1,9 +1,11 @@
-//! The MLX backend: one long-lived Python worker running Apple's MLX
-//! through mlx-lm (`worker.py`, shipped inside the binary), which loads the
-//! model once, batches concurrent requests with mlx-lm's continuous
-//! batching, streams tokens as they are produced and constrains JSON Schema
-//! output with llguidance. Prompts reach it only as JSON data on stdin.
-//! The worker process is supervised and restarted when it dies (`worker`).
+//! The MLX backend: a long-lived Python worker per loaded model, running
+//! Apple's MLX through mlx-lm (`worker.py`, shipped inside the binary),
+//! which loads its model once, batches concurrent requests with mlx-lm's
+//! continuous batching, streams tokens as they are produced and constrains
+//! JSON Schema output with llguidance. Prompts reach it only as JSON data
+//! on stdin. Each worker process is supervised and restarted when it dies
+//! (`worker`), so a crash takes down only its model's calls. Models of the
+//! catalog load on first use under the memory budget (`residency`).
 
 mod detect;
 mod protocol;
@@ -24,8 +26,11 @@ pub use worker::{WorkerInfo, WorkerSettings, WorkerState};
 
 use self::{protocol::Command, worker::Supervisor};
 use super::{
-    Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, ProbeReport,
-    SchemaSupport, relay::RelayStream,
+    Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, KeepAlive,
+    ModelInfo, ProbeReport, ResidencyError, ResidencyPolicy, ResidencyStatus, SchemaSupport,
+    catalog::{Catalog, ModelEntry, ModelFormat},
+    relay::RelayStream,
+    residency::{Lease, Residency},
 };
 
 const NAME: &str = "mlx";
@@ -33,35 +38,171 @@ const NAME: &str = "mlx";
 /// The worker's Python source, run with `python -c`.
 const WORKER_SOURCE: &str = include_str!("worker.py");
 
-pub struct MlxBackend {
+/// The MLX backend's models and how their workers start.
+pub struct MlxSettings {
+    /// The default model's worker; another model's worker differs only in
+    /// its model.
+    pub worker: WorkerSettings,
+    /// The models it may serve (GGUF files, converted once, and MLX
+    /// directories); the default model is added when missing.
+    pub catalog: Catalog,
+    /// Loaded before the backend is ready, besides the default model and
+    /// the pinned ones.
+    pub preload: Vec<String>,
+    pub residency: ResidencyPolicy,
+    /// Context per request, for the KV cache in the memory estimate.
+    pub ctx_per_sequence: u32,
+}
+
+impl MlxSettings {
+    /// One model, never unloaded: the shape of tests that need one worker.
+    pub fn one_model(worker: WorkerSettings) -> Self {
+        Self {
+            worker,
+            catalog: Catalog::default(),
+            preload: Vec::new(),
+            residency: ResidencyPolicy {
+                memory_budget: u64::MAX,
+                max_loaded: 1,
+                keep_alive: KeepAlive::Forever,
+                pinned: Vec::new(),
+            },
+            ctx_per_sequence: 0,
+        }
+    }
+}
+
+/// One loaded model: its supervised worker.
+struct MlxModel {
     supervisor: Arc<Supervisor>,
-    model_name: String,
     _workers: DropGuard,
 }
 
-impl MlxBackend {
+impl MlxModel {
     /// Starts the worker and waits until it has loaded the model (or failed
     /// to: the error says why, from the worker's own report).
-    pub async fn start(settings: WorkerSettings) -> Result<Self, String> {
-        let model_name = settings.model_name.clone();
+    async fn start(settings: WorkerSettings) -> Result<Self, String> {
         let (supervisor, workers) = Supervisor::start(settings);
         match supervisor.started().await {
-            WorkerState::Ready(_) => Ok(Self {
-                supervisor,
-                model_name,
-                _workers: workers,
-            }),
+            WorkerState::Ready(info) => {
+                tracing::info!(
+                    model = %info.model,
+                    device = %info.device,
+                    fast_path = info.fast_path,
+                    "MLX worker serving"
+                );
+                Ok(Self {
+                    supervisor,
+                    _workers: workers,
+                })
+            }
             WorkerState::Down(reason) => Err(reason),
             WorkerState::Starting => Err("the MLX worker did not start".to_owned()),
         }
     }
+}
 
-    /// What the running worker reported, when one runs.
+pub struct MlxBackend {
+    template: WorkerSettings,
+    catalog: Catalog,
+    residency: Residency<MlxModel>,
+    ctx_per_sequence: u32,
+}
+
+impl MlxBackend {
+    /// Starts the workers of the default model, the pinned ones and those
+    /// to preload; the backend is ready when this returns.
+    pub async fn start(settings: MlxSettings) -> Result<Self, String> {
+        let template = settings.worker;
+        let mut entries = settings.catalog.entries().to_vec();
+        if entries
+            .iter()
+            .all(|entry| entry.name != template.model_name)
+        {
+            entries.push(
+                ModelEntry::read(template.model_name.clone(), &template.model)
+                    .map_err(|error| error.to_string())?,
+            );
+        }
+        let backend = Self {
+            catalog: Catalog::from_entries(entries),
+            residency: Residency::new(settings.residency.clone()),
+            ctx_per_sequence: settings.ctx_per_sequence,
+            template,
+        };
+        let mut warm = vec![backend.template.model_name.clone()];
+        warm.extend(settings.residency.pinned);
+        warm.extend(settings.preload);
+        warm.dedup();
+        for model in warm {
+            backend
+                .lease(&model)
+                .await
+                .map_err(|error| error.to_string())?;
+        }
+        Ok(backend)
+    }
+
+    /// What the default model's worker reported, when it runs.
     pub fn worker(&self) -> Option<WorkerInfo> {
-        match self.supervisor.state() {
+        let default = self.default_worker()?;
+        match default.state() {
             WorkerState::Ready(info) => Some(info),
             _ => None,
         }
+    }
+
+    fn default_worker(&self) -> Option<Arc<Supervisor>> {
+        self.residency
+            .models()
+            .into_iter()
+            .find(|(name, _)| *name == self.template.model_name)
+            .map(|(_, model)| model.supervisor.clone())
+    }
+
+    fn entry(&self, model: &str) -> Result<&ModelEntry, BackendError> {
+        self.catalog
+            .get(model)
+            .map_err(|_| BackendError::ModelNotFound {
+                backend: NAME,
+                model: model.to_owned(),
+            })
+    }
+
+    /// Bytes a model takes in the worker: its weights as MLX holds them
+    /// (float32 on the BLAS fast path; a GGUF's quantized weights are
+    /// widened to 16 bits when converted) and the KV cache of a full batch.
+    fn estimate(&self, entry: &ModelEntry) -> u64 {
+        let weights = if self.template.blas.is_some() {
+            entry.facts.parameters * 4
+        } else if entry.format == ModelFormat::Gguf {
+            entry.facts.parameters * 2
+        } else {
+            entry.size_bytes
+        };
+        let positions = u64::from(self.template.max_batch) * u64::from(self.ctx_per_sequence);
+        weights.max(entry.size_bytes) + entry.kv_bytes(positions)
+    }
+
+    /// The model's worker, started first when it is not running.
+    async fn lease(&self, model: &str) -> Result<Lease<MlxModel>, BackendError> {
+        let entry = self.entry(model)?;
+        let settings = WorkerSettings {
+            model: entry.path.clone(),
+            model_name: entry.name.clone(),
+            ..self.template.clone()
+        };
+        let start =
+            move || -> futures_util::future::BoxFuture<'static, Result<MlxModel, String>> {
+                Box::pin(MlxModel::start(settings.clone()))
+            };
+        self.residency
+            .acquire(model, self.estimate(entry), start)
+            .await
+            .map_err(|error| BackendError::Residency {
+                backend: NAME,
+                error,
+            })
     }
 }
 
@@ -97,8 +238,9 @@ impl Backend for MlxBackend {
         NAME
     }
 
+    /// The default model's path: the workers have no address.
     fn endpoint(&self) -> String {
-        self.supervisor.model_path().display().to_string()
+        self.template.model.display().to_string()
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -110,55 +252,90 @@ impl Backend for MlxBackend {
         }
     }
 
+    /// Serving while the default model's worker is (or while it is not
+    /// loaded: it starts on the next call); the other models' workers
+    /// fail only their own calls.
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
-        match self.supervisor.state() {
-            WorkerState::Ready(_) => Ok(ProbeReport {
-                models: vec![self.model_name.clone()],
-                default_model: Some(self.model_name.clone()),
-            }),
-            WorkerState::Starting => Err(BackendError::Unavailable {
-                backend: NAME,
-                endpoint: self.endpoint(),
-                reason: "the MLX worker is starting".to_owned(),
-            }),
-            WorkerState::Down(reason) => Err(BackendError::Unavailable {
-                backend: NAME,
-                endpoint: self.endpoint(),
-                reason,
+        let state = self.default_worker().map(|worker| worker.state());
+        let down = |reason: String| BackendError::Unavailable {
+            backend: NAME,
+            endpoint: self.endpoint(),
+            reason,
+        };
+        match state {
+            Some(WorkerState::Starting) => Err(down("the MLX worker is starting".to_owned())),
+            Some(WorkerState::Down(reason)) => Err(down(reason)),
+            Some(WorkerState::Ready(_)) | None => Ok(ProbeReport {
+                models: self
+                    .catalog
+                    .entries()
+                    .iter()
+                    .map(|entry| entry.name.clone())
+                    .collect(),
+                default_model: Some(self.template.model_name.clone()),
             }),
         }
     }
 
     async fn generate(&self, request: GenerationRequest) -> Result<ChunkStream, BackendError> {
-        if let Some(model) = &request.model
-            && *model != self.model_name
-        {
-            return Err(BackendError::ModelNotFound {
-                backend: NAME,
-                model: model.clone(),
-            });
-        }
-        let (id, replies) = self
-            .supervisor
-            .submit(|id| Command::generate(id, &request).line())?;
+        let model = request
+            .model
+            .clone()
+            .unwrap_or_else(|| self.template.model_name.clone());
+        let lease = self.lease(&model).await?;
+        let supervisor = lease.model().supervisor.clone();
+        let (id, replies) = supervisor.submit(|id| Command::generate(id, &request).line())?;
         Ok(Box::pin(WorkerReplies {
-            _cancel: CancelOnDrop {
-                supervisor: self.supervisor.clone(),
-                id,
-            },
+            _cancel: CancelOnDrop { supervisor, id },
             replies,
-            model: self.model_name.clone(),
+            model,
+            _lease: lease,
         }))
+    }
+
+    async fn models(&self) -> Result<Vec<ModelInfo>, BackendError> {
+        let residents = self.residency.residents();
+        Ok(self
+            .catalog
+            .entries()
+            .iter()
+            .map(|entry| {
+                let residence = residents
+                    .iter()
+                    .find(|residence| residence.model == entry.name)
+                    .cloned();
+                ModelInfo::from_entry(entry, residence)
+            })
+            .collect())
+    }
+
+    async fn load_model(&self, model: &str) -> Result<(), BackendError> {
+        self.lease(model).await.map(drop)
+    }
+
+    async fn unload_model(&self, model: &str) -> Result<(), BackendError> {
+        self.entry(model)?;
+        self.residency
+            .unload(model)
+            .map_err(|error: ResidencyError| BackendError::Residency {
+                backend: NAME,
+                error,
+            })
+    }
+
+    fn residency(&self) -> Option<ResidencyStatus> {
+        Some(ResidencyStatus::of(&self.residency))
     }
 }
 
 /// A call's replies, with the model's name filled in. Its request is
 /// cancelled before its relay goes, so the relay's last `on_room` finds no
-/// request left to resume.
+/// request left to resume; its model stays loaded while it streams.
 struct WorkerReplies {
     _cancel: CancelOnDrop,
     replies: RelayStream,
     model: String,
+    _lease: Lease<MlxModel>,
 }
 
 impl Stream for WorkerReplies {

@@ -159,10 +159,6 @@ impl Supervisor {
         )
     }
 
-    pub fn model_path(&self) -> &std::path::Path {
-        &self.settings.model
-    }
-
     fn endpoint(&self) -> String {
         self.settings.model.display().to_string()
     }
