@@ -5,7 +5,7 @@
 //! not load, and the ListModels/LoadModel/UnloadModel RPCs.
 //!
 //! Routing by model across backends: the embedded engine's catalog beside
-//! the Ollama stand-in's tags (tests/support/ollama.rs).
+//! the MLX worker's and the Ollama stand-in's tags (tests/support/ollama.rs).
 //!
 //! Models: SmolLM2 (the default model) under three names, and the tiny
 //! random-weight models of several architectures `make` writes into
@@ -435,11 +435,19 @@ async fn list_load_and_unload_models() {
 async fn a_call_goes_to_the_backend_that_serves_its_model() {
     let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
     let dir = models_dir(&[]);
+    // An MLX model directory: only the MLX backend serves it.
+    let built = std::process::Command::new(support::python())
+        .arg(support::repo_path("tests/support/tiny_mlx_model.py"))
+        .arg("llama")
+        .arg(dir.path().join("tiny-mlx-llama"))
+        .status()
+        .expect("run tiny_mlx_model.py");
+    assert!(built.success(), "building a tiny MLX model");
     let server = serve(
         dir.path(),
         &[
             "--backends",
-            "embedded,ollama",
+            "embedded,mlx,ollama",
             "--ollama-host",
             &stand_in.host(),
         ],
@@ -449,6 +457,7 @@ async fn a_call_goes_to_the_backend_that_serves_its_model() {
     let backend_of = |generated: support::Generated| generated.summary.meta.unwrap().backend;
     for (model, backend) in [
         (ollama::MODEL, "ollama"),
+        ("tiny-mlx-llama", "mlx"),
         (TINY[1], "embedded"),
         ("smol-a", "embedded"),
     ] {
