@@ -18,7 +18,7 @@ use crate::{
     backend::{
         Backend, BackendRegistry, BackendSnapshot, BreakerPolicy, FailoverPolicy, GenerationCheck,
         ResidencyPolicy, SelectionError,
-        catalog::Catalog,
+        catalog::{self, Catalog},
         embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape},
         mlx::{self, MlxBackend, MlxSettings, WorkerSettings},
         ollama::{OllamaBackend, OllamaSettings},
@@ -183,7 +183,8 @@ pub async fn select_backends(config: &Config) -> Result<BackendRegistry, Selecti
     };
     let registry = BackendRegistry::new(order, config.probe_timeout, failover_policy(config))
         .with_skipped(skipped);
-    for snapshot in registry.probe_all().await {
+    let snapshots = registry.probe_all().await;
+    for snapshot in &snapshots {
         tracing::info!(
             backend = snapshot.name,
             endpoint = %snapshot.endpoint,
@@ -192,7 +193,31 @@ pub async fn select_backends(config: &Config) -> Result<BackendRegistry, Selecti
             "backend configured"
         );
     }
+    held_models_exist(config, &snapshots)?;
     Ok(registry)
+}
+
+/// Every `--pin` and `--preload` names a model a backend that holds models
+/// itself serves: each such backend loads the ones it serves, so a name
+/// none serves would otherwise be ignored.
+fn held_models_exist(config: &Config, snapshots: &[BackendSnapshot]) -> Result<(), SelectionError> {
+    let held: Vec<&str> = snapshots
+        .iter()
+        .filter(|snapshot| snapshot.residency.is_some())
+        .flat_map(|snapshot| snapshot.models.iter().map(String::as_str))
+        .collect();
+    let missing = config
+        .pin
+        .iter()
+        .chain(&config.preload)
+        .find(|model| !held.contains(&model.as_str()));
+    match missing {
+        None => Ok(()),
+        Some(model) => Err(SelectionError::UnknownHeldModel {
+            model: model.clone(),
+            closest: catalog::closest_names(model, held.iter().copied()),
+        }),
+    }
 }
 
 /// The backends reached over HTTP, which cost nothing to build: Ollama

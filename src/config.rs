@@ -514,13 +514,25 @@ fn parse_memory(value: &str) -> Result<MemoryBudget, String> {
 }
 
 fn parse_keep_alive(value: &str) -> Result<KeepAlive, String> {
-    match value.trim() {
-        "-1" => Ok(KeepAlive::Forever),
-        "0" => Ok(KeepAlive::Idle(Duration::ZERO)),
-        other => humantime::parse_duration(other)
-            .map(KeepAlive::Idle)
-            .map_err(|error| format!("{other:?} is neither -1, 0 nor a duration: {error}")),
+    let value = value.trim();
+    // Ollama's forms: any negative number keeps a model, a bare number is
+    // seconds, anything else a duration.
+    if let Ok(seconds) = value.parse::<f64>() {
+        return if seconds < 0.0 {
+            Ok(KeepAlive::Forever)
+        } else {
+            Ok(KeepAlive::Idle(Duration::from_secs_f64(seconds)))
+        };
     }
+    if value
+        .strip_prefix('-')
+        .is_some_and(|magnitude| humantime::parse_duration(magnitude).is_ok())
+    {
+        return Ok(KeepAlive::Forever);
+    }
+    humantime::parse_duration(value)
+        .map(KeepAlive::Idle)
+        .map_err(|error| format!("{value:?} is neither a number of seconds (negative: forever) nor a duration: {error}"))
 }
 
 /// A secret setting: its `Debug` form never shows the value, so logging a
@@ -682,7 +694,13 @@ mod tests {
     #[test]
     fn keep_alive_reads_ollamas_forms() {
         assert_eq!(parse_keep_alive("-1"), Ok(KeepAlive::Forever));
+        assert_eq!(parse_keep_alive("-5m"), Ok(KeepAlive::Forever));
+        assert_eq!(parse_keep_alive("-3"), Ok(KeepAlive::Forever));
         assert_eq!(parse_keep_alive("0"), Ok(KeepAlive::Idle(Duration::ZERO)));
+        assert_eq!(
+            parse_keep_alive("300"),
+            Ok(KeepAlive::Idle(Duration::from_secs(300)))
+        );
         assert_eq!(
             parse_keep_alive("5m"),
             Ok(KeepAlive::Idle(Duration::from_secs(300)))

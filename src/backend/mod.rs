@@ -237,6 +237,12 @@ pub trait Backend: Send + Sync + 'static {
     /// down or does not serve the model.
     async fn generate(&self, request: GenerationRequest) -> Result<ChunkStream, BackendError>;
 
+    /// Whether `model` is one of the names its last probe `listed`; by
+    /// default an exact match.
+    fn serves(&self, listed: &[String], model: &str) -> bool {
+        listed.iter().any(|name| name == model)
+    }
+
     /// Every model the backend can serve; by default the ones its probe
     /// lists, known by name only.
     async fn models(&self) -> Result<Vec<ModelInfo>, BackendError> {

@@ -223,6 +223,11 @@ impl RecordParser for ChatParser {
 
 #[async_trait]
 impl Backend for OllamaBackend {
+    /// Ollama reads a name without a tag as `:latest`.
+    fn serves(&self, listed: &[String], model: &str) -> bool {
+        lists_model(listed, model)
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

@@ -49,8 +49,7 @@ pub struct ResidencyPolicy {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ResidencyError {
     #[error(
-        "model {model} needs about {} MiB, more than the whole model memory budget of {} MiB \
-         (RIGGER_MODEL_MEMORY)",
+        "model {model} needs about {} MiB, more than the whole model memory budget of {} MiB",
         mib(*needed),
         mib(*budget)
     )]
@@ -118,12 +117,9 @@ pub struct ResidencyCounters {
 type LoadOutcome = Result<(), ResidencyError>;
 
 /// Why no room could be made now.
-enum Refusal<M> {
+enum Refusal {
     /// Models in use or loading hold the room; it frees when they end.
-    /// Idle models evicted on the way are handed back for unloading.
-    Wait {
-        evicted: Vec<Slot<M>>,
-    },
+    Wait,
     Fail(ResidencyError),
 }
 
@@ -139,6 +135,10 @@ struct Resident<M> {
     model: Arc<M>,
     estimate: u64,
     in_use: usize,
+    /// Loaded and not taken yet by a call: not evictable, so the calls
+    /// that waited for the load get it before a call waiting for room can
+    /// evict it.
+    fresh: bool,
     last_used: Instant,
     last_used_wall: SystemTime,
     load_time: Duration,
@@ -175,18 +175,27 @@ pub struct Lease<M: Send + Sync + 'static> {
     model: Arc<M>,
     name: String,
     owner: Weak<Inner<M>>,
+    /// Taken to load the model ahead of its calls: a keep-alive of zero
+    /// does not unload it when this ends.
+    warming: bool,
 }
 
 impl<M: Send + Sync + 'static> Lease<M> {
     pub fn model(&self) -> &Arc<M> {
         &self.model
     }
+
+    /// Ends a lease taken only to load the model (LoadModel, preloading):
+    /// the model stays loaded even under a keep-alive of zero.
+    pub fn keep_loaded(mut self) {
+        self.warming = true;
+    }
 }
 
 impl<M: Send + Sync + 'static> Drop for Lease<M> {
     fn drop(&mut self) {
         if let Some(inner) = self.owner.upgrade() {
-            inner.release(&self.name);
+            inner.release(&self.name, self.warming);
         }
     }
 }
@@ -237,22 +246,21 @@ impl<M: Send + Sync + 'static> Residency<M> {
                 match state.slots.get_mut(name) {
                     Some(Slot::Resident(resident)) => {
                         resident.in_use += 1;
+                        resident.fresh = false;
                         return Ok(self.lease(name, resident.model.clone()));
                     }
                     Some(Slot::Loading { done, .. }) => Some(done.clone()),
                     None => match self.inner.make_room(&mut state, name, estimate) {
                         Ok(evicted) => {
-                            let done = self.start_load(&mut state, name, estimate, load());
-                            drop(state);
-                            unload_off_thread(evicted);
+                            let unloaded = unload_off_thread(evicted);
+                            let done =
+                                self.start_load(&mut state, name, estimate, unloaded, load());
                             Some(done)
                         }
-                        Err(Refusal::Wait { evicted }) => {
+                        Err(Refusal::Wait) => {
                             // Registered before the lock is let go: a
                             // release in between is not missed.
                             room_freed.as_mut().enable();
-                            drop(state);
-                            unload_off_thread(evicted);
                             None
                         }
                         Err(Refusal::Fail(error)) => return Err(error),
@@ -264,14 +272,6 @@ impl<M: Send + Sync + 'static> Residency<M> {
                 None => room_freed.await,
             }
         }
-    }
-
-    /// Loads `name` if it is not resident, without holding it.
-    pub async fn warm<F>(&self, name: &str, estimate: u64, load: F) -> Result<(), ResidencyError>
-    where
-        F: Fn() -> BoxFuture<'static, Result<M, String>>,
-    {
-        self.acquire(name, estimate, load).await.map(drop)
     }
 
     /// Unloads `name` now; refused while calls use it.
@@ -293,6 +293,19 @@ impl<M: Send + Sync + 'static> Residency<M> {
                 unload_off_thread(unloaded.into_iter().collect());
                 Ok(())
             }
+        }
+    }
+
+    /// Forgets a resident model whose engine broke, whatever its calls: the
+    /// next call loads it again. Calls holding it keep it until they end.
+    pub fn discard(&self, name: &str) {
+        let mut state = self.inner.lock();
+        if let Some(Slot::Resident(_)) = state.slots.get(name) {
+            let discarded = state.slots.remove(name);
+            drop(state);
+            self.inner.changed.notify_waiters();
+            tracing::warn!(model = name, "model discarded: its engine stopped");
+            unload_off_thread(discarded.into_iter().collect());
         }
     }
 
@@ -352,22 +365,29 @@ impl<M: Send + Sync + 'static> Residency<M> {
             model,
             name: name.to_owned(),
             owner: Arc::downgrade(&self.inner),
+            warming: false,
         }
     }
 
     /// Records `name` as loading and runs `load` on its own task, so the
     /// load finishes for the other waiters even when the call that started
     /// it is cancelled.
+    /// The load starts once the models evicted for it (`unloaded`) are
+    /// gone, so memory never holds both.
     fn start_load(
         &self,
         state: &mut State<M>,
         name: &str,
         estimate: u64,
+        unloaded: Option<tokio::task::JoinHandle<()>>,
         load: BoxFuture<'static, Result<M, String>>,
     ) -> Shared<BoxFuture<'static, LoadOutcome>> {
         let inner = Arc::downgrade(&self.inner);
         let model = name.to_owned();
         let task = tokio::spawn(async move {
+            if let Some(unloaded) = unloaded {
+                let _ = unloaded.await;
+            }
             let started = Instant::now();
             let outcome = load.await;
             match inner.upgrade() {
@@ -375,13 +395,18 @@ impl<M: Send + Sync + 'static> Residency<M> {
                 None => Ok(()),
             }
         });
-        let model = name.to_owned();
+        let (model, owner) = (name.to_owned(), Arc::downgrade(&self.inner));
         let done = async move {
             task.await.unwrap_or_else(|error| {
-                Err(ResidencyError::LoadFailed {
-                    model,
-                    reason: format!("the load task failed: {error}"),
-                })
+                let failed = Err(format!("the load task failed: {error}"));
+                // Frees the slot, which the task could not.
+                match owner.upgrade() {
+                    Some(inner) => inner.loaded(&model, estimate, Duration::ZERO, failed),
+                    None => Err(ResidencyError::LoadFailed {
+                        model,
+                        reason: "the residency is gone".to_owned(),
+                    }),
+                }
             })
         }
         .boxed()
@@ -416,7 +441,7 @@ impl<M: Send + Sync + 'static> Inner<M> {
         state: &mut State<M>,
         name: &str,
         estimate: u64,
-    ) -> Result<Vec<Slot<M>>, Refusal<M>> {
+    ) -> Result<Vec<Slot<M>>, Refusal> {
         let budget = self.policy.memory_budget;
         if estimate > budget {
             return Err(Refusal::Fail(ResidencyError::TooLarge {
@@ -432,19 +457,29 @@ impl<M: Send + Sync + 'static> Inner<M> {
                 why,
             }));
         }
-        let mut evicted = Vec::new();
-        loop {
-            let used: u64 = state.slots.values().map(Slot::estimate).sum();
-            if used + estimate <= budget && state.slots.len() < self.policy.max_loaded {
-                return Ok(evicted);
+        let mut used: u64 = state.slots.values().map(Slot::estimate).sum();
+        let mut count = state.slots.len();
+        let mut victims = Vec::new();
+        for (victim, bytes) in self.eviction_order(state) {
+            if used + estimate <= budget && count < self.policy.max_loaded {
+                break;
             }
-            let Some(victim) = self.eviction_candidate(state) else {
-                return Err(Refusal::Wait { evicted });
-            };
+            used -= bytes;
+            count -= 1;
+            victims.push(victim);
+        }
+        if used + estimate > budget || count >= self.policy.max_loaded {
+            // Evicting every idle model would not make room: evict none,
+            // and wait for calls to end.
+            return Err(Refusal::Wait);
+        }
+        let mut evicted = Vec::new();
+        for victim in victims {
             tracing::info!(model = %victim, for_model = name, "evicting the least recently used idle model");
             state.counters.evictions += 1;
             evicted.extend(state.slots.remove(&victim));
         }
+        Ok(evicted)
     }
 
     /// Why `estimate` more bytes can never fit beside the pinned models
@@ -465,7 +500,7 @@ impl<M: Send + Sync + 'static> Inner<M> {
             ))
         } else if pinned.len() >= self.policy.max_loaded {
             Some(format!(
-                "pinned models take all {} model slots (RIGGER_MAX_LOADED_MODELS)",
+                "pinned models take all {} model slots",
                 self.policy.max_loaded
             ))
         } else {
@@ -473,19 +508,25 @@ impl<M: Send + Sync + 'static> Inner<M> {
         }
     }
 
-    /// The idle, unpinned resident model used longest ago.
-    fn eviction_candidate(&self, state: &State<M>) -> Option<String> {
-        state
+    /// The idle, unpinned resident models with their estimates, used
+    /// longest ago first.
+    fn eviction_order(&self, state: &State<M>) -> Vec<(String, u64)> {
+        let mut idle: Vec<(Instant, &String, u64)> = state
             .slots
             .iter()
             .filter_map(|(name, slot)| match slot {
-                Slot::Resident(resident) if resident.in_use == 0 && !self.pinned(name) => {
-                    Some((resident.last_used, name))
+                Slot::Resident(resident)
+                    if resident.in_use == 0 && !resident.fresh && !self.pinned(name) =>
+                {
+                    Some((resident.last_used, name, resident.estimate))
                 }
                 _ => None,
             })
-            .min()
-            .map(|(_, name)| name.clone())
+            .collect();
+        idle.sort();
+        idle.into_iter()
+            .map(|(_, name, bytes)| (name.clone(), bytes))
+            .collect()
     }
 
     /// Ends a load: the model becomes resident, or its slot is freed and
@@ -507,12 +548,13 @@ impl<M: Send + Sync + 'static> Inner<M> {
                         model: Arc::new(model),
                         estimate,
                         in_use: 0,
+                        fresh: true,
                         last_used: Instant::now(),
                         last_used_wall: SystemTime::now(),
                         load_time,
                     }),
                 );
-                self.changed.notify_waiters();
+                // No room was freed: a loading model already counted.
                 tracing::info!(
                     model = name,
                     estimate_mib = mib(estimate),
@@ -534,8 +576,8 @@ impl<M: Send + Sync + 'static> Inner<M> {
         }
     }
 
-    /// A call on `name` ended.
-    fn release(&self, name: &str) {
+    /// A call on `name` ended; `warming`: one that only loaded it.
+    fn release(&self, name: &str, warming: bool) {
         let mut state = self.lock();
         let Some(Slot::Resident(resident)) = state.slots.get_mut(name) else {
             return;
@@ -545,6 +587,7 @@ impl<M: Send + Sync + 'static> Inner<M> {
         resident.last_used_wall = SystemTime::now();
         self.changed.notify_waiters();
         let unload_now = resident.in_use == 0
+            && !warming
             && self.policy.keep_alive == KeepAlive::Idle(Duration::ZERO)
             && !self.pinned(name);
         if unload_now {
@@ -598,17 +641,22 @@ impl<M> Slot<M> {
 
 /// Unloading a model can wait for its engine's current step: done on a
 /// blocking thread, never on the caller's.
-fn unload_off_thread<M: Send + Sync + 'static>(slots: Vec<Slot<M>>) {
+fn unload_off_thread<M: Send + Sync + 'static>(
+    slots: Vec<Slot<M>>,
+) -> Option<tokio::task::JoinHandle<()>> {
     if slots.is_empty() {
-        return;
+        return None;
     }
     let unload = move || {
         drop(slots);
         return_freed_memory();
     };
     match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => drop(runtime.spawn_blocking(unload)),
-        Err(_) => unload(),
+        Ok(runtime) => Some(runtime.spawn_blocking(unload)),
+        Err(_) => {
+            unload();
+            None
+        }
     }
 }
 
@@ -680,6 +728,24 @@ mod tests {
         }
     }
 
+    /// Loads `name` without holding it.
+    trait Warm {
+        async fn warm<F>(&self, name: &str, estimate: u64, load: F) -> Result<(), ResidencyError>
+        where
+            F: Fn() -> BoxFuture<'static, Result<String, String>>;
+    }
+
+    impl Warm for Residency<String> {
+        async fn warm<F>(&self, name: &str, estimate: u64, load: F) -> Result<(), ResidencyError>
+        where
+            F: Fn() -> BoxFuture<'static, Result<String, String>>,
+        {
+            self.acquire(name, estimate, load)
+                .await
+                .map(Lease::keep_loaded)
+        }
+    }
+
     fn resident_names(residency: &Residency<String>) -> Vec<String> {
         residency
             .residents()
@@ -723,6 +789,24 @@ mod tests {
         assert_eq!(resident_names(&residency), ["a", "c", "d"]);
         assert_eq!(residency.counters().evictions, 1);
         assert_eq!(loads.count(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn calls_contending_for_one_slot_load_each_model_once_per_turn() {
+        let residency = Residency::new(policy(1000, 1));
+        let loads = Loads::default();
+        let calls = (0..12).map(|call| {
+            let (residency, name) = (residency.clone(), ["a", "b", "c"][call % 3]);
+            let load = loads.of(name);
+            tokio::spawn(async move { residency.acquire(name, MIB, load).await.map(drop) })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            call.unwrap().unwrap();
+        }
+        // Each load serves every call waiting for it: a model loads again
+        // only after another took its slot, at most once per call.
+        assert!(loads.count() <= 12, "{} loads", loads.count());
+        assert_eq!(residency.counters().load_failures, 0);
     }
 
     #[tokio::test]
@@ -785,8 +869,7 @@ mod tests {
         };
         assert_eq!(
             error.to_string(),
-            "model huge needs about 11 MiB, more than the whole model memory budget of 10 MiB \
-             (RIGGER_MODEL_MEMORY)"
+            "model huge needs about 11 MiB, more than the whole model memory budget of 10 MiB"
         );
         assert_eq!(loads.count(), 0);
     }
@@ -823,6 +906,11 @@ mod tests {
         assert!(residency.residents().is_empty());
         residency.warm("a", MIB, loads.of("a")).await.unwrap();
         assert_eq!(loads.count(), 2);
+        assert_eq!(
+            resident_names(&residency),
+            ["a"],
+            "loaded ahead of its calls, it stays"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -110,10 +110,16 @@ impl EmbeddedBackend {
             shape: settings.shape,
             queue: settings.queue,
         };
+        // Pins and preloads name models of any backend: this one loads its own.
         let mut warm = vec![settings.default_model];
-        warm.extend(settings.residency.pinned);
-        warm.extend(settings.preload);
-        warm.dedup();
+        warm.extend(
+            (settings
+                .residency
+                .pinned
+                .into_iter()
+                .chain(settings.preload))
+            .filter(|model| backend.catalog.get(model).is_ok()),
+        );
         for model in warm {
             backend
                 .load_model(&model)
@@ -207,17 +213,20 @@ impl Backend for EmbeddedBackend {
         }
     }
 
+    /// Serving while the default model's engine runs (or while it is not
+    /// loaded: it loads on the next call); another model whose engine
+    /// stopped fails only its own calls, and loads again on the next.
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
-        if let Some(stopped) = self
+        let default_stopped = self
             .residency
             .models()
             .into_iter()
-            .find(|(_, model)| !model.is_alive())
-        {
+            .any(|(name, model)| name == self.default_model && !model.is_alive());
+        if default_stopped {
             return Err(BackendError::Unavailable {
                 backend: NAME,
                 endpoint: self.endpoint(),
-                reason: format!("the engine thread of model {} stopped", stopped.0),
+                reason: format!("the engine thread of model {} stopped", self.default_model),
             });
         }
         Ok(ProbeReport {
@@ -232,8 +241,18 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn generate(&self, request: GenerationRequest) -> Result<ChunkStream, BackendError> {
-        let lease = self.lease(self.requested(&request)).await?;
-        let stream = lease.model().generate(request)?;
+        let model = self.requested(&request).to_owned();
+        let lease = self.lease(&model).await?;
+        let stream = match lease.model().generate(request) {
+            Ok(stream) => stream,
+            Err(error @ BackendError::Unavailable { .. }) => {
+                // Its engine thread stopped: the next call loads it again,
+                // and the other models go on serving.
+                self.residency.discard(&model);
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        };
         // The model stays resident while its answer streams.
         Ok(stream
             .map(move |chunk| {
@@ -262,7 +281,7 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn load_model(&self, model: &str) -> Result<(), BackendError> {
-        self.lease(model).await.map(drop)
+        self.lease(model).await.map(Lease::keep_loaded)
     }
 
     async fn unload_model(&self, model: &str) -> Result<(), BackendError> {

@@ -34,6 +34,10 @@ use super::{
 };
 
 const NAME: &str = "mlx";
+/// Bytes of a weight as MLX holds it: float32 on the BLAS fast path, 16
+/// bits once a GGUF's quantized weights are converted.
+const F32_BYTES: u64 = 4;
+const F16_BYTES: u64 = 2;
 
 /// The worker's Python source, run with `python -c`.
 const WORKER_SOURCE: &str = include_str!("worker.py");
@@ -130,13 +134,19 @@ impl MlxBackend {
             ctx_per_sequence: settings.ctx_per_sequence,
             template,
         };
+        // Pins and preloads name models of any backend: this one loads its own.
         let mut warm = vec![backend.template.model_name.clone()];
-        warm.extend(settings.residency.pinned);
-        warm.extend(settings.preload);
-        warm.dedup();
+        warm.extend(
+            (settings
+                .residency
+                .pinned
+                .into_iter()
+                .chain(settings.preload))
+            .filter(|model| backend.catalog.get(model).is_ok()),
+        );
         for model in warm {
             backend
-                .lease(&model)
+                .load_model(&model)
                 .await
                 .map_err(|error| error.to_string())?;
         }
@@ -174,9 +184,9 @@ impl MlxBackend {
     /// widened to 16 bits when converted) and the KV cache of a full batch.
     fn estimate(&self, entry: &ModelEntry) -> u64 {
         let weights = if self.template.blas.is_some() {
-            entry.facts.parameters * 4
+            entry.facts.parameters * F32_BYTES
         } else if entry.format == ModelFormat::Gguf {
-            entry.facts.parameters * 2
+            entry.facts.parameters * F16_BYTES
         } else {
             entry.size_bytes
         };
@@ -310,7 +320,7 @@ impl Backend for MlxBackend {
     }
 
     async fn load_model(&self, model: &str) -> Result<(), BackendError> {
-        self.lease(model).await.map(drop)
+        self.lease(model).await.map(Lease::keep_loaded)
     }
 
     async fn unload_model(&self, model: &str) -> Result<(), BackendError> {

@@ -36,6 +36,11 @@ pub enum SelectionError {
     Embedded(#[from] LoadError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error(
+        "--pin/--preload name {model:?}, which no embedded or MLX model is called; closest: {}",
+        closest.join(", ")
+    )]
+    UnknownHeldModel { model: String, closest: Vec<String> },
     #[error("cannot build the HTTP client for backends: {0}")]
     HttpClient(#[from] reqwest::Error),
     #[error("the MLX backend cannot start: {0}")]
