@@ -17,7 +17,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use crate::{
     backend::{
         Backend, BackendRegistry, BackendSnapshot, BreakerPolicy, FailoverPolicy, GenerationCheck,
-        ResidencyPolicy, SelectionError,
+        KeepAlive, ResidencyPolicy, SelectionError,
         catalog::{self, Catalog},
         embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape},
         mlx::{self, MlxBackend, MlxSettings, WorkerSettings},
@@ -390,7 +390,10 @@ fn residency_policy(config: &Config) -> ResidencyPolicy {
     ResidencyPolicy {
         memory_budget: physical.map_or(u64::MAX, |bytes| config.model_memory.bytes(bytes)),
         max_loaded: config.max_loaded_models as usize,
-        keep_alive: config.keep_alive,
+        keep_alive: config
+            .keep_alive
+            .0
+            .map_or(KeepAlive::Forever, KeepAlive::Idle),
         pinned: config.pin.clone(),
     }
 }

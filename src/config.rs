@@ -3,7 +3,6 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::backend::KeepAlive;
 use clap::{Parser, ValueEnum};
 
 /// Which backend serves requests.
@@ -112,7 +111,7 @@ pub struct Config {
 
     /// Models by alias, `NAME=PATH,...`: served under NAME, wherever PATH
     /// is. A path that cannot be read stops the start.
-    #[arg(long, env = "RIGGER_MODELS", value_delimiter = ',', value_parser = crate::backend::catalog::parse_alias)]
+    #[arg(long, env = "RIGGER_MODELS", value_delimiter = ',', value_parser = parse_alias)]
     pub models: Vec<(String, PathBuf)>,
 
     /// A Hugging Face hub cache (e.g. `~/.cache/huggingface/hub`) whose
@@ -513,25 +512,47 @@ fn parse_memory(value: &str) -> Result<MemoryBudget, String> {
     }
 }
 
+/// Parses one `--models` entry, `NAME=PATH`; a clap `value_parser`.
+fn parse_alias(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not NAME=PATH"))?;
+    if name.is_empty() || path.is_empty() {
+        return Err(format!("`{s}` is not NAME=PATH: both must be non-empty"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| c.is_whitespace() || *c == '=' || *c == ',')
+    {
+        return Err(format!("model name `{name}` contains {bad:?}"));
+    }
+    Ok((name.to_owned(), PathBuf::from(path)))
+}
+
+/// `--keep-alive`: how long an idle model stays loaded; `None` for as long
+/// as it is not evicted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepAlive(pub Option<Duration>);
+
 fn parse_keep_alive(value: &str) -> Result<KeepAlive, String> {
     let value = value.trim();
     // Ollama's forms: any negative number keeps a model, a bare number is
     // seconds, anything else a duration.
     if let Ok(seconds) = value.parse::<f64>() {
         return if seconds < 0.0 {
-            Ok(KeepAlive::Forever)
+            Ok(KeepAlive(None))
         } else {
-            Ok(KeepAlive::Idle(Duration::from_secs_f64(seconds)))
+            Ok(KeepAlive(Some(Duration::from_secs_f64(seconds))))
         };
     }
     if value
         .strip_prefix('-')
         .is_some_and(|magnitude| humantime::parse_duration(magnitude).is_ok())
     {
-        return Ok(KeepAlive::Forever);
+        return Ok(KeepAlive(None));
     }
     humantime::parse_duration(value)
-        .map(KeepAlive::Idle)
+        .map(|idle| KeepAlive(Some(idle)))
         .map_err(|error| format!("{value:?} is neither a number of seconds (negative: forever) nor a duration: {error}"))
 }
 
@@ -672,7 +693,7 @@ mod tests {
         assert_eq!(config.probe_interval, Duration::from_secs(5));
         assert_eq!(config.model_memory, MemoryBudget::Share(0.75));
         assert_eq!(config.max_loaded_models, 3);
-        assert_eq!(config.keep_alive, KeepAlive::Forever);
+        assert_eq!(config.keep_alive, KeepAlive(None));
     }
 
     #[test]
@@ -692,22 +713,39 @@ mod tests {
     }
 
     #[test]
+    fn aliases_parse_as_name_equals_path() {
+        assert_eq!(
+            parse_alias("fast=/models/a b.gguf"),
+            Ok(("fast".into(), PathBuf::from("/models/a b.gguf")))
+        );
+        assert_eq!(
+            parse_alias("org/name=x=y"),
+            Ok(("org/name".into(), PathBuf::from("x=y")))
+        );
+        for bad in ["no-equals", "=path", "name=", "two words=p"] {
+            assert!(parse_alias(bad).is_err(), "{bad} should not parse");
+        }
+        let error = parse_alias("a b=p").expect_err("whitespace");
+        assert!(error.contains("' '"), "{error}");
+    }
+
+    #[test]
     fn keep_alive_reads_ollamas_forms() {
-        assert_eq!(parse_keep_alive("-1"), Ok(KeepAlive::Forever));
-        assert_eq!(parse_keep_alive("-5m"), Ok(KeepAlive::Forever));
-        assert_eq!(parse_keep_alive("-3"), Ok(KeepAlive::Forever));
-        assert_eq!(parse_keep_alive("0"), Ok(KeepAlive::Idle(Duration::ZERO)));
+        assert_eq!(parse_keep_alive("-1"), Ok(KeepAlive(None)));
+        assert_eq!(parse_keep_alive("-5m"), Ok(KeepAlive(None)));
+        assert_eq!(parse_keep_alive("-3"), Ok(KeepAlive(None)));
+        assert_eq!(parse_keep_alive("0"), Ok(KeepAlive(Some(Duration::ZERO))));
         assert_eq!(
             parse_keep_alive("300"),
-            Ok(KeepAlive::Idle(Duration::from_secs(300)))
+            Ok(KeepAlive(Some(Duration::from_secs(300))))
         );
         assert_eq!(
             parse_keep_alive("5m"),
-            Ok(KeepAlive::Idle(Duration::from_secs(300)))
+            Ok(KeepAlive(Some(Duration::from_secs(300))))
         );
         assert!(parse_keep_alive("soon").is_err());
         let config = Config::parse_from(["x", "--keep-alive", "-1", "--pin", "a,b"]);
-        assert_eq!(config.keep_alive, KeepAlive::Forever);
+        assert_eq!(config.keep_alive, KeepAlive(None));
         assert_eq!(config.pin, ["a", "b"]);
     }
 

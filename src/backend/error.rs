@@ -1,7 +1,7 @@
 //! Errors of the backend layer. The server maps them to gRPC status codes in
 //! one place (`server::status`).
 
-use super::ResidencyError;
+use super::residency::ResidencyError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

@@ -17,7 +17,7 @@
 //! so one broken download does not stop the service.
 
 mod gguf;
-mod mlx;
+mod mlx_dir;
 
 use std::{
     collections::HashSet,
@@ -97,13 +97,13 @@ impl ModelEntry {
     pub fn read(name: impl Into<String>, path: &Path) -> Result<Self, CatalogError> {
         let metadata = fs::metadata(path).map_err(|source| CatalogError::io(path, source))?;
         let (format, facts, size_bytes) = if metadata.is_dir() {
-            if !mlx::is_model_dir(path) {
+            if !mlx_dir::is_model_dir(path) {
                 return Err(CatalogError::invalid(
                     path,
-                    format!("a directory without {}", mlx::CONFIG),
+                    format!("a directory without {}", mlx_dir::CONFIG),
                 ));
             }
-            let (facts, size_bytes) = mlx::read(path)?;
+            let (facts, size_bytes) = mlx_dir::read(path)?;
             (ModelFormat::Mlx, facts, size_bytes)
         } else {
             (ModelFormat::Gguf, gguf::read(path)?, metadata.len())
@@ -196,23 +196,6 @@ impl CatalogError {
             reason: reason.into(),
         }
     }
-}
-
-/// Parses one `--models` entry, `NAME=PATH`; a clap `value_parser`.
-pub fn parse_alias(s: &str) -> Result<(String, PathBuf), String> {
-    let (name, path) = s
-        .split_once('=')
-        .ok_or_else(|| format!("`{s}` is not NAME=PATH"))?;
-    if name.is_empty() || path.is_empty() {
-        return Err(format!("`{s}` is not NAME=PATH: both must be non-empty"));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| c.is_whitespace() || *c == '=' || *c == ',')
-    {
-        return Err(format!("model name `{name}` contains {bad:?}"));
-    }
-    Ok((name.to_owned(), PathBuf::from(path)))
 }
 
 /// A model a scan found, before it is read.
@@ -392,7 +375,7 @@ fn is_gguf(path: &Path) -> bool {
 fn as_candidate(path: &Path) -> Option<Candidate> {
     let name = if is_gguf(path) {
         path.file_stem()?.to_str()?
-    } else if path.is_dir() && mlx::is_model_dir(path) {
+    } else if path.is_dir() && mlx_dir::is_model_dir(path) {
         path.file_name()?.to_str()?
     } else {
         return None;
@@ -434,7 +417,7 @@ fn scan_hf_cache(cache: &Path, skipped: &mut Vec<Skipped>) -> Result<Vec<Candida
         let Some(snapshot) = newest_snapshot(&repo) else {
             continue;
         };
-        if mlx::is_model_dir(&snapshot) {
+        if mlx_dir::is_model_dir(&snapshot) {
             candidates.push(Candidate {
                 name,
                 path: snapshot,
@@ -530,7 +513,7 @@ pub(crate) mod tests {
 
     use serde_json::json;
 
-    use super::{gguf::tests::write_tiny_llama, mlx::tests::write_tiny_mlx, *};
+    use super::{gguf::tests::write_tiny_llama, mlx_dir::tests::write_tiny_mlx, *};
 
     /// A fresh directory under the system temp dir, removed on drop.
     pub struct TempDir(PathBuf);
@@ -774,23 +757,6 @@ pub(crate) mod tests {
         // 2 layers, KV width 16: K and V, 2 bytes each, per position.
         assert_eq!(entry.kv_bytes(1000), 2 * 2 * 16 * 2 * 1000);
         assert_eq!(entry.kv_bytes(u64::MAX), u64::MAX, "saturates");
-    }
-
-    #[test]
-    fn aliases_parse_as_name_equals_path() {
-        assert_eq!(
-            parse_alias("fast=/models/a b.gguf"),
-            Ok(("fast".into(), PathBuf::from("/models/a b.gguf")))
-        );
-        assert_eq!(
-            parse_alias("org/name=x=y"),
-            Ok(("org/name".into(), PathBuf::from("x=y")))
-        );
-        for bad in ["no-equals", "=path", "name=", "two words=p"] {
-            assert!(parse_alias(bad).is_err(), "{bad} should not parse");
-        }
-        let error = parse_alias("a b=p").expect_err("whitespace");
-        assert!(error.contains("' '"), "{error}");
     }
 
     #[test]
