@@ -344,7 +344,8 @@ async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, SelectionErr
         catalog: model_catalog(
             config,
             (config.embedded_model_name(), config.embedded_model_path()),
-        )?,
+        )
+        .await?,
         default_model: config.embedded_model_name(),
         preload: config.preload.clone(),
         residency: residency_policy(config),
@@ -363,18 +364,27 @@ async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, SelectionErr
 
 /// The models on disk: `--models-dir`, the `--models` aliases and a
 /// backend's default model (`(name, path)`), plus a Hugging Face cache when
-/// one is configured.
-fn model_catalog(config: &Config, default: (String, PathBuf)) -> Result<Catalog, SelectionError> {
+/// one is configured. Reading headers blocks (a model on a slow disk, a
+/// pipe): done off the async threads.
+async fn model_catalog(
+    config: &Config,
+    default: (String, PathBuf),
+) -> Result<Catalog, SelectionError> {
     let mut aliases = config.models.clone();
     if !aliases.iter().any(|(name, _)| *name == default.0) {
         aliases.push(default);
     }
     let dir = config.models_dir();
-    let (catalog, skipped) = Catalog::scan(
-        dir.is_dir().then_some(dir.as_path()),
-        &aliases,
-        config.hf_cache.as_deref(),
-    )?;
+    let hf_cache = config.hf_cache.clone();
+    let (catalog, skipped) = tokio::task::spawn_blocking(move || {
+        Catalog::scan(
+            dir.is_dir().then_some(dir.as_path()),
+            &aliases,
+            hf_cache.as_deref(),
+        )
+    })
+    .await
+    .map_err(|error| SelectionError::CatalogTask(error.to_string()))??;
     for skipped in skipped {
         tracing::warn!(path = %skipped.path.display(), reason = %skipped.reason, "not a model; skipped");
     }
@@ -400,7 +410,7 @@ fn residency_policy(config: &Config) -> ResidencyPolicy {
 
 async fn load_mlx(config: &Config) -> Result<Arc<dyn Backend>, SelectionError> {
     let worker = mlx_worker(config);
-    let catalog = model_catalog(config, (worker.model_name.clone(), worker.model.clone()))?;
+    let catalog = model_catalog(config, (worker.model_name.clone(), worker.model.clone())).await?;
     let backend = MlxBackend::start(MlxSettings {
         worker,
         catalog,

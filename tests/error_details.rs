@@ -26,7 +26,11 @@ use rigger_inference::proto::{
     inference_service_client::InferenceServiceClient,
 };
 use serde_json::{Value, json};
-use support::{TestServer, collect, config, free_port, ollama::OllamaStandIn, python, repo_path};
+use support::{
+    TestServer, collect, config, free_port,
+    ollama::{self, OllamaStandIn},
+    python, repo_path,
+};
 use tokio::{net::TcpListener, sync::Notify};
 use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
@@ -299,7 +303,9 @@ fn cases(main: &TestServer, busy: &TestServer, down: &TestServer, nowhere: &str)
                 json!({}),
                 json!({ "error_info": error_info(
                 "MODEL_NOT_FOUND",
-                json!({ "backend": "ollama", "model": "no-such-model" }),
+                // No backend lists it: refused before any is asked, with
+                // the names served.
+                json!({ "closest": ollama::MODEL, "model": "no-such-model" }),
             ) }),
             ),
         },

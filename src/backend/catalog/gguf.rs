@@ -175,7 +175,9 @@ struct Header {
 impl Header {
     fn read(reader: &mut Reader) -> Result<Self, String> {
         let mut magic = [0u8; 4];
-        reader.read_exact(&mut magic)?;
+        reader
+            .read_exact(&mut magic)
+            .map_err(|_| "not a GGUF file (shorter than its magic bytes)".to_owned())?;
         if &magic != MAGIC {
             return Err(format!("not a GGUF file (magic {magic:02x?})"));
         }
@@ -628,7 +630,7 @@ pub(crate) mod tests {
     fn corrupt_files_are_errors_not_panics() {
         assert!(read_error(b"GGML\x03\0\0\0").contains("not a GGUF file"));
         assert!(read_error(b"GGUF\x01\0\0\0").contains("unsupported GGUF version 1"));
-        assert!(read_error(b"GGU").contains("truncated"));
+        assert!(read_error(b"GGU").contains("shorter than its magic bytes"));
 
         let mut huge_counts = b"GGUF\x03\0\0\0".to_vec();
         huge_counts.extend(u64::MAX.to_le_bytes());

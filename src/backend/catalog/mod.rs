@@ -168,7 +168,7 @@ pub enum CatalogError {
     Io { path: PathBuf, source: io::Error },
     #[error("{} is not a readable model: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
-    #[error("--models {name}: {source}")]
+    #[error("model {name}: {source}")]
     Alias {
         name: String,
         #[source]
@@ -620,7 +620,7 @@ pub(crate) mod tests {
 
         let missing = [("gone".to_owned(), root.join("gone.gguf"))];
         let error = Catalog::scan(Some(root), &missing, None).expect_err("unreadable alias");
-        assert!(error.to_string().starts_with("--models gone: "), "{error}");
+        assert!(error.to_string().starts_with("model gone: "), "{error}");
 
         let twice = [
             ("x".to_owned(), root.join("tiny.gguf")),

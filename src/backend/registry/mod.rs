@@ -36,6 +36,8 @@ pub enum SelectionError {
     Embedded(#[from] LoadError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error("reading the model catalog failed: {0}")]
+    CatalogTask(String),
     #[error(
         "--pin/--preload name {model:?}, which no embedded or MLX model is called; closest: {}",
         closest.join(", ")
