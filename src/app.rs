@@ -340,13 +340,18 @@ async fn auto_mlx(config: &Config) -> Result<Arc<dyn Backend>, String> {
 }
 
 async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, SelectionError> {
+    // `--model`, else the catalog's name for the file.
+    let default_model = config
+        .model
+        .clone()
+        .unwrap_or_else(|| catalog::model_name(&config.embedded_model_path()));
     let backend = EmbeddedBackend::load(EmbeddedSettings {
         catalog: model_catalog(
             config,
-            (config.embedded_model_name(), config.embedded_model_path()),
+            (default_model.clone(), config.embedded_model_path()),
         )
         .await?,
-        default_model: config.embedded_model_name(),
+        default_model,
         preload: config.preload.clone(),
         residency: residency_policy(config),
         shape: EngineShape {
@@ -437,7 +442,7 @@ pub fn mlx_worker(config: &Config) -> WorkerSettings {
         model_name: config
             .model
             .clone()
-            .unwrap_or_else(|| mlx::model_name(&model)),
+            .unwrap_or_else(|| catalog::model_name(&model)),
         model,
         cache_dir: cache_dir().join("mlx"),
         max_batch: config.mlx_max_batch,

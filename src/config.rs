@@ -639,17 +639,6 @@ impl Config {
             .unwrap_or_else(|| cache_dir().join("models"))
     }
 
-    /// The embedded engine's default model's name: `--model`, else its
-    /// file name without `.gguf`.
-    pub fn embedded_model_name(&self) -> String {
-        self.model.clone().unwrap_or_else(|| {
-            self.embedded_model_path().file_stem().map_or_else(
-                || "model".to_owned(),
-                |stem| stem.to_string_lossy().into_owned(),
-            )
-        })
-    }
-
     /// The on-topic check's model: `--topic-model`, else the cached default.
     pub fn topic_model_path(&self) -> PathBuf {
         self.topic_model

@@ -59,8 +59,13 @@ fn models_dir(extra: &[(&str, &[u8])]) -> tempfile::TempDir {
 
 /// The service over `dir`, its embedded default model `smol-a`.
 async fn serve(dir: &Path, flags: &[&str]) -> TestServer {
+    serve_default(dir, "smol-a", flags).await
+}
+
+/// The service over `dir`, its embedded default model `dir/<default>.gguf`.
+async fn serve_default(dir: &Path, default: &str, flags: &[&str]) -> TestServer {
     let dir = dir.to_str().unwrap();
-    let default = format!("{dir}/smol-a.gguf");
+    let default = format!("{dir}/{default}.gguf");
     // The embedded engine alone, unless the test lists the backends.
     let mut all = if flags.contains(&"--backends") {
         vec![]
@@ -137,19 +142,7 @@ async fn each_model_answers_as_it_does_when_served_alone() {
         };
         let file = alone.path().join(format!("{model}.gguf"));
         std::os::unix::fs::symlink(path, &file).unwrap();
-        let server = TestServer::start(config(&[
-            "--backend",
-            "embedded",
-            "--models-dir",
-            alone.path().to_str().unwrap(),
-            "--model-path",
-            file.to_str().unwrap(),
-            "--parallel",
-            "2",
-            "--ctx-per-sequence",
-            "1024",
-        ]))
-        .await;
+        let server = serve_default(alone.path(), model, &[]).await;
         let mut client = server.client().await;
         assert_eq!(
             text_of(&mut client, model, prompt).await.unwrap(),
@@ -319,20 +312,7 @@ async fn a_model_larger_than_the_budget_is_refused_with_its_estimate() {
     let dir = models_dir(&[]);
     // Too small for SmolLM2, room for the tiny models: the start loads a
     // tiny default model.
-    let tiny = dir.path().join(format!("{}.gguf", TINY[0]));
-    let server = TestServer::start(config(&[
-        "--backend",
-        "embedded",
-        "--models-dir",
-        dir.path().to_str().unwrap(),
-        "--model-path",
-        tiny.to_str().unwrap(),
-        "--model-memory",
-        "40MiB",
-        "--ctx-per-sequence",
-        "1024",
-    ]))
-    .await;
+    let server = serve_default(dir.path(), TINY[0], &["--model-memory", "40MiB"]).await;
     let mut client = server.client().await;
     let refused = text_of(&mut client, "smol-b", "Hi").await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");

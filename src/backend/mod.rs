@@ -8,6 +8,7 @@ pub mod catalog;
 mod clock;
 pub mod embedded;
 mod error;
+mod held;
 pub(crate) mod http;
 pub mod mlx;
 mod models;

@@ -92,6 +92,18 @@ fn mib(bytes: u64) -> u64 {
     bytes.div_ceil(1 << 20)
 }
 
+impl ResidencyPolicy {
+    /// One model, never unloaded: for a backend built around one model.
+    pub fn single() -> Self {
+        Self {
+            memory_budget: u64::MAX,
+            max_loaded: 1,
+            keep_alive: KeepAlive::Forever,
+            pinned: Vec::new(),
+        }
+    }
+}
+
 /// A resident or loading model, for status reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Residence {

@@ -360,6 +360,20 @@ fn list_root(dir: &Path, skipped: &mut Vec<Skipped>) -> Result<Vec<PathBuf>, Cat
     }
 }
 
+/// The model name requests use for a model at `path`: a directory's name,
+/// or a GGUF file's name without `.gguf`.
+pub fn model_name(path: &Path) -> String {
+    let name = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    name.map_or_else(
+        || path.display().to_string(),
+        |name| name.to_string_lossy().into_owned(),
+    )
+}
+
 fn file_name(path: &Path) -> &str {
     path.file_name()
         .and_then(|name| name.to_str())

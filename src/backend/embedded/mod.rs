@@ -25,8 +25,9 @@ use self::model::LoadedModel;
 use super::{
     Backend, BackendError, Capabilities, ChunkStream, GenerationRequest, ModelInfo, ProbeReport,
     ResidencyStatus, SchemaSupport,
-    catalog::{Catalog, ModelEntry, ModelFormat},
-    residency::{KeepAlive, Lease, Residency, ResidencyError, ResidencyPolicy},
+    catalog::{self, Catalog, ModelEntry, ModelFormat},
+    held::HeldModels,
+    residency::{Lease, ResidencyPolicy},
 };
 
 const NAME: &str = "embedded";
@@ -50,10 +51,7 @@ impl EmbeddedSettings {
     /// One GGUF model, served under its file name and never unloaded: the
     /// shape of tests and benchmarks that need one engine.
     pub fn one_model(path: &Path, shape: EngineShape, queue: usize) -> Result<Self, LoadError> {
-        let name = path.file_stem().map_or_else(
-            || "model".to_owned(),
-            |stem| stem.to_string_lossy().into_owned(),
-        );
+        let name = catalog::model_name(path);
         let entry = ModelEntry::read(name.clone(), path).map_err(|error| LoadError {
             model: name.clone(),
             reason: error.to_string(),
@@ -62,12 +60,7 @@ impl EmbeddedSettings {
             catalog: Catalog::from_entries(vec![entry]),
             default_model: name,
             preload: Vec::new(),
-            residency: ResidencyPolicy {
-                memory_budget: u64::MAX,
-                max_loaded: 1,
-                keep_alive: KeepAlive::Forever,
-                pinned: Vec::new(),
-            },
+            residency: ResidencyPolicy::single(),
             shape,
             queue,
         })
@@ -75,9 +68,7 @@ impl EmbeddedSettings {
 }
 
 pub struct EmbeddedBackend {
-    catalog: Catalog,
-    default_model: String,
-    residency: Residency<LoadedModel>,
+    held: HeldModels<LoadedModel>,
     shape: EngineShape,
     queue: usize,
 }
@@ -104,23 +95,12 @@ impl EmbeddedBackend {
                 .collect(),
         );
         let backend = Self {
-            catalog,
-            default_model: settings.default_model.clone(),
-            residency: Residency::new(settings.residency.clone()),
+            held: HeldModels::new(NAME, catalog, settings.default_model, settings.residency),
             shape: settings.shape,
             queue: settings.queue,
         };
-        // Pins and preloads name models of any backend: this one loads its own.
-        let mut warm = vec![settings.default_model];
-        warm.extend(
-            (settings
-                .residency
-                .pinned
-                .into_iter()
-                .chain(settings.preload))
-            .filter(|model| backend.catalog.get(model).is_ok()),
-        );
-        for model in warm {
+        let policy = backend.held.residency.policy();
+        for model in backend.held.to_warm(&policy.pinned, &settings.preload) {
             backend
                 .load_model(&model)
                 .await
@@ -132,15 +112,6 @@ impl EmbeddedBackend {
         Ok(backend)
     }
 
-    fn entry(&self, model: &str) -> Result<&ModelEntry, BackendError> {
-        self.catalog
-            .get(model)
-            .map_err(|_| BackendError::ModelNotFound {
-                backend: NAME,
-                model: model.to_owned(),
-            })
-    }
-
     /// Bytes a model takes once loaded: its weights (mapped from the file)
     /// and the KV cache of every sequence.
     fn estimate(&self, entry: &ModelEntry) -> u64 {
@@ -150,7 +121,7 @@ impl EmbeddedBackend {
 
     /// The model, loading it first when it is not resident.
     async fn lease(&self, model: &str) -> Result<Lease<LoadedModel>, BackendError> {
-        let entry = self.entry(model)?;
+        let entry = self.held.entry(model)?;
         let (name, path, shape, queue) = (
             entry.name.clone(),
             entry.path.clone(),
@@ -161,14 +132,7 @@ impl EmbeddedBackend {
             let (name, path) = (name.clone(), path.clone());
             load_off_thread(name, path, shape, queue).boxed()
         };
-        self.residency
-            .acquire(model, self.estimate(entry), load)
-            .await
-            .map_err(residency_error)
-    }
-
-    fn requested<'r>(&'r self, request: &'r GenerationRequest) -> &'r str {
-        request.model.as_deref().unwrap_or(&self.default_model)
+        self.held.acquire(entry, self.estimate(entry), load).await
     }
 }
 
@@ -183,13 +147,6 @@ async fn load_off_thread(
         .map_err(|error| format!("loader thread failed: {error}"))?
 }
 
-fn residency_error(error: ResidencyError) -> BackendError {
-    BackendError::Residency {
-        backend: NAME,
-        error,
-    }
-}
-
 #[async_trait]
 impl Backend for EmbeddedBackend {
     fn name(&self) -> &'static str {
@@ -198,8 +155,9 @@ impl Backend for EmbeddedBackend {
 
     /// The default model's file: there is no address in-process.
     fn endpoint(&self) -> String {
-        self.catalog
-            .get(&self.default_model)
+        self.held
+            .catalog
+            .get(&self.held.default_model)
             .map(|entry| entry.path.display().to_string())
             .unwrap_or_default()
     }
@@ -217,38 +175,35 @@ impl Backend for EmbeddedBackend {
     /// loaded: it loads on the next call); another model whose engine
     /// stopped fails only its own calls, and loads again on the next.
     async fn probe(&self) -> Result<ProbeReport, BackendError> {
+        let default = &self.held.default_model;
         let default_stopped = self
+            .held
             .residency
             .models()
             .into_iter()
-            .any(|(name, model)| name == self.default_model && !model.is_alive());
+            .any(|(name, model)| name == *default && !model.is_alive());
         if default_stopped {
             return Err(BackendError::Unavailable {
                 backend: NAME,
                 endpoint: self.endpoint(),
-                reason: format!("the engine thread of model {} stopped", self.default_model),
+                reason: format!("the engine thread of model {default} stopped"),
             });
         }
         Ok(ProbeReport {
-            models: self
-                .catalog
-                .entries()
-                .iter()
-                .map(|entry| entry.name.clone())
-                .collect(),
-            default_model: Some(self.default_model.clone()),
+            models: self.held.names(),
+            default_model: Some(default.clone()),
         })
     }
 
     async fn generate(&self, request: GenerationRequest) -> Result<ChunkStream, BackendError> {
-        let model = self.requested(&request).to_owned();
+        let model = self.held.requested(request.model.as_deref());
         let lease = self.lease(&model).await?;
         let stream = match lease.model().generate(request) {
             Ok(stream) => stream,
             Err(error @ BackendError::Unavailable { .. }) => {
                 // Its engine thread stopped: the next call loads it again,
                 // and the other models go on serving.
-                self.residency.discard(&model);
+                self.held.residency.discard(&model);
                 return Err(error);
             }
             Err(error) => return Err(error),
@@ -263,21 +218,7 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn models(&self) -> Result<Vec<ModelInfo>, BackendError> {
-        let residents = self.residency.residents();
-        Ok(self
-            .catalog
-            .entries()
-            .iter()
-            .map(|entry| {
-                ModelInfo::from_entry(
-                    entry,
-                    residents
-                        .iter()
-                        .find(|residence| residence.model == entry.name)
-                        .cloned(),
-                )
-            })
-            .collect())
+        Ok(self.held.infos())
     }
 
     async fn load_model(&self, model: &str) -> Result<(), BackendError> {
@@ -285,11 +226,10 @@ impl Backend for EmbeddedBackend {
     }
 
     async fn unload_model(&self, model: &str) -> Result<(), BackendError> {
-        self.entry(model)?;
-        self.residency.unload(model).map_err(residency_error)
+        self.held.unload(model)
     }
 
     fn residency(&self) -> Option<ResidencyStatus> {
-        Some(ResidencyStatus::of(&self.residency))
+        Some(self.held.status())
     }
 }

@@ -26,11 +26,12 @@ pub use worker::{WorkerInfo, WorkerSettings, WorkerState};
 
 use self::{protocol::Command, worker::Supervisor};
 use super::{
-    Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, KeepAlive,
-    ModelInfo, ProbeReport, ResidencyError, ResidencyPolicy, ResidencyStatus, SchemaSupport,
+    Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, ModelInfo,
+    ProbeReport, ResidencyPolicy, ResidencyStatus, SchemaSupport,
     catalog::{Catalog, ModelEntry, ModelFormat},
+    held::HeldModels,
     relay::RelayStream,
-    residency::{Lease, Residency},
+    residency::Lease,
 };
 
 const NAME: &str = "mlx";
@@ -65,12 +66,7 @@ impl MlxSettings {
             worker,
             catalog: Catalog::default(),
             preload: Vec::new(),
-            residency: ResidencyPolicy {
-                memory_budget: u64::MAX,
-                max_loaded: 1,
-                keep_alive: KeepAlive::Forever,
-                pinned: Vec::new(),
-            },
+            residency: ResidencyPolicy::single(),
             ctx_per_sequence: 0,
         }
     }
@@ -108,8 +104,7 @@ impl MlxModel {
 
 pub struct MlxBackend {
     template: WorkerSettings,
-    catalog: Catalog,
-    residency: Residency<MlxModel>,
+    held: HeldModels<MlxModel>,
     ctx_per_sequence: u32,
 }
 
@@ -129,22 +124,17 @@ impl MlxBackend {
             );
         }
         let backend = Self {
-            catalog: Catalog::from_entries(entries),
-            residency: Residency::new(settings.residency.clone()),
+            held: HeldModels::new(
+                NAME,
+                Catalog::from_entries(entries),
+                template.model_name.clone(),
+                settings.residency,
+            ),
             ctx_per_sequence: settings.ctx_per_sequence,
             template,
         };
-        // Pins and preloads name models of any backend: this one loads its own.
-        let mut warm = vec![backend.template.model_name.clone()];
-        warm.extend(
-            (settings
-                .residency
-                .pinned
-                .into_iter()
-                .chain(settings.preload))
-            .filter(|model| backend.catalog.get(model).is_ok()),
-        );
-        for model in warm {
+        let policy = backend.held.residency.policy();
+        for model in backend.held.to_warm(&policy.pinned, &settings.preload) {
             backend
                 .load_model(&model)
                 .await
@@ -163,20 +153,12 @@ impl MlxBackend {
     }
 
     fn default_worker(&self) -> Option<Arc<Supervisor>> {
-        self.residency
+        self.held
+            .residency
             .models()
             .into_iter()
             .find(|(name, _)| *name == self.template.model_name)
             .map(|(_, model)| model.supervisor.clone())
-    }
-
-    fn entry(&self, model: &str) -> Result<&ModelEntry, BackendError> {
-        self.catalog
-            .get(model)
-            .map_err(|_| BackendError::ModelNotFound {
-                backend: NAME,
-                model: model.to_owned(),
-            })
     }
 
     /// Bytes a model takes in the worker: its weights as MLX holds them
@@ -196,7 +178,7 @@ impl MlxBackend {
 
     /// The model's worker, started first when it is not running.
     async fn lease(&self, model: &str) -> Result<Lease<MlxModel>, BackendError> {
-        let entry = self.entry(model)?;
+        let entry = self.held.entry(model)?;
         let settings = WorkerSettings {
             model: entry.path.clone(),
             model_name: entry.name.clone(),
@@ -206,28 +188,8 @@ impl MlxBackend {
             move || -> futures_util::future::BoxFuture<'static, Result<MlxModel, String>> {
                 Box::pin(MlxModel::start(settings.clone()))
             };
-        self.residency
-            .acquire(model, self.estimate(entry), start)
-            .await
-            .map_err(|error| BackendError::Residency {
-                backend: NAME,
-                error,
-            })
+        self.held.acquire(entry, self.estimate(entry), start).await
     }
-}
-
-/// The model name requests use for a model at `path`: a directory's name,
-/// or a GGUF file's name without `.gguf`.
-pub fn model_name(path: &std::path::Path) -> String {
-    let name = if path.is_dir() {
-        path.file_name()
-    } else {
-        path.file_stem()
-    };
-    name.map_or_else(
-        || path.display().to_string(),
-        |name| name.to_string_lossy().into_owned(),
-    )
 }
 
 /// Ends the worker's request when the caller drops the stream first.
@@ -276,22 +238,14 @@ impl Backend for MlxBackend {
             Some(WorkerState::Starting) => Err(down("the MLX worker is starting".to_owned())),
             Some(WorkerState::Down(reason)) => Err(down(reason)),
             Some(WorkerState::Ready(_)) | None => Ok(ProbeReport {
-                models: self
-                    .catalog
-                    .entries()
-                    .iter()
-                    .map(|entry| entry.name.clone())
-                    .collect(),
+                models: self.held.names(),
                 default_model: Some(self.template.model_name.clone()),
             }),
         }
     }
 
     async fn generate(&self, request: GenerationRequest) -> Result<ChunkStream, BackendError> {
-        let model = request
-            .model
-            .clone()
-            .unwrap_or_else(|| self.template.model_name.clone());
+        let model = self.held.requested(request.model.as_deref());
         let lease = self.lease(&model).await?;
         let supervisor = lease.model().supervisor.clone();
         let (id, replies) = supervisor.submit(|id| Command::generate(id, &request).line())?;
@@ -304,19 +258,7 @@ impl Backend for MlxBackend {
     }
 
     async fn models(&self) -> Result<Vec<ModelInfo>, BackendError> {
-        let residents = self.residency.residents();
-        Ok(self
-            .catalog
-            .entries()
-            .iter()
-            .map(|entry| {
-                let residence = residents
-                    .iter()
-                    .find(|residence| residence.model == entry.name)
-                    .cloned();
-                ModelInfo::from_entry(entry, residence)
-            })
-            .collect())
+        Ok(self.held.infos())
     }
 
     async fn load_model(&self, model: &str) -> Result<(), BackendError> {
@@ -324,17 +266,11 @@ impl Backend for MlxBackend {
     }
 
     async fn unload_model(&self, model: &str) -> Result<(), BackendError> {
-        self.entry(model)?;
-        self.residency
-            .unload(model)
-            .map_err(|error: ResidencyError| BackendError::Residency {
-                backend: NAME,
-                error,
-            })
+        self.held.unload(model)
     }
 
     fn residency(&self) -> Option<ResidencyStatus> {
-        Some(ResidencyStatus::of(&self.residency))
+        Some(self.held.status())
     }
 }
 
