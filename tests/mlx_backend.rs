@@ -14,8 +14,8 @@ use std::{
 
 use futures_util::{StreamExt, future::join_all};
 use rigger_inference::proto::{
-    EnhanceTaskRequest, GenerateRequest, GetStatusRequest, SchemaSupport, Task,
-    generate_response::Event,
+    DecomposeTaskRequest, EnhanceTaskRequest, GenerateRequest, GetStatusRequest, SchemaSupport,
+    Task, generate_response::Event,
 };
 use support::{Generated, TestServer, config, generate, greedy};
 use tonic::{Code, Request};
@@ -345,6 +345,73 @@ async fn llama_mistral_and_phi3_models_run_side_by_side_each_in_its_worker() {
         .clone()
         .expect("MLX holds models");
     assert_eq!(memory.resident.len(), 4);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Rigger's pipeline on MLX: EnhanceTask, DecomposeTask and Generate each
+/// on its own model (SmolLM2 under two more names, converted once each, and
+/// a tiny llama), in one service, each model in its own worker.
+#[tokio::test]
+async fn the_roles_of_a_pipeline_run_on_three_mlx_models() {
+    let dir = std::env::temp_dir().join(format!("rigger-mlx-roles-{}", std::process::id()));
+    // Its own name: tests running beside this one have their tiny-llama.
+    std::fs::rename(tiny_model(&dir, "llama"), dir.join("roles-llama")).unwrap();
+    let smol = support::model_path();
+    let aliases = format!("smol-b={path},smol-c={path}", path = smol.to_str().unwrap());
+    let server = mlx(&[
+        "--models-dir",
+        dir.to_str().unwrap(),
+        "--models",
+        &aliases,
+        "--enhance-model",
+        "smol-b",
+        "--decompose-model",
+        "smol-c",
+        "--generate-model",
+        "roles-llama",
+    ])
+    .await;
+    let mut client = server.client().await;
+    let task = || {
+        Some(Task {
+            title: "Add password reset".into(),
+            description: Some("Users who forget their password cannot log in.".into()),
+            ..Default::default()
+        })
+    };
+    let enhanced = client
+        .enhance_task(EnhanceTaskRequest {
+            task: task(),
+            ..Default::default()
+        })
+        .await
+        .expect("an enhancement")
+        .into_inner();
+    assert_eq!(enhanced.meta.expect("meta").model, "smol-b");
+    assert!(!enhanced.enhancement.expect("typed").title.trim().is_empty());
+    let decomposed = client
+        .decompose_task(DecomposeTaskRequest {
+            task: task(),
+            min_subtasks: 2,
+            max_subtasks: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("a decomposition")
+        .into_inner();
+    assert_eq!(decomposed.meta.expect("meta").model, "smol-c");
+    assert_eq!(decomposed.subtasks.len(), 2);
+    let generated = generate(&mut client, greedy("Hello", 4)).await.unwrap();
+    assert_eq!(generated.summary.meta.unwrap().model, "roles-llama");
+    let workers: Vec<u32> = ["smol-b", "smol-c", "roles-llama"]
+        .iter()
+        .map(|model| worker_pid(model))
+        .collect();
+    assert!(
+        workers[0] != workers[1] && workers[1] != workers[2] && workers[0] != workers[2],
+        "one worker per model: {workers:?}"
+    );
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
