@@ -348,6 +348,7 @@ async fn direct_run(engine: &EmbeddedBackend, prompt: &str) -> Run {
             },
             stop: Vec::new(),
             json_schema: None,
+            session: None,
         })
         .await
         .expect("the engine takes the request");

@@ -20,12 +20,18 @@ use crate::{
         KeepAlive, ResidencyPolicy, SelectionError,
         catalog::{self, Catalog},
         embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape},
+        instances::{
+            InstanceFactory, InstancePool, PoolSettings,
+            discovery::Dns,
+            prefix::PrefixSettings,
+            routing::{PrefixRule, Routing},
+        },
         mlx::{self, MlxBackend, MlxSettings, WorkerSettings},
-        ollama::{OllamaBackend, OllamaSettings},
+        ollama::{self, OllamaBackend, OllamaSettings},
         openai::{OpenAiBackend, OpenAiSettings},
         residency,
     },
-    config::{BackendChoice, Config, MemoryBudget, cache_dir},
+    config::{BackendChoice, Config, MemoryBudget, RoutingChoice, cache_dir},
     meaning::Meaning,
     server::{
         self, AdmissionLimits, DeadlinePolicy, Limits, RoleModels, ServerError, ServerSettings,
@@ -235,26 +241,52 @@ impl HttpBackends {
             .read_timeout(config.backend_idle_timeout)
             .tcp_nodelay(true)
             .build()?;
-        let ollama = Arc::new(OllamaBackend::new(
-            client.clone(),
-            OllamaSettings {
-                host: config.ollama_host.clone(),
-                model: config.model.clone(),
-                keep_alive: config.ollama_keep_alive.clone(),
-                probe_timeout: config.probe_timeout,
-            },
-        ));
-        let openai = config.openai_base_url.as_ref().map(|url| {
-            Arc::new(OpenAiBackend::new(
-                client.clone(),
-                OpenAiSettings {
-                    base_url: url.clone(),
-                    api_key: config.openai_api_key.clone(),
-                    model: config.model.clone(),
-                    probe_timeout: config.probe_timeout,
-                },
-            )) as Arc<dyn Backend>
-        });
+        let ollama_settings = {
+            let client = client.clone();
+            let model = config.model.clone();
+            let keep_alive = config.ollama_keep_alive.clone();
+            let probe_timeout = config.probe_timeout;
+            move |host: &str| -> Arc<dyn Backend> {
+                Arc::new(OllamaBackend::new(
+                    client.clone(),
+                    OllamaSettings {
+                        host: host.to_owned(),
+                        model: model.clone(),
+                        keep_alive: keep_alive.clone(),
+                        probe_timeout,
+                    },
+                ))
+            }
+        };
+        let ollama_targets: Vec<String> = config
+            .ollama_host
+            .iter()
+            .map(|host| ollama::base_url_from_host(host))
+            .collect();
+        let ollama = instance_pool(config, &ollama_targets, Box::new(ollama_settings))?;
+        let openai = if config.openai_base_url.is_empty() {
+            None
+        } else {
+            let api_key = config.openai_api_key.clone();
+            let model = config.model.clone();
+            let probe_timeout = config.probe_timeout;
+            let build = move |url: &str| -> Arc<dyn Backend> {
+                Arc::new(OpenAiBackend::new(
+                    client.clone(),
+                    OpenAiSettings {
+                        base_url: url.to_owned(),
+                        api_key: api_key.clone(),
+                        model: model.clone(),
+                        probe_timeout,
+                    },
+                ))
+            };
+            Some(instance_pool(
+                config,
+                &config.openai_base_url,
+                Box::new(build),
+            )?)
+        };
         Ok(Self { ollama, openai })
     }
 
@@ -271,6 +303,50 @@ impl HttpBackends {
             BackendChoice::Embedded => load_embedded(config).await,
             BackendChoice::Mlx => load_mlx(config).await,
         }
+    }
+}
+
+/// The instances at `targets` (found again every discovery interval), each
+/// built by `build`, routed by `--routing`.
+fn instance_pool(
+    config: &Config,
+    targets: &[String],
+    build: InstanceFactory,
+) -> Result<Arc<dyn Backend>, SelectionError> {
+    let discover = Dns::new(targets).map_err(SelectionError::Targets)?;
+    let first = targets
+        .first()
+        .ok_or_else(|| SelectionError::Targets("no target".to_owned()))?;
+    let kind = build(first);
+    Ok(Arc::new(InstancePool::new(
+        kind.name(),
+        targets.join(","),
+        kind.capabilities(),
+        Box::new(discover),
+        build,
+        PoolSettings {
+            routing: routing(config),
+            prefix: PrefixSettings {
+                block_bytes: config.prefix_block_bytes as usize,
+                capacity: config.prefix_capacity,
+                ttl: config.prefix_ttl,
+            },
+            breaker: failover_policy(config).breaker,
+            discovery_interval: config.discovery_interval,
+            probe_timeout: config.probe_timeout,
+        },
+    )))
+}
+
+fn routing(config: &Config) -> Routing {
+    match config.routing {
+        RoutingChoice::Prefix => Routing::Prefix(PrefixRule {
+            min_match: config.prefix_min_match,
+            max_load_gap: config.prefix_max_load_gap,
+        }),
+        RoutingChoice::LeastLoaded => Routing::LeastLoaded,
+        RoutingChoice::Session => Routing::Session,
+        RoutingChoice::RoundRobin => Routing::RoundRobin,
     }
 }
 

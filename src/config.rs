@@ -24,6 +24,15 @@ pub enum BackendChoice {
     Openai,
 }
 
+/// How calls spread over the instances of a backend (see `--routing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RoutingChoice {
+    Prefix,
+    LeastLoaded,
+    Session,
+    RoundRobin,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -80,19 +89,60 @@ pub struct Config {
     #[arg(long, env = "RIGGER_MODEL")]
     pub model: Option<String>,
 
-    /// Ollama server, in Ollama's own `OLLAMA_HOST` form (scheme and port optional).
-    #[arg(long, env = "OLLAMA_HOST", default_value = "http://127.0.0.1:11434")]
-    pub ollama_host: String,
+    /// Ollama servers, in Ollama's own `OLLAMA_HOST` form (scheme and port
+    /// optional), comma-separated: each is an instance, and a host name is
+    /// one instance per address it resolves to.
+    #[arg(
+        long,
+        env = "OLLAMA_HOST",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:11434"
+    )]
+    pub ollama_host: Vec<String>,
 
     /// How long Ollama keeps the model loaded after a request (`5m`, `-1`, `0`).
     /// Unset: Ollama's own default.
     #[arg(long, env = "RIGGER_OLLAMA_KEEP_ALIVE")]
     pub ollama_keep_alive: Option<String>,
 
-    /// Base URL of an OpenAI-compatible server, including `/v1`. Setting it
+    /// Base URLs of OpenAI-compatible servers, including `/v1`,
+    /// comma-separated (instances as for `--ollama-host`). Setting it
     /// configures the `openai` backend.
-    #[arg(long, env = "OPENAI_BASE_URL")]
-    pub openai_base_url: Option<String>,
+    #[arg(long, env = "OPENAI_BASE_URL", value_delimiter = ',')]
+    pub openai_base_url: Vec<String>,
+
+    /// How calls spread over a backend's instances: `prefix` (to the
+    /// instance that was sent the longest prefix of the prompt, within
+    /// `--prefix-max-load-gap` of the least loaded), `least-loaded`,
+    /// `session` (by the `rigger-session` metadata), `round-robin`.
+    #[arg(long, env = "RIGGER_ROUTING", value_enum, default_value = "prefix")]
+    pub routing: RoutingChoice,
+
+    /// How often instance host names are resolved again.
+    #[arg(long, env = "RIGGER_DISCOVERY_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub discovery_interval: Duration,
+
+    /// Share of a prompt an instance must have been sent for prefix routing
+    /// to prefer it.
+    #[arg(long, env = "RIGGER_PREFIX_MIN_MATCH", value_parser = parse_ratio, default_value_t = 0.3)]
+    pub prefix_min_match: f64,
+
+    /// Calls in flight a prefix-matching instance may have beyond the least
+    /// loaded one before the call goes to the least loaded instead.
+    #[arg(long, env = "RIGGER_PREFIX_MAX_LOAD_GAP", default_value_t = 4)]
+    pub prefix_max_load_gap: usize,
+
+    /// Bytes of prompt per prefix block: the granularity of a match.
+    #[arg(long, env = "RIGGER_PREFIX_BLOCK_BYTES", value_parser = clap::value_parser!(u32).range(1..), default_value_t = 64)]
+    pub prefix_block_bytes: u32,
+
+    /// Prompt blocks remembered per instance.
+    #[arg(long, env = "RIGGER_PREFIX_CAPACITY", default_value_t = 16384)]
+    pub prefix_capacity: usize,
+
+    /// How long a prompt block is remembered after it was last sent.
+    #[arg(long, env = "RIGGER_PREFIX_TTL", value_parser = humantime::parse_duration, default_value = "10m")]
+    pub prefix_ttl: Duration,
 
     /// Bearer token for the OpenAI-compatible server, if it wants one.
     #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
@@ -677,8 +727,9 @@ mod tests {
         let config = Config::parse_from(["rigger-inference"]);
         assert_eq!(config.listen, "127.0.0.1:50051".parse().unwrap());
         assert_eq!(config.backend, BackendChoice::Auto);
-        assert_eq!(config.ollama_host, "http://127.0.0.1:11434");
-        assert_eq!(config.openai_base_url, None);
+        assert_eq!(config.ollama_host, ["http://127.0.0.1:11434"]);
+        assert!(config.openai_base_url.is_empty());
+        assert_eq!(config.routing, RoutingChoice::Prefix);
         assert_eq!(config.probe_interval, Duration::from_secs(5));
         assert_eq!(config.model_memory, MemoryBudget::Share(0.75));
         assert_eq!(config.max_loaded_models, 3);

@@ -38,6 +38,7 @@ fn repetitive(no_repeat: Option<NoRepeat>) -> GenerationRequest {
         },
         stop: Vec::new(),
         json_schema: None,
+        session: None,
     }
 }
 

@@ -47,6 +47,7 @@ fn counting() -> GenerationRequest {
         },
         stop: Vec::new(),
         json_schema: None,
+        session: None,
     }
 }
 

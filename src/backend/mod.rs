@@ -4,12 +4,14 @@
 //! runtimes (`embedded`, `mlx`, `ollama`, `openai`) and the choice among
 //! them (`registry`) live here.
 
+mod breaker;
 pub mod catalog;
 mod clock;
 pub mod embedded;
 mod error;
 mod held;
 pub(crate) mod http;
+pub mod instances;
 pub mod mlx;
 mod models;
 pub mod ollama;
@@ -23,11 +25,12 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use futures_util::Stream;
 
+pub use breaker::{BreakerPolicy, CircuitState};
 pub use clock::StreamClock;
 pub use error::BackendError;
 pub use registry::{
-    BackendHealth, BackendRegistry, BackendSnapshot, BreakerPolicy, CircuitState, FailoverPolicy,
-    GenerationCheck, SelectionError,
+    BackendHealth, BackendRegistry, BackendSnapshot, FailoverPolicy, GenerationCheck,
+    SelectionError,
 };
 pub use relay::RELAY_CAPACITY;
 pub use residency::{KeepAlive, Residence, ResidencyCounters, ResidencyError, ResidencyPolicy};
@@ -102,6 +105,9 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// JSON Schema the output must satisfy.
     pub json_schema: Option<serde_json::Value>,
+    /// The caller's session (its `rigger-session` metadata), which
+    /// session routing keeps on one instance.
+    pub session: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,5 +277,10 @@ pub trait Backend: Send + Sync + 'static {
     /// The models held in memory, for backends that hold them themselves.
     fn residency(&self) -> Option<ResidencyStatus> {
         None
+    }
+
+    /// The runtime instances behind it, where it is a pool of them.
+    fn instances(&self) -> Vec<instances::InstanceStatus> {
+        Vec::new()
     }
 }

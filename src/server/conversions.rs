@@ -8,7 +8,7 @@ use super::{admission::AdmissionStats, health};
 use crate::{
     backend::{
         BackendHealth, BackendSnapshot, Capabilities, CircuitState, FinishReason, ModelInfo,
-        Residence, ResidencyStatus, SchemaSupport, catalog::ModelEntry,
+        Residence, ResidencyStatus, SchemaSupport, catalog::ModelEntry, instances::InstanceStatus,
     },
     proto,
     task::{
@@ -160,6 +160,24 @@ impl From<BackendSnapshot> for proto::BackendStatus {
             failures: snapshot.failures,
             retried: snapshot.retried,
             model_memory: snapshot.residency.map(Into::into),
+            instances: snapshot.instances.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<InstanceStatus> for proto::InstanceStatus {
+    fn from(instance: InstanceStatus) -> Self {
+        Self {
+            endpoint: instance.endpoint,
+            serving: instance.serving,
+            draining: instance.draining,
+            circuit: proto::CircuitState::from(instance.circuit).into(),
+            in_flight: u32::try_from(instance.in_flight).unwrap_or(u32::MAX),
+            calls: instance.calls,
+            prefix_routed: instance.prefix_routed,
+            models: instance.models,
+            last_error: instance.last_error.unwrap_or_default(),
+            prefix_blocks: instance.prefix_blocks as u64,
         }
     }
 }
@@ -329,6 +347,7 @@ mod tests {
             consecutive_failures: 2,
             failures: 5,
             retried: 1,
+            instances: Vec::new(),
             residency: None,
         }
     }

@@ -57,6 +57,12 @@ struct ModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabels {
+    backend: String,
+    instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheLabels {
     rpc: &'static str,
 }
@@ -96,6 +102,10 @@ pub struct Metrics {
     model_memory_budget: Family<BackendLabels, Gauge>,
     model_memory: Family<ModelLabels, Gauge>,
     model_load_seconds: Family<ModelLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    instance_up: Family<InstanceLabels, Gauge>,
+    instance_in_flight: Family<InstanceLabels, Gauge>,
+    instance_calls: Family<InstanceLabels, Counter>,
+    instance_prefix_routed: Family<InstanceLabels, Counter>,
 }
 
 /// The states read at scrape time.
@@ -132,6 +142,10 @@ impl Default for Metrics {
             model_memory_budget: Family::default(),
             model_memory: Family::default(),
             model_load_seconds: Family::default(),
+            instance_up: Family::default(),
+            instance_in_flight: Family::default(),
+            instance_calls: Family::default(),
+            instance_prefix_routed: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -258,6 +272,26 @@ fn register_model_metrics(registry: &mut Registry, metrics: &Metrics) {
         "How long each loaded model took to load",
         metrics.model_load_seconds.clone(),
     );
+    registry.register(
+        "instance_up",
+        "1 while a runtime instance passes its probes and takes calls; draining and vanished instances are absent",
+        metrics.instance_up.clone(),
+    );
+    registry.register(
+        "instance_in_flight",
+        "Generations streaming from each runtime instance",
+        metrics.instance_in_flight.clone(),
+    );
+    registry.register(
+        "instance_calls",
+        "Calls routed to each runtime instance since it was found",
+        metrics.instance_calls.clone(),
+    );
+    registry.register(
+        "instance_prefix_routed",
+        "Calls routed to each runtime instance for the prompt prefix it was sent",
+        metrics.instance_prefix_routed.clone(),
+    );
 }
 
 impl Metrics {
@@ -354,6 +388,7 @@ impl Metrics {
             );
         }
         self.render_models(&snapshot.backends);
+        self.render_instances(&snapshot.backends);
         if let Some((enhance, decompose)) = snapshot.caches {
             for (rpc, stats) in [(Rpc::EnhanceTask, enhance), (Rpc::DecomposeTask, decompose)] {
                 let labels = CacheLabels { rpc: rpc.as_str() };
@@ -368,6 +403,37 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Each backend's runtime instances: only the current ones are present,
+    /// so a vanished instance's series end.
+    fn render_instances(&self, backends: &[BackendSnapshot]) {
+        self.instance_up.clear();
+        self.instance_in_flight.clear();
+        self.instance_calls.clear();
+        self.instance_prefix_routed.clear();
+        for backend in backends {
+            for instance in backend
+                .instances
+                .iter()
+                .filter(|instance| !instance.draining)
+            {
+                let labels = InstanceLabels {
+                    backend: backend.name.to_owned(),
+                    instance: instance.endpoint.clone(),
+                };
+                let up = instance.serving && instance.circuit != CircuitState::Open;
+                self.instance_up.get_or_create(&labels).set(i64::from(up));
+                self.instance_in_flight
+                    .get_or_create(&labels)
+                    .set(i64::try_from(instance.in_flight).unwrap_or(i64::MAX));
+                catch_up(&self.instance_calls.get_or_create(&labels), instance.calls);
+                catch_up(
+                    &self.instance_prefix_routed.get_or_create(&labels),
+                    instance.prefix_routed,
+                );
+            }
+        }
+    }
+
     /// The models each backend holds: only the resident ones are present,
     /// so an unloaded model's series ends.
     fn render_models(&self, backends: &[BackendSnapshot]) {

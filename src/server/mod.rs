@@ -15,6 +15,7 @@ pub mod health;
 mod metrics;
 mod rpc;
 mod service;
+mod session;
 mod status;
 mod telemetry;
 pub(crate) mod validate;

@@ -24,6 +24,7 @@ use super::{
     drain::Drain,
     metrics::Metrics,
     rpc::Rpc,
+    session::{self, InSession},
     status::{incomplete_generation, schema_violation, starting},
     telemetry::{CallSpan, Telemetry},
     validate::{self, Limits, ValidationError},
@@ -178,9 +179,19 @@ impl InferenceApi {
     ) -> Result<Answered<K::Answer>, Status> {
         let deadline = self.0.deadlines.of(&request);
         let priority = Priority::of(&request)?;
+        let session = session::of(&request)?;
         let _open = self.0.drain.admit()?;
         let request = K::validate(request.into_inner(), &self.0.limits)?;
-        let backends = self.registry()?;
+        let registry = self.0.registry.get().cloned().ok_or_else(starting)?;
+        let backends = registry.as_ref();
+        let in_session = session.map(|session| InSession {
+            backends: registry.clone(),
+            session,
+        });
+        let generating: &dyn Backend = match &in_session {
+            Some(in_session) => in_session,
+            None => backends,
+        };
         let runner = &self.0.runner;
         let answer = match runner.cached(backends, &request, started) {
             Some(answer) => answer,
@@ -188,7 +199,7 @@ impl InferenceApi {
                 deadline
                     .bound(async {
                         let _slot = self.admit(priority).await?;
-                        Ok(runner.run(backends, request, started).await?)
+                        Ok(runner.run(generating, request, started).await?)
                     })
                     .await?
             }
@@ -205,8 +216,10 @@ impl InferenceApi {
     ) -> Result<Response<GenerateStream>, Status> {
         let deadline = self.0.deadlines.of(&request);
         let priority = Priority::of(&request)?;
+        let session = session::of(&request)?;
         let open = self.0.drain.admit()?;
-        let (request, schema) = validate::generate(request.into_inner(), &self.0.limits)?;
+        let (mut request, schema) = validate::generate(request.into_inner(), &self.0.limits)?;
+        request.session = session;
         let backends = self.registry()?;
         let requested_model = request.model.clone().unwrap_or_default();
         let (slot, stream) = deadline

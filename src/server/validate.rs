@@ -206,6 +206,7 @@ pub fn generate(
             sampling: sampling(request.sampling, limits.default_max_tokens, limits)?,
             stop: request.stop,
             json_schema: schema.as_ref().map(|schema| schema.schema().clone()),
+            session: None,
         },
         schema,
     ))

@@ -344,6 +344,7 @@ impl TaskRunner {
                     sampling: sampling.of_attempt(attempt, ask.already_said),
                     stop: Vec::new(),
                     json_schema: Some(constraint),
+                    session: None,
                 },
                 started,
             )

@@ -252,6 +252,7 @@ async fn chat(
         },
         stop: body.options.stop,
         json_schema,
+        session: None,
     };
     let started = std::time::Instant::now();
     // Counts from here: a client that leaves while the engine still reads

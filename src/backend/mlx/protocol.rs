@@ -131,6 +131,7 @@ mod tests {
             },
             stop: Vec::new(),
             json_schema: None,
+            session: None,
         };
         let line = Command::generate(7, &request).line();
         assert_eq!(line.matches('\n').count(), 1, "one line: {line}");

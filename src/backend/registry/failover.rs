@@ -12,7 +12,8 @@ use std::{
 
 use futures_util::{StreamExt, future::BoxFuture, stream};
 
-use super::{Entry, Pool, breaker::BreakerPolicy};
+use super::{Entry, Pool};
+use crate::backend::breaker::BreakerPolicy;
 use crate::backend::{BackendError, ChunkStream, GenerationRequest, catalog::closest_names};
 
 /// The longest wait before a backend that failed a call is tried again: the

@@ -2,9 +2,8 @@
 //! health probe of each said. Which backends there are, and in what order,
 //! is decided where the service is built (`crate::app`); calls fail over
 //! along that order (`failover`), each backend behind its own circuit
-//! breaker (`breaker`).
+//! breaker (`crate::backend::breaker`).
 
-mod breaker;
 mod failover;
 
 use std::{
@@ -18,14 +17,15 @@ use std::{
 use async_trait::async_trait;
 use futures_util::{StreamExt, future::join_all};
 
-use breaker::Breaker;
-pub use breaker::{BreakerPolicy, CircuitState};
 pub use failover::FailoverPolicy;
 
 use super::{
     Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, Message, ModelInfo,
-    ProbeReport, ResidencyError, ResidencyStatus, Role, Sampling, catalog::CatalogError,
+    ProbeReport, ResidencyError, ResidencyStatus, Role, Sampling,
+    breaker::{Breaker, BreakerPolicy, CircuitState},
+    catalog::CatalogError,
     embedded::LoadError,
+    instances::InstanceStatus,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,8 @@ pub enum SelectionError {
         closest.join(", ")
     )]
     UnknownHeldModel { model: String, closest: Vec<String> },
+    #[error("backend instances: {0}")]
+    Targets(String),
     #[error("cannot build the HTTP client for backends: {0}")]
     HttpClient(#[from] reqwest::Error),
     #[error("the MLX backend cannot start: {0}")]
@@ -81,6 +83,8 @@ pub struct BackendSnapshot {
     pub retried: u64,
     /// The models it holds, where it holds them itself.
     pub residency: Option<ResidencyStatus>,
+    /// The runtime instances behind it, where it is a pool of them.
+    pub instances: Vec<InstanceStatus>,
 }
 
 impl BackendSnapshot {
@@ -423,6 +427,7 @@ impl BackendRegistry {
                     failures: entry.failures.load(Ordering::Relaxed),
                     retried: entry.retried.load(Ordering::Relaxed),
                     residency: entry.backend.residency(),
+                    instances: entry.backend.instances(),
                 }
             })
             .collect()
@@ -580,6 +585,7 @@ async fn test_generation(backend: &dyn Backend) -> Result<(), BackendError> {
             },
             stop: Vec::new(),
             json_schema: None,
+            session: None,
         })
         .await?;
     while let Some(chunk) = stream.next().await {

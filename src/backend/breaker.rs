@@ -25,7 +25,7 @@ pub enum CircuitState {
 }
 
 #[derive(Debug)]
-pub(super) struct Breaker {
+pub(crate) struct Breaker {
     policy: BreakerPolicy,
     consecutive_failures: u32,
     opened_at: Option<Instant>,
@@ -36,7 +36,7 @@ pub(super) struct Breaker {
 }
 
 impl Breaker {
-    pub(super) fn new(policy: BreakerPolicy) -> Self {
+    pub(crate) fn new(policy: BreakerPolicy) -> Self {
         Self {
             policy,
             consecutive_failures: 0,
@@ -45,7 +45,7 @@ impl Breaker {
         }
     }
 
-    pub(super) fn state(&self, now: Instant) -> CircuitState {
+    pub(crate) fn state(&self, now: Instant) -> CircuitState {
         match self.opened_at {
             None => CircuitState::Closed,
             Some(opened) if now.duration_since(opened) < self.policy.cooldown => CircuitState::Open,
@@ -53,12 +53,12 @@ impl Breaker {
         }
     }
 
-    pub(super) fn consecutive_failures(&self) -> u32 {
+    pub(crate) fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures
     }
 
     /// When an open circuit will allow its trial; `None` unless open.
-    pub(super) fn reopens_in(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn reopens_in(&self, now: Instant) -> Option<Duration> {
         let opened = self.opened_at?;
         self.policy
             .cooldown
@@ -68,7 +68,7 @@ impl Breaker {
 
     /// Whether a call may go to the backend now; in half-open state only
     /// one trial at a time.
-    pub(super) fn admit(&mut self, now: Instant) -> bool {
+    pub(crate) fn admit(&mut self, now: Instant) -> bool {
         match self.state(now) {
             CircuitState::Closed => true,
             CircuitState::Open => false,
@@ -85,13 +85,13 @@ impl Breaker {
         }
     }
 
-    pub(super) fn succeeded(&mut self) {
+    pub(crate) fn succeeded(&mut self) {
         self.consecutive_failures = 0;
         self.opened_at = None;
         self.trial_started = None;
     }
 
-    pub(super) fn failed(&mut self, now: Instant) {
+    pub(crate) fn failed(&mut self, now: Instant) {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let trial_failed = self.opened_at.is_some();
         if trial_failed || self.consecutive_failures >= self.policy.failures {
