@@ -535,7 +535,17 @@ impl BackendRegistry {
         .into_iter()
         .flatten()
         .collect();
-        if holding.is_empty() {
+        let mut unloaded = Vec::new();
+        for entry in holding {
+            match entry.backend.unload_model(model).await {
+                Ok(()) => unloaded.push(entry.backend.name()),
+                // Asked only because it could not list its models: it
+                // holds none itself, so not this one.
+                Err(BackendError::Unsupported { .. }) if backend.is_none() => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if unloaded.is_empty() {
             let backend = eligible
                 .indices()
                 .next()
@@ -546,11 +556,6 @@ impl BackendRegistry {
                     model: model.to_owned(),
                 },
             });
-        }
-        let mut unloaded = Vec::new();
-        for entry in holding {
-            entry.backend.unload_model(model).await?;
-            unloaded.push(entry.backend.name());
         }
         Ok(unloaded)
     }
