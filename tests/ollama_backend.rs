@@ -7,23 +7,57 @@ mod support;
 use std::{sync::atomic::Ordering, time::Duration};
 
 use futures_util::StreamExt;
-use rigger_inference::proto::{
-    EnhanceTaskRequest, GenerateRequest, SamplingOptions, Task, generate_response::Event,
+use rigger_inference::{
+    config::Config,
+    proto::{
+        EnhanceTaskRequest, GenerateRequest, ListModelsRequest, LoadModelRequest, ModelInfo,
+        SamplingOptions, Task, UnloadModelRequest, generate_response::Event,
+        inference_service_client::InferenceServiceClient,
+    },
 };
+use serde_json::json;
 use support::{
-    TestServer, config, greedy, llama,
-    ollama::{MODEL, OllamaStandIn},
+    TestServer, collect, config, greedy, llama,
+    ollama::{LOADED_SIZE, MODEL, OllamaStandIn},
 };
-use tonic::Code;
+use tonic::{Code, transport::Channel};
+use tonic_types::StatusExt;
+
+fn ollama_config(stand_in: &OllamaStandIn, flags: &[&str]) -> Config {
+    let host = stand_in.host();
+    let mut args = vec!["--backend", "ollama", "--ollama-host", &host];
+    args.extend_from_slice(flags);
+    config(&args)
+}
 
 async fn serve_with(stand_in: &OllamaStandIn) -> TestServer {
-    TestServer::start(config(&[
-        "--backend",
-        "ollama",
-        "--ollama-host",
-        &stand_in.host(),
-    ]))
-    .await
+    TestServer::start(ollama_config(stand_in, &[])).await
+}
+
+/// Ollama's models as ListModels reports them.
+async fn listed(client: &mut InferenceServiceClient<Channel>) -> Vec<ModelInfo> {
+    client
+        .list_models(ListModelsRequest {
+            backend: "ollama".to_owned(),
+        })
+        .await
+        .expect("ListModels")
+        .into_inner()
+        .models
+}
+
+async fn load(client: &mut InferenceServiceClient<Channel>) -> Result<ModelInfo, tonic::Status> {
+    let response = client
+        .load_model(LoadModelRequest {
+            model: MODEL.to_owned(),
+            backend: String::new(),
+        })
+        .await?;
+    Ok(response.into_inner().model.expect("the loaded model"))
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status.get_details_error_info().expect("ErrorInfo").reason
 }
 
 #[tokio::test]
@@ -185,4 +219,155 @@ async fn a_client_that_goes_away_drops_the_request_to_ollama() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(stand_in.controls.completed.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn load_model_makes_the_model_resident_with_the_memory_ollama_reports() {
+    let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
+    let server = serve_with(&stand_in).await;
+    let mut client = server.client().await;
+    let before = listed(&mut client).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0].name, MODEL);
+    assert_eq!(before[0].residence, None, "nothing loaded yet");
+
+    let loaded = load(&mut client).await.expect("LoadModel over Ollama");
+    assert_eq!(loaded.backend, "ollama");
+    assert_eq!(
+        loaded.residence.expect("resident").memory_bytes,
+        LOADED_SIZE
+    );
+    let after = listed(&mut client).await;
+    let residence = after[0].residence.expect("listed as resident");
+    assert_eq!(
+        residence.memory_bytes, LOADED_SIZE,
+        "the size /api/ps gives"
+    );
+    assert!(!residence.loading && !residence.pinned, "{residence:?}");
+    assert_eq!(
+        stand_in.controls.generate_bodies(),
+        [json!({ "model": MODEL })],
+        "a load is /api/generate naming the model, without a prompt"
+    );
+}
+
+#[tokio::test]
+async fn unload_model_sends_keep_alive_zero_and_frees_the_model() {
+    let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
+    let server = serve_with(&stand_in).await;
+    let mut client = server.client().await;
+    load(&mut client).await.expect("LoadModel");
+    let unload = UnloadModelRequest {
+        model: MODEL.to_owned(),
+        backend: String::new(),
+    };
+    let unloaded = client
+        .unload_model(unload.clone())
+        .await
+        .expect("UnloadModel over Ollama")
+        .into_inner();
+    assert_eq!(unloaded.backends, ["ollama"], "the backend holding it");
+    assert_eq!(listed(&mut client).await[0].residence, None);
+    assert_eq!(
+        stand_in.controls.generate_bodies(),
+        [
+            json!({ "model": MODEL }),
+            json!({ "model": MODEL, "keep_alive": 0 })
+        ]
+    );
+
+    for request in [
+        unload.clone(),
+        UnloadModelRequest {
+            backend: "ollama".to_owned(),
+            ..unload
+        },
+    ] {
+        let again = client.unload_model(request).await.unwrap_err();
+        assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+        assert_eq!(reason(&again), "MODEL_NOT_LOADED");
+    }
+    assert_eq!(
+        stand_in.controls.generate_bodies().len(),
+        2,
+        "a model Ollama does not hold is not sent an unload"
+    );
+}
+
+#[tokio::test]
+async fn load_model_sends_the_configured_keep_alive() {
+    let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
+    let server = TestServer::start(ollama_config(&stand_in, &["--ollama-keep-alive", "10m"])).await;
+    let mut client = server.client().await;
+    load(&mut client).await.expect("LoadModel");
+    assert_eq!(
+        stand_in.controls.generate_bodies(),
+        [json!({ "model": MODEL, "keep_alive": "10m" })]
+    );
+}
+
+#[tokio::test]
+async fn under_keep_alive_zero_a_loaded_model_stays_until_its_next_call() {
+    let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
+    let server = TestServer::start(ollama_config(&stand_in, &["--ollama-keep-alive", "0"])).await;
+    let mut client = server.client().await;
+    load(&mut client).await.expect("LoadModel");
+    assert_eq!(
+        stand_in.controls.generate_bodies(),
+        [json!({ "model": MODEL })],
+        "a zero keep_alive with no prompt would unload at once"
+    );
+    assert!(listed(&mut client).await[0].residence.is_some());
+    let stream = client.generate(greedy("Hi", 2)).await.unwrap().into_inner();
+    collect(stream).await.expect("a generation");
+    assert_eq!(
+        listed(&mut client).await[0].residence,
+        None,
+        "the call's keep_alive of zero unloads it"
+    );
+}
+
+#[tokio::test]
+async fn loading_a_model_ollama_no_longer_has_is_not_found() {
+    let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
+    let mut config = ollama_config(&stand_in, &[]);
+    // The service keeps the listing from before the removal, so the load
+    // reaches Ollama and meets its 404.
+    config.probe_interval = Duration::from_secs(3600);
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    stand_in.controls.removed.store(true, Ordering::SeqCst);
+    let status = load(&mut client).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(reason(&status), "MODEL_NOT_FOUND");
+    assert!(status.message().contains(MODEL), "{}", status.message());
+    assert_eq!(
+        stand_in.controls.generate_bodies(),
+        [json!({ "model": MODEL })]
+    );
+}
+
+#[tokio::test]
+async fn load_and_unload_on_an_ollama_that_is_down_are_unavailable() {
+    let stand_in = OllamaStandIn::start(&llama().openai_url()).await;
+    let server = serve_with(&stand_in).await;
+    let mut client = server.client().await;
+    stand_in.stop().await;
+    let loading = load(&mut client).await.unwrap_err();
+    assert_eq!(loading.code(), Code::Unavailable, "{loading:?}");
+    assert_eq!(reason(&loading), "BACKEND_UNAVAILABLE");
+    for backend in ["", "ollama"] {
+        let unloading = client
+            .unload_model(UnloadModelRequest {
+                model: MODEL.to_owned(),
+                backend: backend.to_owned(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            unloading.code(),
+            Code::Unavailable,
+            "not MODEL_NOT_LOADED: Ollama could not be asked ({unloading:?})"
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! Ollama over its HTTP API: `/api/chat` streamed as NDJSON, health from
-//! `/api/version` and `/api/tags`.
+//! `/api/version` and `/api/tags`, the models it holds from `/api/ps`, and
+//! loading and unloading through `/api/generate` without a prompt.
 
 use std::time::Duration;
 
@@ -9,7 +10,8 @@ use serde_json::Value;
 
 use super::{
     Backend, BackendError, Capabilities, Chunk, ChunkStream, Completion, EngineTimings,
-    FinishReason, GenerationRequest, ProbeReport, SchemaSupport,
+    FinishReason, GenerationRequest, ModelInfo, ProbeReport, Residence, ResidencyError,
+    SchemaSupport,
     http::{Framing, HttpTarget, RecordParser, WireMessage, WireSampling, relay},
     models::ModelCatalog,
 };
@@ -65,6 +67,60 @@ impl OllamaBackend {
             .await
             .map_err(|error| target.protocol(format!("{path}: {error}")))
     }
+
+    /// The models Ollama holds in memory now.
+    async fn running(&self) -> Result<Vec<RunningModel>, BackendError> {
+        let running: RunningResponse = self.get_json("/api/ps").await?;
+        Ok(running.models)
+    }
+
+    /// Loads or unloads `model` through `/api/generate` without a prompt,
+    /// which Ollama answers with one JSON object, `done` and the reason
+    /// (`load`, `unload`).
+    async fn set_loaded(
+        &self,
+        model: &str,
+        keep_alive: Option<&Value>,
+        reason: &str,
+    ) -> Result<(), BackendError> {
+        let target = self.target(model);
+        let response = target
+            .send(
+                self.client
+                    .post(format!("{}/api/generate", self.base_url))
+                    .json(&LoadRequest { model, keep_alive }),
+            )
+            .await?;
+        let answer: LoadAnswer = response
+            .json()
+            .await
+            .map_err(|error| target.protocol(format!("/api/generate: {error}")))?;
+        // The documented answer to a load has no `done_reason`; Ollama's
+        // server sends `load`.
+        let expected = answer
+            .done_reason
+            .as_deref()
+            .is_none_or(|given| given == reason);
+        if answer.done && expected {
+            Ok(())
+        } else {
+            Err(target.protocol(format!(
+                "/api/generate answered a {reason} with done={} done_reason={:?}",
+                answer.done, answer.done_reason
+            )))
+        }
+    }
+
+    /// The `keep_alive` a load sends: the configured one, except zero,
+    /// which Ollama reads as "unload" when there is no prompt. Without it
+    /// the model stays for Ollama's default until its next call, which the
+    /// zero then unloads after: as a model loaded ahead of its calls under
+    /// `--keep-alive 0` on the backends that hold models themselves.
+    fn load_keep_alive(&self) -> Option<&Value> {
+        self.keep_alive
+            .as_ref()
+            .filter(|value| !unloads_at_once(value))
+    }
 }
 
 /// Normalizes `OLLAMA_HOST` the way Ollama reads it: scheme defaults to
@@ -89,6 +145,19 @@ fn keep_alive_value(value: &str) -> Value {
     value
         .parse::<i64>()
         .map_or_else(|_| Value::from(value), Value::from)
+}
+
+/// Whether a `keep_alive` is zero: `0`, or a duration string whose digits
+/// are all zero (`0s`, `0m`).
+fn unloads_at_once(value: &Value) -> bool {
+    match value {
+        Value::Number(number) => number.as_f64() == Some(0.0),
+        Value::String(text) => {
+            text.chars().any(|c| c.is_ascii_digit())
+                && !text.chars().any(|c| matches!(c, '1'..='9'))
+        }
+        _ => false,
+    }
 }
 
 /// Whether a model list from `/api/tags` holds `model`; Ollama reads a name
@@ -159,6 +228,54 @@ struct TagsResponse {
 #[derive(Deserialize)]
 struct TagsModel {
     name: String,
+}
+
+/// `/api/generate` without a prompt: loads the model, or unloads it when
+/// `keep_alive` is zero.
+#[derive(Serialize)]
+struct LoadRequest<'a> {
+    model: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keep_alive: Option<&'a Value>,
+}
+
+#[derive(Deserialize)]
+struct LoadAnswer {
+    #[serde(default)]
+    done: bool,
+    #[serde(default)]
+    done_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RunningResponse {
+    models: Vec<RunningModel>,
+}
+
+/// A model `/api/ps` lists as loaded.
+#[derive(Deserialize)]
+struct RunningModel {
+    name: String,
+    /// Bytes the loaded model takes (weights, KV cache, graph), RAM and
+    /// VRAM together.
+    size: u64,
+}
+
+impl RunningModel {
+    /// Its residence as far as Ollama tells: the memory it takes. Ollama
+    /// reports no calls in use, pins nothing, and gives an expiry where a
+    /// residence has a last use, so those stay unset.
+    fn residence(&self) -> Residence {
+        Residence {
+            model: self.name.clone(),
+            loading: false,
+            memory_bytes: self.size,
+            in_use: 0,
+            pinned: false,
+            last_used: None,
+            load_time: None,
+        }
+    }
 }
 
 struct ChatParser {
@@ -303,6 +420,49 @@ impl Backend for OllamaBackend {
             },
         ))
     }
+
+    /// The pulled models (`/api/tags`), each with its residence when
+    /// `/api/ps` lists it.
+    async fn models(&self) -> Result<Vec<ModelInfo>, BackendError> {
+        let (report, running) = futures_util::try_join!(self.probe(), self.running())?;
+        Ok(report
+            .models
+            .into_iter()
+            .map(|name| ModelInfo {
+                residence: running
+                    .iter()
+                    .find(|loaded| loaded.name == name)
+                    .map(RunningModel::residence),
+                ..ModelInfo::named(name)
+            })
+            .collect())
+    }
+
+    async fn load_model(&self, model: &str) -> Result<(), BackendError> {
+        self.set_loaded(model, self.load_keep_alive(), "load").await
+    }
+
+    /// Ollama answers the unload of a model it does not hold as a success;
+    /// here it is `MODEL_NOT_LOADED`, as on the backends that hold models
+    /// themselves, so a caller learns that nothing was freed.
+    async fn unload_model(&self, model: &str) -> Result<(), BackendError> {
+        let running: Vec<String> = self
+            .running()
+            .await?
+            .into_iter()
+            .map(|loaded| loaded.name)
+            .collect();
+        if !lists_model(&running, model) {
+            return Err(BackendError::Residency {
+                backend: NAME,
+                error: ResidencyError::NotLoaded {
+                    model: model.to_owned(),
+                },
+            });
+        }
+        self.set_loaded(model, Some(&Value::from(0)), "unload")
+            .await
+    }
 }
 
 #[cfg(test)]
@@ -335,6 +495,26 @@ mod tests {
     fn keep_alive_numbers_are_sent_as_numbers() {
         assert_eq!(keep_alive_value("-1"), Value::from(-1));
         assert_eq!(keep_alive_value("5m"), Value::from("5m"));
+    }
+
+    #[test]
+    fn only_a_zero_keep_alive_unloads_at_once() {
+        for zero in [
+            Value::from(0),
+            Value::from("0"),
+            Value::from("0s"),
+            Value::from("0m0s"),
+        ] {
+            assert!(unloads_at_once(&zero), "{zero}");
+        }
+        for kept in [
+            Value::from(-1),
+            Value::from(300),
+            Value::from("5m"),
+            Value::from("10s"),
+        ] {
+            assert!(!unloads_at_once(&kept), "{kept}");
+        }
     }
 
     #[test]

@@ -177,6 +177,26 @@ async fn list_models_lists_every_backends_models_in_failover_order() {
     assert_eq!(field.field, "backend");
 }
 
+/// UnloadModel of `model` from every backend is refused: none holds it.
+async fn assert_not_loaded(client: &mut Client, model: &str) {
+    let not_loaded = client
+        .unload_model(UnloadModelRequest {
+            model: model.to_owned(),
+            backend: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        not_loaded.code(),
+        Code::FailedPrecondition,
+        "{not_loaded:?}"
+    );
+    assert_eq!(
+        not_loaded.get_details_error_info().unwrap().reason,
+        "MODEL_NOT_LOADED"
+    );
+}
+
 #[tokio::test]
 async fn load_and_unload_are_refused_where_a_backend_holds_no_models_itself() {
     let (first, second) = roles();
@@ -194,22 +214,7 @@ async fn load_and_unload_are_refused_where_a_backend_holds_no_models_itself() {
         refused.get_details_error_info().unwrap().reason,
         "UNSUPPORTED"
     );
-    let not_loaded = client
-        .unload_model(UnloadModelRequest {
-            model: "orca2".to_owned(),
-            backend: String::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        not_loaded.code(),
-        Code::FailedPrecondition,
-        "{not_loaded:?}"
-    );
-    assert_eq!(
-        not_loaded.get_details_error_info().unwrap().reason,
-        "MODEL_NOT_LOADED"
-    );
+    assert_not_loaded(&mut client, "orca2").await;
     let unnamed = client
         .load_model(LoadModelRequest::default())
         .await
@@ -223,4 +228,15 @@ async fn load_and_unload_are_refused_where_a_backend_holds_no_models_itself() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_backend_holding_no_models_that_cannot_list_leaves_unload_not_loaded() {
+    let (first, second) = roles();
+    let server = serve(&[], &[&first, &second]).await;
+    let mut client = server.client().await;
+    // Unable to list, it is asked to unload in case it holds the model; it
+    // holds none itself, so the answer stays MODEL_NOT_LOADED.
+    second.probes_fail(Some(ErrorKind::Unavailable));
+    assert_not_loaded(&mut client, "orca2").await;
 }

@@ -58,6 +58,29 @@ def main() -> None:
         assert error.status_code == 404, error
         assert error.error == 'model "llama3.1" not found, try pulling it first', error.error
 
+    # The chats above loaded the model, for Ollama's default keep_alive.
+    running = client.ps()
+    assert [model.model for model in running.models] == ["smollm2:135m"], running
+    loaded = running.models[0]
+    assert loaded.size > listed.models[0].size and loaded.expires_at is not None, loaded
+    assert loaded.context_length > 0 and loaded.details.family == "llama", loaded
+
+    unloaded = client.generate(model="smollm2:135m", keep_alive=0)
+    assert unloaded.done and unloaded.done_reason == "unload", unloaded
+    assert unloaded.response == "", unloaded
+    assert client.ps().models == [], "unloaded"
+
+    warmed = client.generate(model="smollm2:135m")
+    assert warmed.done and warmed.done_reason == "load", warmed
+    assert [model.name for model in client.ps().models] == ["smollm2:135m"]
+
+    try:
+        client.generate(model="llama3.1")
+        raise AssertionError("loading an unknown model must fail")
+    except ollama.ResponseError as error:
+        assert error.status_code == 404, error
+        assert error.error == "model 'llama3.1' not found", error.error
+
     print("fidelity ok")
 
 

@@ -3,24 +3,31 @@
 //! `GET /api/version`, `GET /api/tags`, `POST /api/chat` (NDJSON stream of
 //! `{model, created_at, message, done}` lines ending in a `done: true` line
 //! with `done_reason` and nanosecond statistics, or one JSON object when
-//! `stream` is false), and `{"error": "…"}` bodies with Ollama's status codes.
+//! `stream` is false), `POST /api/generate` without a prompt (loads the
+//! model, answering `done_reason: "load"`; with `keep_alive: 0` unloads it,
+//! `"unload"`), `GET /api/ps` (the loaded models with their size and expiry),
+//! and `{"error": "…"}` bodies with Ollama's status codes. A chat loads its
+//! model too, kept for its `keep_alive` (Ollama's default five minutes).
 //! Text comes from a real engine: the llama.cpp server, reached through the
-//! crate's OpenAI-compatible backend.
+//! crate's OpenAI-compatible backend; `/api/generate` with a prompt is not
+//! served (400), as the backend generates through `/api/chat` only.
 //!
 //! Test controls (not part of Ollama): `busy` answers 503 as a full queue
 //! does; `fail_after` sends an `{"error": …}` line after that many text lines;
 //! `cut_at` drops the connection in place of line `cut_at` (1 = before any
 //! text), as a crashing server does; `abandoned` counts chat streams the
 //! client dropped before their end; `trace_headers` records the
-//! `traceparent`/`tracestate` of each chat request.
+//! `traceparent`/`tracestate` of each chat request; `generate_bodies` records
+//! each `/api/generate` body as sent; `removed` deletes the model, as
+//! `ollama rm` does.
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use axum::{
@@ -45,6 +52,14 @@ pub const MODEL: &str = "smollm2:135m";
 const CREATED_AT: &str = "2026-11-25T00:00:00Z";
 /// Ollama's default `num_predict` is unbounded; the stand-in caps it.
 const DEFAULT_NUM_PREDICT: u32 = 256;
+/// Bytes `/api/ps` reports for the loaded model: weights plus KV cache and
+/// compute graph, more than the file `/api/tags` lists.
+pub const LOADED_SIZE: u64 = 187_695_104;
+/// Context length `/api/ps` reports for the loaded model.
+const LOADED_CONTEXT: u32 = 4096;
+/// Ollama keeps a model this long after a call that gives no `keep_alive`.
+const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(5 * 60);
+const DIGEST: &str = "4f7c2c5b2a0e4f3b8f0d7c1e9a6b5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e";
 
 #[derive(Default)]
 pub struct Controls {
@@ -54,17 +69,86 @@ pub struct Controls {
     pub trace_headers: std::sync::Mutex<Vec<(Option<String>, Option<String>)>>,
     pub abandoned: AtomicUsize,
     pub completed: AtomicUsize,
+    pub generate_bodies: Mutex<Vec<Value>>,
+    pub removed: AtomicBool,
+}
+
+impl Controls {
+    /// The `/api/generate` bodies received so far.
+    pub fn generate_bodies(&self) -> Vec<Value> {
+        self.generate_bodies.lock().expect("bodies").clone()
+    }
 }
 
 struct AppState {
     engine: OpenAiBackend,
     controls: Arc<Controls>,
+    /// When the loaded model expires; `None` while it is not loaded.
+    expires_at: Mutex<Option<SystemTime>>,
+}
+
+impl AppState {
+    /// Whether `model` names the pulled model (Ollama reads a name without
+    /// a tag as `:latest`).
+    fn has(&self, model: &str) -> bool {
+        !self.controls.removed.load(Ordering::SeqCst)
+            && (model == MODEL || format!("{model}:latest") == MODEL)
+    }
+
+    /// Loads the model, or keeps it loaded, for `keep_alive` from now.
+    fn keep_loaded(&self, keep_alive: Duration) {
+        let expires_at = SystemTime::now()
+            .checked_add(keep_alive)
+            .unwrap_or(SystemTime::UNIX_EPOCH + FOREVER);
+        *self.expires_at.lock().expect("expiry") = Some(expires_at);
+    }
+
+    fn unload(&self) {
+        *self.expires_at.lock().expect("expiry") = None;
+    }
+
+    /// The model's expiry while it is loaded.
+    fn loaded_until(&self) -> Option<SystemTime> {
+        let mut expires_at = self.expires_at.lock().expect("expiry");
+        if expires_at.is_some_and(|at| at <= SystemTime::now()) {
+            *expires_at = None;
+        }
+        *expires_at
+    }
+}
+
+/// What Ollama makes of a negative `keep_alive`: the longest duration Go
+/// holds.
+const FOREVER: Duration = Duration::from_nanos(i64::MAX as u64);
+
+/// A `keep_alive` as Ollama reads it: seconds, or a duration string;
+/// negative keeps the model loaded; absent, the default.
+fn keep_alive(value: Option<&Value>) -> Result<Duration, String> {
+    match value {
+        None => Ok(DEFAULT_KEEP_ALIVE),
+        Some(Value::Number(seconds)) => {
+            let seconds = seconds.as_f64().unwrap_or_default();
+            Ok(if seconds < 0.0 {
+                FOREVER
+            } else {
+                Duration::from_secs_f64(seconds)
+            })
+        }
+        Some(Value::String(text)) if text == "0" => Ok(Duration::ZERO),
+        Some(Value::String(text)) => match text.strip_prefix('-') {
+            Some(magnitude) => humantime::parse_duration(magnitude).map(|_| FOREVER),
+            None => humantime::parse_duration(text),
+        }
+        .map_err(|error| format!("time: invalid duration \"{text}\": {error}")),
+        Some(other) => Err(format!("Unsupported type: '{other}'")),
+    }
 }
 
 pub struct OllamaStandIn {
     pub addr: SocketAddr,
     pub controls: Arc<Controls>,
     stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl OllamaStandIn {
@@ -90,14 +174,17 @@ impl OllamaStandIn {
         let state = Arc::new(AppState {
             engine,
             controls: controls.clone(),
+            expires_at: Mutex::new(None),
         });
         let app = Router::new()
             .route("/api/version", get(version))
             .route("/api/tags", get(tags))
+            .route("/api/ps", get(running))
+            .route("/api/generate", post(generate))
             .route("/api/chat", post(chat))
             .with_state(state);
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
+        let served = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
@@ -109,11 +196,22 @@ impl OllamaStandIn {
             addr,
             controls,
             stop: Some(stop),
+            served: Some(served),
         }
     }
 
     pub fn host(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Stops serving and returns once the port is closed: Ollama is down.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.expect("stand-in server task");
+        }
     }
 }
 
@@ -129,24 +227,106 @@ async fn version() -> Json<Value> {
     Json(json!({ "version": "0.12.6" }))
 }
 
-async fn tags() -> Json<Value> {
+fn details() -> Value {
+    json!({
+        "parent_model": "",
+        "format": "gguf",
+        "family": "llama",
+        "families": ["llama"],
+        "parameter_size": "135M",
+        "quantization_level": "Q4_1"
+    })
+}
+
+async fn tags(State(state): State<Arc<AppState>>) -> Json<Value> {
+    if state.controls.removed.load(Ordering::SeqCst) {
+        return Json(json!({ "models": [] }));
+    }
     Json(json!({
         "models": [{
             "name": MODEL,
             "model": MODEL,
             "modified_at": CREATED_AT,
             "size": 98_362_432,
-            "digest": "4f7c2c5b2a0e4f3b8f0d7c1e9a6b5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e",
-            "details": {
-                "parent_model": "",
-                "format": "gguf",
-                "family": "llama",
-                "families": ["llama"],
-                "parameter_size": "135M",
-                "quantization_level": "Q4_1"
-            }
+            "digest": DIGEST,
+            "details": details()
         }]
     }))
+}
+
+async fn running(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let models: Vec<Value> = state
+        .loaded_until()
+        .map(|expires_at| {
+            json!({
+                "name": MODEL,
+                "model": MODEL,
+                "size": LOADED_SIZE,
+                "digest": DIGEST,
+                "details": details(),
+                "expires_at": prost_types::Timestamp::from(expires_at).to_string(),
+                "size_vram": 0,
+                "context_length": LOADED_CONTEXT
+            })
+        })
+        .into_iter()
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+#[derive(Deserialize)]
+struct GenerateBody {
+    model: String,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+}
+
+/// `/api/generate` without a prompt: loads the model, or with a zero
+/// `keep_alive` unloads it, answering with one JSON object.
+async fn generate(State(state): State<Arc<AppState>>, Json(body): Json<Value>) -> Response {
+    state
+        .controls
+        .generate_bodies
+        .lock()
+        .expect("bodies")
+        .push(body.clone());
+    let body: GenerateBody = match serde_json::from_value(body) {
+        Ok(body) => body,
+        Err(invalid) => return error(StatusCode::BAD_REQUEST, &invalid.to_string()),
+    };
+    if !state.has(&body.model) {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("model '{}' not found", body.model),
+        );
+    }
+    if body.prompt.is_some_and(|prompt| !prompt.is_empty()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the stand-in generates through /api/chat only",
+        );
+    }
+    let keep_alive = match keep_alive(body.keep_alive.as_ref()) {
+        Ok(keep_alive) => keep_alive,
+        Err(invalid) => return error(StatusCode::BAD_REQUEST, &invalid),
+    };
+    let done_reason = if body.keep_alive.is_some() && keep_alive.is_zero() {
+        state.unload();
+        "unload"
+    } else {
+        state.keep_loaded(keep_alive);
+        "load"
+    };
+    Json(json!({
+        "model": body.model,
+        "created_at": CREATED_AT,
+        "response": "",
+        "done": true,
+        "done_reason": done_reason
+    }))
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -159,6 +339,8 @@ struct ChatBody {
     format: Option<Value>,
     #[serde(default)]
     options: ChatOptions,
+    #[serde(default)]
+    keep_alive: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -203,7 +385,7 @@ async fn chat(
         .lock()
         .expect("trace headers")
         .push((header("traceparent"), header("tracestate")));
-    if body.model != MODEL && format!("{}:latest", body.model) != MODEL {
+    if !state.has(&body.model) {
         return error(
             StatusCode::NOT_FOUND,
             &format!("model \"{}\" not found, try pulling it first", body.model),
@@ -214,6 +396,10 @@ async fn chat(
             StatusCode::SERVICE_UNAVAILABLE,
             "server busy, please try again.  maximum pending requests exceeded",
         );
+    }
+    match keep_alive(body.keep_alive.as_ref()) {
+        Ok(keep_alive) => state.keep_loaded(keep_alive),
+        Err(invalid) => return error(StatusCode::BAD_REQUEST, &invalid),
     }
     let mut messages = Vec::new();
     for message in body.messages {

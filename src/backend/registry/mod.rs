@@ -158,14 +158,23 @@ impl Entry {
         state.report.models.is_empty() || state.report.models.iter().any(|listed| listed == model)
     }
 
-    /// Whether it holds `model` in memory now.
-    fn holds(&self, model: &str) -> bool {
-        self.backend.residency().is_some_and(|status| {
-            status
+    /// Whether it may hold `model` in memory now: as its residency says,
+    /// or, for a runtime that holds models out of process (Ollama), as its
+    /// listing shows. One that cannot list now may hold it: the unload
+    /// itself then says why it fails.
+    async fn may_hold(&self, model: &str) -> bool {
+        if let Some(status) = self.backend.residency() {
+            return status
                 .residents
                 .iter()
-                .any(|residence| residence.model == model)
-        })
+                .any(|residence| residence.model == model);
+        }
+        match self.backend.models().await {
+            Ok(models) => models
+                .iter()
+                .any(|info| info.name == model && info.residence.is_some()),
+            Err(_) => true,
+        }
     }
 
     fn mark_generated(&self) {
@@ -520,13 +529,28 @@ impl BackendRegistry {
         backend: Option<&str>,
     ) -> Result<Vec<&'static str>, BackendError> {
         let eligible = self.pool.serving(Some(model))?;
-        let holding: Vec<&Entry> = eligible
+        let named = eligible
             .indices()
             .map(|index| &self.pool.entries[index])
-            .filter(|entry| backend.is_none_or(|name| entry.backend.name() == name))
-            .filter(|entry| backend.is_some() || entry.holds(model))
-            .collect();
-        if holding.is_empty() {
+            .filter(|entry| backend.is_none_or(|name| entry.backend.name() == name));
+        let holding: Vec<&Entry> = join_all(named.map(|entry| async move {
+            (backend.is_some() || entry.may_hold(model).await).then_some(entry)
+        }))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+        let mut unloaded = Vec::new();
+        for entry in holding {
+            match entry.backend.unload_model(model).await {
+                Ok(()) => unloaded.push(entry.backend.name()),
+                // Asked only because it could not list its models: it
+                // holds none itself, so not this one.
+                Err(BackendError::Unsupported { .. }) if backend.is_none() => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if unloaded.is_empty() {
             let backend = eligible
                 .indices()
                 .next()
@@ -537,11 +561,6 @@ impl BackendRegistry {
                     model: model.to_owned(),
                 },
             });
-        }
-        let mut unloaded = Vec::new();
-        for entry in holding {
-            entry.backend.unload_model(model).await?;
-            unloaded.push(entry.backend.name());
         }
         Ok(unloaded)
     }
