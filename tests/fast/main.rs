@@ -13,6 +13,7 @@ mod deadlines;
 mod drain;
 mod failover;
 mod health;
+mod instances;
 mod metrics;
 mod models;
 mod result_cache;

@@ -155,7 +155,7 @@ impl Entry {
             .state
             .read()
             .unwrap_or_else(|poison| poison.into_inner());
-        state.report.models.is_empty() || state.report.models.iter().any(|listed| listed == model)
+        state.report.models.is_empty() || self.backend.serves(&state.report.models, model)
     }
 
     /// Whether it may hold `model` in memory now: as its residency says,
