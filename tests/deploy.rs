@@ -64,6 +64,42 @@ fn kubernetes_manifests_validate_against_the_api_schemas() {
     }
 }
 
+/// The runtime pool the gateway discovers by DNS.
+#[test]
+fn the_runtime_pool_validates_and_its_service_is_headless() {
+    let dir = repo_path("deploy/kubernetes/runtime-pool");
+    let files: Vec<String> = ["statefulset.yaml", "service.yaml"]
+        .iter()
+        .map(|name| dir.join(name).display().to_string())
+        .collect();
+    let output = Command::new(python())
+        .args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "-k",
+            KUBERNETES_VERSION,
+        ])
+        .args(&files)
+        .output()
+        .expect("run kubernetes-validate");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{report}");
+    for file in &files {
+        assert!(
+            report.contains(&format!("INFO {file} passed")),
+            "{file}: {report}"
+        );
+    }
+    let service = std::fs::read_to_string(&files[1]).unwrap();
+    assert!(
+        service.contains("clusterIP: None"),
+        "one DNS address per pod"
+    );
+    let statefulset = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(statefulset.contains("serviceName: llama-pool"));
+}
+
 #[test]
 fn a_broken_manifest_fails_validation() {
     let broken = std::env::temp_dir().join(format!("rigger-broken-{}.yaml", std::process::id()));

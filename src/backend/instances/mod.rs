@@ -491,7 +491,7 @@ async fn rediscover(shared: Weak<Shared>, interval: Duration) {
 fn prompt_text(messages: &[Message]) -> String {
     let mut text = String::new();
     for message in messages {
-        let _ = write!(text, "<{}>{}\n", message.role.as_str(), message.content);
+        let _ = writeln!(text, "<{}>{}", message.role.as_str(), message.content);
     }
     text
 }

@@ -52,6 +52,10 @@ impl PromptBlocks {
     pub fn len(&self) -> usize {
         self.0.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// One instance's recently sent prompt blocks.
@@ -100,6 +104,10 @@ impl PrefixIndex {
     /// Blocks remembered.
     pub fn len(&self) -> usize {
         self.sent.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sent.is_empty()
     }
 
     /// Drops expired blocks, then the oldest past the capacity. The log of
