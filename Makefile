@@ -18,7 +18,7 @@ CARGO_LINTED := source "$(RIGGER_CACHE_DIR)/build.env" \
 	&& RUSTC_WORKSPACE_WRAPPER="$$(rustc --print sysroot)/bin/clippy-driver" \
 	CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" cargo
 
-.PHONY: run test test-fast setup lint bench bench-kit bench-mlx bench-meaning bench-models eval fuzz
+.PHONY: run test test-fast setup lint bench bench-kit bench-mlx bench-meaning bench-models bench-instances eval fuzz
 
 setup:
 	scripts/setup-python.sh >/dev/null
@@ -67,6 +67,9 @@ bench-meaning: setup
 # model loads, memory, a three-model pipeline (BENCH_PIPELINE_TASKS tasks).
 bench-models: setup
 	$(CARGO) bench --locked --bench models
+
+bench-instances: setup
+	$(CARGO) bench --locked --bench instances
 
 bench-kit: setup
 	$(CARGO) bench --locked --bench kit

@@ -3,11 +3,26 @@
 //! each turn of a conversation back to the server that holds the
 //! conversation in its prompt cache, so more prompt tokens come from cache
 //! than under round-robin, which spreads the turns over every server.
+//!
+//! Also: Ollama instances (two stand-ins over the shared llama.cpp server)
+//! from a list, with sessions kept on one instance, one stand-in stopped
+//! (ejected, the calls go on) and started again on its port (back); and
+//! instances found through DNS (`localhost`, one instance per address).
 
 mod support;
 
-use rigger_inference::proto::{ChatMessage, GenerateRequest, GetStatusRequest, Role};
-use support::{LlamaServer, TestServer, config, generate, greedy};
+use std::sync::atomic::Ordering;
+
+use rigger_inference::proto::{
+    ChatMessage, GenerateRequest, GetStatusRequest, InstanceStatus, Role,
+    inference_service_client::InferenceServiceClient,
+};
+use support::{
+    LlamaServer, TestServer, collect, config, generate, greedy, llama, ollama::OllamaStandIn,
+};
+use tonic::{Request, transport::Channel};
+
+type Client = InferenceServiceClient<Channel>;
 
 const CONVERSATIONS: usize = 4;
 const TURNS: usize = 3;
@@ -91,4 +106,132 @@ async fn prefix_routing_serves_more_prompt_tokens_from_cache_than_round_robin() 
         prefix > round_robin,
         "prefix {prefix} of {prefix_total} vs round-robin {round_robin} of {round_robin_total}"
     );
+}
+
+async fn instances(client: &mut Client) -> Vec<InstanceStatus> {
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    status.backends[0].instances.clone()
+}
+
+/// Polls GetStatus until `condition` holds for the instances (within 10 s).
+async fn until_instances(
+    client: &mut Client,
+    what: &str,
+    condition: impl Fn(&[InstanceStatus]) -> bool,
+) {
+    for _ in 0..200 {
+        if condition(&instances(client).await) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{what}: {:?}", instances(client).await);
+}
+
+async fn in_session(client: &mut Client, session: &str) {
+    let mut request = Request::new(greedy("Say hi.", 4));
+    request
+        .metadata_mut()
+        .insert("rigger-session", session.parse().unwrap());
+    let stream = client.generate(request).await.expect("starts").into_inner();
+    collect(stream).await.expect("an answer");
+}
+
+#[tokio::test]
+async fn ollama_instances_from_a_list_keep_sessions_and_survive_one_going_away() {
+    let a = OllamaStandIn::start(&llama().openai_url()).await;
+    let b = OllamaStandIn::start(&llama().openai_url()).await;
+    let gateway = TestServer::start(config(&[
+        "--backend",
+        "ollama",
+        "--ollama-host",
+        &format!("{},{}", a.host(), b.host()),
+        "--routing",
+        "session",
+    ]))
+    .await;
+    let mut client = gateway.client().await;
+    let completed = |stand_in: &OllamaStandIn| stand_in.controls.completed.load(Ordering::SeqCst);
+    let mut placed = Vec::new();
+    for run in ["run-1", "run-2", "run-3", "run-4", "run-5", "run-6"] {
+        let before = (completed(&a), completed(&b));
+        for _ in 0..2 {
+            in_session(&mut client, run).await;
+        }
+        let after = (completed(&a), completed(&b));
+        let on = match (after.0 - before.0, after.1 - before.1) {
+            (2, 0) => 'a',
+            (0, 2) => 'b',
+            split => panic!("{run} split over instances: {split:?}"),
+        };
+        placed.push(on);
+    }
+    assert!(placed.contains(&'a') && placed.contains(&'b'), "{placed:?}");
+
+    // One instance goes away: it is ejected and every call goes on.
+    let a_address = a.addr;
+    let a_controls = a.controls.clone();
+    a.stop().await;
+    until_instances(&mut client, "the stopped instance is ejected", |listed| {
+        listed.iter().filter(|instance| instance.serving).count() == 1
+    })
+    .await;
+    for run in ["run-1", "run-2", "run-3", "run-4"] {
+        in_session(&mut client, run).await;
+    }
+    let back = OllamaStandIn::start_on(a_address, &llama().openai_url()).await;
+    until_instances(&mut client, "the restarted instance is back", |listed| {
+        listed.iter().all(|instance| instance.serving)
+    })
+    .await;
+    for run in ["run-1", "run-2", "run-3", "run-4", "run-5", "run-6"] {
+        in_session(&mut client, run).await;
+    }
+    assert!(
+        completed(&back) > 0,
+        "its sessions return to it ({} before it stopped)",
+        a_controls.completed.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test]
+async fn a_host_name_is_one_instance_per_address_it_resolves_to() {
+    let server = llama();
+    let gateway = TestServer::start(config(&[
+        "--backend",
+        "openai",
+        "--openai-base-url",
+        &format!("http://localhost:{}/v1", server.port),
+    ]))
+    .await;
+    let mut client = gateway.client().await;
+    let resolved: Vec<std::net::IpAddr> = tokio::net::lookup_host(("localhost", server.port))
+        .await
+        .unwrap()
+        .map(|address| address.ip())
+        .collect();
+    let listed = instances(&mut client).await;
+    assert_eq!(listed.len(), resolved.len(), "{listed:?} for {resolved:?}");
+    // The server listens on 127.0.0.1 only: that address serves, any other
+    // (::1) is not serving, and calls go to the one that serves.
+    let v4 = format!("http://127.0.0.1:{}/v1", server.port);
+    for instance in &listed {
+        assert_eq!(instance.serving, instance.endpoint == v4, "{instance:?}");
+    }
+    for _ in 0..3 {
+        generate(&mut client, greedy("Say hi.", 4))
+            .await
+            .expect("an answer");
+    }
+    let listed = instances(&mut client).await;
+    let calls: u64 = listed
+        .iter()
+        .filter(|instance| instance.endpoint == v4)
+        .map(|instance| instance.calls)
+        .sum();
+    assert_eq!(calls, 3);
 }

@@ -20,6 +20,8 @@ use crate::support::free_port;
 pub struct Run {
     pub text: String,
     pub prompt_tokens: u32,
+    /// Prompt tokens the runtime took from its prompt cache.
+    pub cached_prompt_tokens: u32,
     pub tokens: u32,
     pub first_token: Duration,
     pub total: Duration,
@@ -44,7 +46,8 @@ pub async fn grpc_run(
         .await
         .expect("Generate")
         .into_inner();
-    let (mut text, mut first_token, mut tokens, mut prompt_tokens) = (String::new(), None, 0, 0);
+    let (mut text, mut first_token, mut tokens, mut prompt_tokens, mut cached_prompt_tokens) =
+        (String::new(), None, 0, 0, 0);
     while let Some(message) = stream.next().await {
         match message.expect("no error").event.expect("event") {
             Event::Text(piece) => {
@@ -55,12 +58,14 @@ pub async fn grpc_run(
                 let meta = summary.meta.expect("meta");
                 tokens = meta.completion_tokens;
                 prompt_tokens = meta.prompt_tokens;
+                cached_prompt_tokens = meta.cached_prompt_tokens;
             }
         }
     }
     Run {
         text,
         prompt_tokens,
+        cached_prompt_tokens,
         tokens,
         first_token: first_token.expect("text"),
         total: started.elapsed(),
