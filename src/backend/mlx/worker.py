@@ -21,10 +21,20 @@ Prompts are data: nothing a request carries is ever evaluated. Concurrent
 requests are decoded together by mlx-lm's BatchGenerator, which one thread
 (this module's main loop) owns; a reader thread feeds it. A GGUF model is
 converted once into an mlx-lm directory under --cache-dir.
+
+On a GPU the worker warms up before it says `ready`: MLX's CUDA backend
+compiles a kernel (NVRTC) the first time it meets a new kernel variant, and
+the generation thread does nothing else meanwhile: on an H200, 80 s for the
+first prefill of a 4-bit model, 2-7 s for a bf16 one, with every stream of
+the batch waiting. Warm-up runs requests through the batch shapes, samplers
+and processors serving uses, so those compilations happen before readiness;
+the compiled kernels are kept under --cache-dir, so only a machine's first
+worker pays for them.
 """
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import os
 import queue
@@ -35,6 +45,23 @@ from pathlib import Path
 
 PROTOCOL = None  # the real stdout; sys.stdout is pointed at stderr
 MODEL_KEY = "model"  # one model per worker: the prompt cache's only key
+
+# Warm-up prompts, in repetitions of WARM_UP_TEXT: their lengths spread over
+# the quantized matmul's row tiles (MLX compiles one kernel per tile of 16,
+# 32 or 64 rows), and the longest is read in --prefill-step chunks and
+# decodes past the KV cache's first 256 positions, where MLX's attention
+# changes kernel.
+WARM_UP_TEXT = "warm up "
+WARM_UP_REPEATS = (2, 8, 20, 200)
+# Every sampler and processor a request can ask for.
+WARM_UP_SAMPLING = (
+    {"temperature": 0},
+    {"temperature": 0.7, "top_p": 0.9, "seed": 1},
+    {"temperature": 0, "frequency_penalty": 0.5},
+    {"temperature": 0, "no_repeat": {"ngram": 3, "already_said": ["warm up"]}},
+    {"temperature": 0, "json_schema": {"type": "object", "properties": {"n": {"type": "integer"}}}},
+)
+WARM_UP_TOKENS = 2
 
 
 def emit(message):
@@ -373,13 +400,15 @@ class Worker:
             prefill_batch_size=args.max_batch,
             prefill_step_size=args.prefill_step,
         )
-        from mlx_lm.models.cache import LRUPromptCache
-
-        self.prompt_cache = LRUPromptCache(max_size=args.prompt_cache)
+        self.prompt_cache_size = args.prompt_cache
+        self.prompt_cache = self.fresh_prompt_cache()
         self.requests = {}  # BatchGenerator uid -> Request
         self.uids = {}  # request id -> uid
         self.paused = {}  # request id -> Request, out of the batch
-        emit({
+        self.send = emit
+        if args.warm_up == "on" or (args.warm_up == "auto" and mx.default_device().type == mx.gpu):
+            self.warm_up(args.max_batch)
+        self.send({
             "event": "ready",
             "model": args.name or directory.name,
             "device": str(mx.default_device()),
@@ -387,6 +416,56 @@ class Worker:
             "load_seconds": round(time.perf_counter() - started, 3),
             "max_batch": args.max_batch,
         })
+
+    def fresh_prompt_cache(self):
+        from mlx_lm.models.cache import LRUPromptCache
+
+        return LRUPromptCache(max_size=self.prompt_cache_size)
+
+    def warm_up(self, max_batch):
+        """Generates a few tokens for made-up requests, their replies kept
+        here: a full batch of mixed prompts and sampling (every kind, even
+        past --max-batch) whose requests end one step apart (the batch
+        passes through every size), then each
+        prompt length alone, read whole, then a follow-up to the last that
+        reuses its cached prefix (a prefill of a few tokens). Leaves no
+        cached prompt behind."""
+        started = time.perf_counter()
+        replies = []
+
+        def request(rid, repeats, sampling, max_tokens, follow_up=False):
+            messages = [{"role": "user", "content": WARM_UP_TEXT * repeats}]
+            if follow_up:
+                messages.append({"role": "user", "content": "?"})
+            return {"op": "generate", "id": rid, "messages": messages, "max_tokens": max_tokens,
+                    "stop": [], "json_schema": None, **sampling}
+
+        together = [
+            request(-1 - i, WARM_UP_REPEATS[i % len(WARM_UP_REPEATS)], WARM_UP_SAMPLING[i % len(WARM_UP_SAMPLING)],
+                    WARM_UP_TOKENS + i)
+            for i in range(max(max_batch, len(WARM_UP_SAMPLING)))
+        ]
+        alone = [[request(-1000 - i, repeats, WARM_UP_SAMPLING[0], WARM_UP_TOKENS)]
+                 for i, repeats in enumerate(WARM_UP_REPEATS)]
+        follow_up = [request(-2000, WARM_UP_REPEATS[-1], WARM_UP_SAMPLING[0], WARM_UP_TOKENS, follow_up=True)]
+        # (wave, whether it may reuse the waves before it)
+        waves = [(together, False), *((wave, False) for wave in alone), (follow_up, True)]
+        self.send = replies.append
+        try:
+            for wave, reuse in waves:
+                if not reuse:
+                    self.prompt_cache = self.fresh_prompt_cache()
+                for message in wave:
+                    self.handle(message)
+                while self.busy():
+                    self.step()
+        finally:
+            self.send = emit
+            self.prompt_cache = self.fresh_prompt_cache()
+        failures = [reply["message"] for reply in replies if reply.get("event") == "error"]
+        done = sum(1 for reply in replies if reply.get("event") == "done")
+        log(f"warm-up: {done} requests in {time.perf_counter() - started:.1f} s"
+            + (f"; {len(failures)} failed, first: {failures[0]}" if failures else ""))
 
     def reusable_prefix(self, prompt):
         """A copy of the KV cache of the longest prompt prefix seen before
@@ -427,7 +506,7 @@ class Worker:
             self.resume(rid)
             return
         if op != "generate":
-            emit({"id": rid, "event": "error", "message": f"unknown op {op!r}"})
+            self.send({"id": rid, "event": "error", "message": f"unknown op {op!r}"})
             return
         try:
             request = Request(rid, message, self.tokenizer, self.lltokenizer)
@@ -442,7 +521,7 @@ class Worker:
                 logits_processors=[request.processors],
             )
         except Exception as error:  # a bad request must not end the worker
-            emit({"id": rid, "event": "error", "invalid_request": True, "message": f"{type(error).__name__}: {error}"})
+            self.send({"id": rid, "event": "error", "invalid_request": True, "message": f"{type(error).__name__}: {error}"})
             return
         self.requests[uid] = request
         self.uids[rid] = uid
@@ -499,7 +578,7 @@ class Worker:
             # One request's processor failing aborts the step for the batch:
             # end every request of the step rather than the worker.
             for uid, request in list(self.requests.items()):
-                emit({"id": request.id, "event": "error", "message": f"{type(error).__name__}: {error}"})
+                self.send({"id": request.id, "event": "error", "message": f"{type(error).__name__}: {error}"})
                 self.batch.remove([uid])
             self.requests.clear()
             self.uids.clear()
@@ -523,7 +602,7 @@ class Worker:
                 finish = "stop"
             sendable = len(request.text) if finish is not None else held_back(request.text, request.stop)
             if sendable > request.sent:
-                emit({"id": request.id, "event": "text", "text": request.text[request.sent:sendable]})
+                self.send({"id": request.id, "event": "text", "text": request.text[request.sent:sendable]})
                 request.sent = sendable
             if finish is not None:
                 if response.finish_reason is None:
@@ -538,7 +617,7 @@ class Worker:
         now = time.perf_counter()
         first = request.first_token or now
         prompt_tokens = len(request.prompt)
-        emit({
+        self.send({
             "id": request.id,
             "event": "done",
             "finish_reason": "length" if finish == "length" else "stop",
@@ -586,6 +665,17 @@ def read_requests(inbox):
     inbox.put(None)
 
 
+def keep_compiled_kernels(cache_dir):
+    """Points MLX's cache of compiled CUDA kernels under --cache-dir, one
+    folder per MLX version as MLX's own default (/tmp/mlx/VERSION/ptx) has,
+    so the warm-up's compilations outlive a cleaned /tmp or a reboot."""
+    try:
+        version = importlib.metadata.version("mlx")
+    except importlib.metadata.PackageNotFoundError:
+        return  # the worker's import of MLX reports it
+    os.environ.setdefault("MLX_PTX_CACHE_DIR", str(Path(cache_dir) / "ptx" / version))
+
+
 def main():
     global PROTOCOL
     parser = argparse.ArgumentParser(description="rigger-inference MLX worker")
@@ -596,7 +686,10 @@ def main():
     parser.add_argument("--prefill-step", type=int, default=256)
     parser.add_argument("--prompt-cache", type=int, default=8, help="prompt KV caches kept for reuse")
     parser.add_argument("--dequantize", action="store_true", help="run in float32 (fast with a BLAS)")
+    parser.add_argument("--warm-up", choices=("auto", "on", "off"), default="auto",
+                        help="compile kernels before ready (auto: on a GPU)")
     args = parser.parse_args()
+    keep_compiled_kernels(args.cache_dir)
 
     # Only protocol messages may reach stdout; libraries printing there
     # would corrupt the stream.
