@@ -180,7 +180,7 @@ step_worker() {
 }
 
 step_service() {
-  local model="$WORK/models/${MODEL:-1b}" port=50151 log="${OUT:-/tmp}/service.log" pid
+  local model="$WORK/models/${MODEL:-1b}" port=50151 log="${OUT:-/tmp}/service-${MODEL:-1b}.log" pid
   INFERENCE_BACKEND=mlx MLX_PYTHON="$(command -v python3)" RIGGER_MLX_MODEL="$model" \
     RIGGER_CACHE_DIR="$WORK/cache" RIGGER_LISTEN="127.0.0.1:$port" RIGGER_METRICS_LISTEN=127.0.0.1:0 \
     RIGGER_MLX_BLAS=off RIGGER_MLX_MAX_BATCH="${MAX_BATCH:-64}" RIGGER_MAX_IN_FLIGHT=64 RIGGER_MAX_QUEUE=256 \
