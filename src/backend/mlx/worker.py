@@ -24,9 +24,9 @@ converted once into an mlx-lm directory under --cache-dir.
 
 On a GPU the worker warms up before it says `ready`: MLX's CUDA backend
 compiles a kernel (NVRTC) the first time it meets a new kernel variant, and
-the generation thread does nothing else meanwhile: on an H200, 80 s for the
-first prefill of a 4-bit model, 2-7 s for a bf16 one, with every stream of
-the batch waiting. Warm-up runs requests through the batch shapes, samplers
+the generation thread does nothing else meanwhile, every stream of the batch
+waiting with the GPU idle: on an H200, 44-80 s for each row tile of a 4-bit
+model's quantized matmul, 2-7 s for each new batch shape of a bf16 one. Warm-up runs requests through the batch shapes, samplers
 and processors serving uses, so those compilations happen before readiness;
 the compiled kernels are kept under --cache-dir, so only a machine's first
 worker pays for them.
@@ -46,13 +46,15 @@ from pathlib import Path
 PROTOCOL = None  # the real stdout; sys.stdout is pointed at stderr
 MODEL_KEY = "model"  # one model per worker: the prompt cache's only key
 
-# Warm-up prompts, in repetitions of WARM_UP_TEXT: their lengths spread over
-# the quantized matmul's row tiles (MLX compiles one kernel per tile of 16,
-# 32 or 64 rows), and the longest is read in --prefill-step chunks and
-# decodes past the KV cache's first 256 positions, where MLX's attention
-# changes kernel.
+# Warm-up prompts read alone, in tokens. A prompt of n tokens is read as a
+# prefill of n - 1 rows (its last token starts generation), and MLX's CUDA
+# backend compiles the quantized matmul once per row tile: under 8 rows it
+# takes the vector kernel, up to 16, 32 and beyond them (64) a tile each.
+# The longest prompt is read in --prefill-step chunks and decodes past
+# ATTENTION_SWITCH keys, from where MLX's CUDA attention uses cuDNN.
+WARM_UP_PROMPT_TOKENS = (5, 9, 25, 49)
+ATTENTION_SWITCH = 256
 WARM_UP_TEXT = "warm up "
-WARM_UP_REPEATS = (2, 8, 20, 200)
 # Every sampler and processor a request can ask for.
 WARM_UP_SAMPLING = (
     {"temperature": 0},
@@ -227,12 +229,15 @@ def model_directory(model, cache_dir):
 class Request:
     """One generation in the batch: its sampling, constraint, text and counts."""
 
-    def __init__(self, rid, message, tokenizer, lltokenizer):
+    def __init__(self, rid, message, tokenizer, lltokenizer, prompt=None):
         self.id = rid
         self.stop = [s for s in message.get("stop") or [] if s]
         self.max_tokens = int(message["max_tokens"])
         self.detokenizer = tokenizer.detokenizer
-        self.prompt = tokenizer.apply_chat_template(message["messages"], add_generation_prompt=True)
+        # `prompt` (token ids) only from the warm-up, which needs exact lengths.
+        if prompt is None:
+            prompt = tokenizer.apply_chat_template(message["messages"], add_generation_prompt=True)
+        self.prompt = prompt
         self.started = time.perf_counter()
         self.first_token = None
         self.generated = 0
@@ -407,7 +412,7 @@ class Worker:
         self.paused = {}  # request id -> Request, out of the batch
         self.send = emit
         if args.warm_up == "on" or (args.warm_up == "auto" and mx.default_device().type == mx.gpu):
-            self.warm_up(args.max_batch)
+            self.warm_up(args.max_batch, args.prefill_step)
         self.send({
             "event": "ready",
             "model": args.name or directory.name,
@@ -422,41 +427,46 @@ class Worker:
 
         return LRUPromptCache(max_size=self.prompt_cache_size)
 
-    def warm_up(self, max_batch):
+    def warm_up(self, max_batch, prefill_step):
         """Generates a few tokens for made-up requests, their replies kept
-        here: a full batch of mixed prompts and sampling (every kind, even
-        past --max-batch) whose requests end one step apart (the batch
-        passes through every size), then each
-        prompt length alone, read whole, then a follow-up to the last that
-        reuses its cached prefix (a prefill of a few tokens). Leaves no
-        cached prompt behind."""
+        here: a full batch of chat requests with every kind of sampling
+        (even past --max-batch) whose requests end one step apart, so the
+        batch passes through every size; then prompts of each prefill tile's
+        length alone; then a chat request and a follow-up that reuses its
+        cached prefix. Leaves no cached prompt behind."""
         started = time.perf_counter()
         replies = []
 
-        def request(rid, repeats, sampling, max_tokens, follow_up=False):
-            messages = [{"role": "user", "content": WARM_UP_TEXT * repeats}]
-            if follow_up:
-                messages.append({"role": "user", "content": "?"})
-            return {"op": "generate", "id": rid, "messages": messages, "max_tokens": max_tokens,
-                    "stop": [], "json_schema": None, **sampling}
+        def chat(rid, sampling, max_tokens, turns=1):
+            # Prompts of a few lengths, so the batch pads them.
+            content = WARM_UP_TEXT * (rid % len(WARM_UP_PROMPT_TOKENS) + 1)
+            return {"op": "generate", "id": rid, "messages": [{"role": "user", "content": content}] * turns,
+                    "max_tokens": max_tokens, "stop": [], "json_schema": None, **sampling}
+
+        def alone(rid, length):
+            tokens = self.tokenizer.encode(WARM_UP_TEXT * length, add_special_tokens=False)[:length]
+            message = chat(rid, WARM_UP_SAMPLING[0], WARM_UP_TOKENS)
+            return lambda: self.start(Request(rid, message, self.tokenizer, self.lltokenizer, prompt=tokens))
 
         together = [
-            request(-1 - i, WARM_UP_REPEATS[i % len(WARM_UP_REPEATS)], WARM_UP_SAMPLING[i % len(WARM_UP_SAMPLING)],
-                    WARM_UP_TOKENS + i)
+            chat(-1 - i, WARM_UP_SAMPLING[i % len(WARM_UP_SAMPLING)], WARM_UP_TOKENS + i)
             for i in range(max(max_batch, len(WARM_UP_SAMPLING)))
         ]
-        alone = [[request(-1000 - i, repeats, WARM_UP_SAMPLING[0], WARM_UP_TOKENS)]
-                 for i, repeats in enumerate(WARM_UP_REPEATS)]
-        follow_up = [request(-2000, WARM_UP_REPEATS[-1], WARM_UP_SAMPLING[0], WARM_UP_TOKENS, follow_up=True)]
-        # (wave, whether it may reuse the waves before it)
-        waves = [(together, False), *((wave, False) for wave in alone), (follow_up, True)]
+        lengths = (*WARM_UP_PROMPT_TOKENS, max(2 * prefill_step, ATTENTION_SWITCH) + 1)
+        # (starts, whether it may reuse the prompts before it)
+        waves = [
+            ([lambda message=message: self.handle(message) for message in together], False),
+            *(([alone(-1000 - i, length)], False) for i, length in enumerate(lengths)),
+            ([lambda: self.handle(chat(-2000, WARM_UP_SAMPLING[0], WARM_UP_TOKENS))], False),
+            ([lambda: self.handle(chat(-2000, WARM_UP_SAMPLING[0], WARM_UP_TOKENS, turns=2))], True),
+        ]
         self.send = replies.append
         try:
-            for wave, reuse in waves:
+            for starts, reuse in waves:
                 if not reuse:
                     self.prompt_cache = self.fresh_prompt_cache()
-                for message in wave:
-                    self.handle(message)
+                for begin in starts:
+                    begin()
                 while self.busy():
                     self.step()
         finally:
@@ -509,22 +519,25 @@ class Worker:
             self.send({"id": rid, "event": "error", "message": f"unknown op {op!r}"})
             return
         try:
-            request = Request(rid, message, self.tokenizer, self.lltokenizer)
-            cache, rest = self.reusable_prefix(request.prompt)
-            request.cached = len(request.prompt) - len(rest)
-            (uid,) = self.batch.insert(
-                [rest],
-                max_tokens=[request.max_tokens],
-                caches=[cache],
-                all_tokens=[request.prompt[: request.cached]],
-                samplers=[request.sampler],
-                logits_processors=[request.processors],
-            )
+            self.start(Request(rid, message, self.tokenizer, self.lltokenizer))
         except Exception as error:  # a bad request must not end the worker
             self.send({"id": rid, "event": "error", "invalid_request": True, "message": f"{type(error).__name__}: {error}"})
-            return
+
+    def start(self, request):
+        """Puts a request into the batch after the longest cached prefix of
+        its prompt."""
+        cache, rest = self.reusable_prefix(request.prompt)
+        request.cached = len(request.prompt) - len(rest)
+        (uid,) = self.batch.insert(
+            [rest],
+            max_tokens=[request.max_tokens],
+            caches=[cache],
+            all_tokens=[request.prompt[: request.cached]],
+            samplers=[request.sampler],
+            logits_processors=[request.processors],
+        )
         self.requests[uid] = request
-        self.uids[rid] = uid
+        self.uids[request.id] = uid
 
     def pause(self, rid):
         """Takes a generating request out of the batch with its KV cache,
