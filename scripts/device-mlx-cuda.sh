@@ -27,10 +27,15 @@
 #                 staggered), each bounded, step times printed
 #                 (REPRO_RUNS="name:probe args;..." picks others)
 #        worker   our worker over its line protocol, 1 and 4 streams
-#        service  rigger-inference on MLX: first-request TTFT after
-#                 readiness, then 1/4/16/64 concurrent Generate streams
-#                 (STREAMS, TOKENS, MODEL override)
-#      Logs are kept under $OUT.
+#        service  rigger-inference on MLX (RIGGER_MLX_MAX_BATCH=$MAX_BATCH,
+#                 default 64): time to SERVING, the first request's TTFT
+#                 after readiness, each prompt alone, then 1/4/16/64
+#                 concurrent Generate streams compared with their answers
+#                 alone (STREAMS, TOKENS, MODEL=1b|smol4 override)
+#      Logs are kept under $OUT. While the machine is warm, later calls
+#      carry only kit/ (e.g. `MODEL=smol4 TOKENS=64 bash .../kit/
+#      device-mlx-cuda.sh receive service`); a fresh machine needs the
+#      parts again.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -197,5 +202,5 @@ step_service() {
 case "${1:-}" in
   pack) shift; pack "$@" ;;
   receive) shift; receive "$@" ;;
-  *) sed -n '2,31p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,38p' "$0" >&2; exit 2 ;;
 esac
