@@ -21,10 +21,20 @@ Prompts are data: nothing a request carries is ever evaluated. Concurrent
 requests are decoded together by mlx-lm's BatchGenerator, which one thread
 (this module's main loop) owns; a reader thread feeds it. A GGUF model is
 converted once into an mlx-lm directory under --cache-dir.
+
+On a GPU the worker warms up before it says `ready`: MLX's CUDA backend
+compiles a kernel (NVRTC) the first time it meets a new kernel variant, and
+the generation thread does nothing else meanwhile, every stream of the batch
+waiting with the GPU idle: on an H200, 44-80 s for each row tile of a 4-bit
+model's quantized matmul, 2-7 s for each new batch shape of a bf16 one. Warm-up runs requests through the batch shapes, samplers
+and processors serving uses, so those compilations happen before readiness;
+the compiled kernels are kept under --cache-dir, so only a machine's first
+worker pays for them.
 """
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import os
 import queue
@@ -35,6 +45,25 @@ from pathlib import Path
 
 PROTOCOL = None  # the real stdout; sys.stdout is pointed at stderr
 MODEL_KEY = "model"  # one model per worker: the prompt cache's only key
+
+# Warm-up prompts read alone, in tokens. A prompt of n tokens is read as a
+# prefill of n - 1 rows (its last token starts generation), and MLX's CUDA
+# backend compiles the quantized matmul once per row tile: under 8 rows it
+# takes the vector kernel, up to 16, 32 and beyond them (64) a tile each.
+# The longest prompt is read in --prefill-step chunks and decodes past
+# ATTENTION_SWITCH keys, from where MLX's CUDA attention uses cuDNN.
+WARM_UP_PROMPT_TOKENS = (5, 9, 25, 49)
+ATTENTION_SWITCH = 256
+WARM_UP_TEXT = "warm up "
+# Every sampler and processor a request can ask for.
+WARM_UP_SAMPLING = (
+    {"temperature": 0},
+    {"temperature": 0.7, "top_p": 0.9, "seed": 1},
+    {"temperature": 0, "frequency_penalty": 0.5},
+    {"temperature": 0, "no_repeat": {"ngram": 3, "already_said": ["warm up"]}},
+    {"temperature": 0, "json_schema": {"type": "object", "properties": {"n": {"type": "integer"}}}},
+)
+WARM_UP_TOKENS = 2
 
 
 def emit(message):
@@ -200,12 +229,15 @@ def model_directory(model, cache_dir):
 class Request:
     """One generation in the batch: its sampling, constraint, text and counts."""
 
-    def __init__(self, rid, message, tokenizer, lltokenizer):
+    def __init__(self, rid, message, tokenizer, lltokenizer, prompt=None):
         self.id = rid
         self.stop = [s for s in message.get("stop") or [] if s]
         self.max_tokens = int(message["max_tokens"])
         self.detokenizer = tokenizer.detokenizer
-        self.prompt = tokenizer.apply_chat_template(message["messages"], add_generation_prompt=True)
+        # `prompt` (token ids) only from the warm-up, which needs exact lengths.
+        if prompt is None:
+            prompt = tokenizer.apply_chat_template(message["messages"], add_generation_prompt=True)
+        self.prompt = prompt
         self.started = time.perf_counter()
         self.first_token = None
         self.generated = 0
@@ -373,13 +405,15 @@ class Worker:
             prefill_batch_size=args.max_batch,
             prefill_step_size=args.prefill_step,
         )
-        from mlx_lm.models.cache import LRUPromptCache
-
-        self.prompt_cache = LRUPromptCache(max_size=args.prompt_cache)
+        self.prompt_cache_size = args.prompt_cache
+        self.prompt_cache = self.fresh_prompt_cache()
         self.requests = {}  # BatchGenerator uid -> Request
         self.uids = {}  # request id -> uid
         self.paused = {}  # request id -> Request, out of the batch
-        emit({
+        self.send = emit
+        if args.warm_up == "on" or (args.warm_up == "auto" and mx.default_device().type == mx.gpu):
+            self.warm_up(args.max_batch, args.prefill_step)
+        self.send({
             "event": "ready",
             "model": args.name or directory.name,
             "device": str(mx.default_device()),
@@ -387,6 +421,61 @@ class Worker:
             "load_seconds": round(time.perf_counter() - started, 3),
             "max_batch": args.max_batch,
         })
+
+    def fresh_prompt_cache(self):
+        from mlx_lm.models.cache import LRUPromptCache
+
+        return LRUPromptCache(max_size=self.prompt_cache_size)
+
+    def warm_up(self, max_batch, prefill_step):
+        """Generates a few tokens for made-up requests, their replies kept
+        here: a full batch of chat requests with every kind of sampling
+        (even past --max-batch) whose requests end one step apart, so the
+        batch passes through every size; then prompts of each prefill tile's
+        length alone; then a chat request and a follow-up that reuses its
+        cached prefix. Leaves no cached prompt behind."""
+        started = time.perf_counter()
+        replies = []
+
+        def chat(rid, sampling, max_tokens, turns=1):
+            # Prompts of a few lengths, so the batch pads them.
+            content = WARM_UP_TEXT * (rid % len(WARM_UP_PROMPT_TOKENS) + 1)
+            return {"op": "generate", "id": rid, "messages": [{"role": "user", "content": content}] * turns,
+                    "max_tokens": max_tokens, "stop": [], "json_schema": None, **sampling}
+
+        def alone(rid, length):
+            tokens = self.tokenizer.encode(WARM_UP_TEXT * length, add_special_tokens=False)[:length]
+            message = chat(rid, WARM_UP_SAMPLING[0], WARM_UP_TOKENS)
+            return lambda: self.start(Request(rid, message, self.tokenizer, self.lltokenizer, prompt=tokens))
+
+        together = [
+            chat(-1 - i, WARM_UP_SAMPLING[i % len(WARM_UP_SAMPLING)], WARM_UP_TOKENS + i)
+            for i in range(max(max_batch, len(WARM_UP_SAMPLING)))
+        ]
+        lengths = (*WARM_UP_PROMPT_TOKENS, max(2 * prefill_step, ATTENTION_SWITCH) + 1)
+        # (starts, whether it may reuse the prompts before it)
+        waves = [
+            ([lambda message=message: self.handle(message) for message in together], False),
+            *(([alone(-1000 - i, length)], False) for i, length in enumerate(lengths)),
+            ([lambda: self.handle(chat(-2000, WARM_UP_SAMPLING[0], WARM_UP_TOKENS))], False),
+            ([lambda: self.handle(chat(-2000, WARM_UP_SAMPLING[0], WARM_UP_TOKENS, turns=2))], True),
+        ]
+        self.send = replies.append
+        try:
+            for starts, reuse in waves:
+                if not reuse:
+                    self.prompt_cache = self.fresh_prompt_cache()
+                for begin in starts:
+                    begin()
+                while self.busy():
+                    self.step()
+        finally:
+            self.send = emit
+            self.prompt_cache = self.fresh_prompt_cache()
+        failures = [reply["message"] for reply in replies if reply.get("event") == "error"]
+        done = sum(1 for reply in replies if reply.get("event") == "done")
+        log(f"warm-up: {done} requests in {time.perf_counter() - started:.1f} s"
+            + (f"; {len(failures)} failed, first: {failures[0]}" if failures else ""))
 
     def reusable_prefix(self, prompt):
         """A copy of the KV cache of the longest prompt prefix seen before
@@ -427,25 +516,28 @@ class Worker:
             self.resume(rid)
             return
         if op != "generate":
-            emit({"id": rid, "event": "error", "message": f"unknown op {op!r}"})
+            self.send({"id": rid, "event": "error", "message": f"unknown op {op!r}"})
             return
         try:
-            request = Request(rid, message, self.tokenizer, self.lltokenizer)
-            cache, rest = self.reusable_prefix(request.prompt)
-            request.cached = len(request.prompt) - len(rest)
-            (uid,) = self.batch.insert(
-                [rest],
-                max_tokens=[request.max_tokens],
-                caches=[cache],
-                all_tokens=[request.prompt[: request.cached]],
-                samplers=[request.sampler],
-                logits_processors=[request.processors],
-            )
+            self.start(Request(rid, message, self.tokenizer, self.lltokenizer))
         except Exception as error:  # a bad request must not end the worker
-            emit({"id": rid, "event": "error", "invalid_request": True, "message": f"{type(error).__name__}: {error}"})
-            return
+            self.send({"id": rid, "event": "error", "invalid_request": True, "message": f"{type(error).__name__}: {error}"})
+
+    def start(self, request):
+        """Puts a request into the batch after the longest cached prefix of
+        its prompt."""
+        cache, rest = self.reusable_prefix(request.prompt)
+        request.cached = len(request.prompt) - len(rest)
+        (uid,) = self.batch.insert(
+            [rest],
+            max_tokens=[request.max_tokens],
+            caches=[cache],
+            all_tokens=[request.prompt[: request.cached]],
+            samplers=[request.sampler],
+            logits_processors=[request.processors],
+        )
         self.requests[uid] = request
-        self.uids[rid] = uid
+        self.uids[request.id] = uid
 
     def pause(self, rid):
         """Takes a generating request out of the batch with its KV cache,
@@ -499,7 +591,7 @@ class Worker:
             # One request's processor failing aborts the step for the batch:
             # end every request of the step rather than the worker.
             for uid, request in list(self.requests.items()):
-                emit({"id": request.id, "event": "error", "message": f"{type(error).__name__}: {error}"})
+                self.send({"id": request.id, "event": "error", "message": f"{type(error).__name__}: {error}"})
                 self.batch.remove([uid])
             self.requests.clear()
             self.uids.clear()
@@ -523,7 +615,7 @@ class Worker:
                 finish = "stop"
             sendable = len(request.text) if finish is not None else held_back(request.text, request.stop)
             if sendable > request.sent:
-                emit({"id": request.id, "event": "text", "text": request.text[request.sent:sendable]})
+                self.send({"id": request.id, "event": "text", "text": request.text[request.sent:sendable]})
                 request.sent = sendable
             if finish is not None:
                 if response.finish_reason is None:
@@ -538,7 +630,7 @@ class Worker:
         now = time.perf_counter()
         first = request.first_token or now
         prompt_tokens = len(request.prompt)
-        emit({
+        self.send({
             "id": request.id,
             "event": "done",
             "finish_reason": "length" if finish == "length" else "stop",
@@ -586,6 +678,17 @@ def read_requests(inbox):
     inbox.put(None)
 
 
+def keep_compiled_kernels(cache_dir):
+    """Points MLX's cache of compiled CUDA kernels under --cache-dir, one
+    folder per MLX version as MLX's own default (/tmp/mlx/VERSION/ptx) has,
+    so the warm-up's compilations outlive a cleaned /tmp or a reboot."""
+    try:
+        version = importlib.metadata.version("mlx")
+    except importlib.metadata.PackageNotFoundError:
+        return  # the worker's import of MLX reports it
+    os.environ.setdefault("MLX_PTX_CACHE_DIR", str(Path(cache_dir) / "ptx" / version))
+
+
 def main():
     global PROTOCOL
     parser = argparse.ArgumentParser(description="rigger-inference MLX worker")
@@ -596,7 +699,10 @@ def main():
     parser.add_argument("--prefill-step", type=int, default=256)
     parser.add_argument("--prompt-cache", type=int, default=8, help="prompt KV caches kept for reuse")
     parser.add_argument("--dequantize", action="store_true", help="run in float32 (fast with a BLAS)")
+    parser.add_argument("--warm-up", choices=("auto", "on", "off"), default="auto",
+                        help="compile kernels before ready (auto: on a GPU)")
     args = parser.parse_args()
+    keep_compiled_kernels(args.cache_dir)
 
     # Only protocol messages may reach stdout; libraries printing there
     # would corrupt the stream.
