@@ -22,7 +22,7 @@
 #      the steps:
 #        models   random-weight llamas with SmolLM2's tokenizer: 1b (bf16,
 #                 the issue's 1.17 B shape) and smol4 (SmolLM2-135M's shape,
-#                 4-bit like a converted GGUF)
+#                 4-bit like a converted GGUF); MODELS="smol4" builds fewer
 #        repro    bare BatchGenerator loops (1 and 4 streams, at once and
 #                 staggered), each bounded, step times printed
 #                 (REPRO_RUNS="name:probe args;..." picks others)
@@ -32,6 +32,11 @@
 #                 after readiness, each prompt alone, then 1/4/16/64
 #                 concurrent Generate streams compared with their answers
 #                 alone (STREAMS, TOKENS, MODEL=1b|smol4 override)
+#        direct   the runtime called directly, for the relay ratio: the same
+#                 worker, model, max batch, prompts, seeds and load as
+#                 `service`, over the worker's line protocol with no gateway
+#                 (after `service`, whose worker compiled the kernels this
+#                 one's warm-up finds in the cache)
 #      Logs are kept under $OUT. While the machine is warm, later calls
 #      carry only kit/ (e.g. `MODEL=smol4 TOKENS=64 bash .../kit/
 #      device-mlx-cuda.sh receive service`); a fresh machine needs the
@@ -135,7 +140,7 @@ install() {
 
 step_models() {
   local shape
-  for shape in 1b smol4; do
+  for shape in ${MODELS:-1b smol4}; do
     [ -f "$WORK/models/$shape/config.json" ] && continue
     case "$shape" in
       1b) python3 "$here/mlx_cuda_probe.py" model "$WORK/models/1b" --tokenizer "$WORK/tokenizer" --shape 1b ;;
@@ -199,8 +204,16 @@ step_service() {
   sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -i -E 'worker ready|warm-up|error|panic|test generation' | cut -c1-240 | tail -12 || true
 }
 
+step_direct() {
+  local log="${OUT:-/tmp}/direct-${MODEL:-1b}.log"
+  HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false python3 "$here/mlx_cuda_load.py" --worker "$here/worker.py" \
+    --model "$WORK/models/${MODEL:-1b}" --cache-dir "$WORK/cache/mlx" --max-batch "${MAX_BATCH:-64}" \
+    --no-alone --streams "${STREAMS:-1,4,16,64}" --tokens "${TOKENS:-128}" 2>"$log" || echo "direct exit $?"
+  grep -E 'warm-up|Error' "$log" | cut -c1-240 | tail -4 || true
+}
+
 case "${1:-}" in
   pack) shift; pack "$@" ;;
   receive) shift; receive "$@" ;;
-  *) sed -n '2,38p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,43p' "$0" >&2; exit 2 ;;
 esac

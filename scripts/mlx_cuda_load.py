@@ -3,6 +3,14 @@ MLX-on-CUDA figures (run by scripts/device-mlx-cuda.sh on the device).
 
   python mlx_cuda_load.py ADDRESS DESCRIPTORS [--streams 1,4,16,64]
                           [--tokens 128] [--timeout 300]
+  python mlx_cuda_load.py --worker WORKER_PY --model DIR --cache-dir DIR
+                          [--max-batch 64] [--no-alone] [--streams ...]
+
+The second form is the runtime called directly, for the gateway's relay
+ratio: it starts our worker (WORKER_PY, the worker the gateway embeds, on
+mlx-lm's BatchGenerator) itself and sends the very requests the gateway
+would send it over its line protocol, from the same threads, prompts and
+seeds, with no gRPC and no gateway in between.
 
 DESCRIPTORS is the service's file-descriptor set (the build's
 rigger_inference_descriptor.bin), so no generated code or reflection
@@ -14,6 +22,8 @@ alone. Prints one JSON object per run and a table.
 
 import argparse
 import json
+import queue
+import subprocess
 import sys
 import threading
 import time
@@ -90,6 +100,79 @@ class Client:
         return result
 
 
+class WorkerClient:
+    """The worker's line protocol, with Client's wait_serving and stream:
+    one reader thread hands each reply to its request's queue."""
+
+    def __init__(self, worker, model, cache_dir, max_batch):
+        command = [sys.executable, worker, "--model", model, "--cache-dir", cache_dir, "--max-batch", str(max_batch)]
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lock = threading.Lock()
+        self.replies = {}
+        self.next_id = 0
+        self.ready = threading.Event()
+        self.fatal = None
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        for line in self.process.stdout:
+            reply = json.loads(line)
+            if reply.get("event") in ("ready", "fatal"):
+                self.fatal = reply.get("message")
+                print(json.dumps({"run": "worker " + reply["event"],
+                                  "after_s": round(time.perf_counter() - self.started, 2), **reply}), flush=True)
+                self.ready.set()
+            elif reply.get("id") in self.replies:
+                self.replies[reply["id"]].put(reply)
+        self.fatal = self.fatal or "the worker exited"
+        self.ready.set()
+        for replies in list(self.replies.values()):
+            replies.put(None)
+
+    def wait_serving(self, timeout):
+        return self.ready.wait(timeout) and self.fatal is None
+
+    def stream(self, index, tokens, timeout):
+        """One generate request, as Client.stream reports it."""
+        replies = queue.Queue()
+        with self.lock:
+            rid = self.next_id
+            self.next_id += 1
+            self.replies[rid] = replies
+            started = time.perf_counter()
+            self.process.stdin.write(json.dumps({
+                "op": "generate", "id": rid, "messages": [{"role": "user", "content": prompt(index)}],
+                "max_tokens": tokens, "temperature": 0.7, "seed": 1000 + index, "stop": [], "json_schema": None,
+            }) + "\n")
+            self.process.stdin.flush()
+        result = {"index": index, "text": "", "ttft": None, "error": None}
+        deadline = started + timeout
+        while True:
+            try:
+                reply = replies.get(timeout=max(deadline - time.perf_counter(), 0))
+            except queue.Empty:
+                result["error"] = "DEADLINE_EXCEEDED"
+                break
+            if reply is None:
+                result["error"] = f"UNAVAILABLE: {self.fatal}"
+                break
+            if reply["event"] == "text":
+                if result["ttft"] is None:
+                    result["ttft"] = time.perf_counter() - started
+                result["text"] += reply["text"]
+            elif reply["event"] == "done":
+                result["completion_tokens"] = reply["generation_tokens"]
+                result["finish"] = reply["finish_reason"]
+                break
+            elif reply["event"] == "error":
+                result["error"] = f"INTERNAL: {reply['message']}"
+                break
+        del self.replies[rid]
+        result["seconds"] = time.perf_counter() - started
+        return result
+
+
 def concurrent(client, count, tokens, timeout):
     results = [None] * count
     barrier = threading.Barrier(count)
@@ -114,15 +197,25 @@ def percentile(values, fraction):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("address")
-    parser.add_argument("descriptors")
+    parser.add_argument("address", nargs="?")
+    parser.add_argument("descriptors", nargs="?")
+    parser.add_argument("--worker", help="call this worker.py directly instead of a service at ADDRESS")
+    parser.add_argument("--model", help="the worker's model directory")
+    parser.add_argument("--cache-dir", help="the worker's cache (the service's: its kernels are compiled)")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--no-alone", action="store_true", help="skip answering each prompt alone")
     parser.add_argument("--streams", default="1,4,16,64")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--ready-timeout", type=float, default=600)
     args = parser.parse_args()
     levels = [int(n) for n in args.streams.split(",")]
-    client = Client(args.address, args.descriptors)
+    if args.worker:
+        client = WorkerClient(args.worker, args.model, args.cache_dir, args.max_batch)
+    elif args.descriptors:
+        client = Client(args.address, args.descriptors)
+    else:
+        parser.error("give ADDRESS DESCRIPTORS, or --worker")
 
     waited = time.perf_counter()
     if not client.wait_serving(args.ready_timeout):
@@ -132,22 +225,23 @@ def main():
                       "ttft_s": first["ttft"], "seconds": round(first["seconds"], 3), "error": first["error"]}), flush=True)
 
     alone = {}
-    for index in range(max(levels)):
+    for index in range(0 if args.no_alone else max(levels)):
         alone[index] = client.stream(index, args.tokens, args.timeout)
     solo_errors = [r["error"] for r in alone.values() if r["error"]]
-    solo_ttfts = [r["ttft"] for r in alone.values() if r["ttft"] is not None]
-    solo_tokens = sum(r.get("completion_tokens", 0) for r in alone.values())
-    solo_seconds = sum(r["seconds"] for r in alone.values())
-    print(json.dumps({"run": "each prompt alone", "requests": len(alone), "errors": len(solo_errors),
-                      "tok_s_per_stream": round(solo_tokens / solo_seconds, 1),
-                      "ttft_p50_s": round(percentile(solo_ttfts, 0.5) or 0, 3),
-                      "ttft_max_s": round(max(solo_ttfts, default=0), 3)}), flush=True)
+    if alone:
+        solo_ttfts = [r["ttft"] for r in alone.values() if r["ttft"] is not None]
+        solo_tokens = sum(r.get("completion_tokens", 0) for r in alone.values())
+        solo_seconds = sum(r["seconds"] for r in alone.values())
+        print(json.dumps({"run": "each prompt alone", "requests": len(alone), "errors": len(solo_errors),
+                          "tok_s_per_stream": round(solo_tokens / solo_seconds, 1),
+                          "ttft_p50_s": round(percentile(solo_ttfts, 0.5) or 0, 3),
+                          "ttft_max_s": round(max(solo_ttfts, default=0), 3)}), flush=True)
     rows = []
     for count in levels:
         results, wall = concurrent(client, count, args.tokens, args.timeout)
         done = [r for r in results if r["error"] is None and "finish" in r]
         tokens = sum(r.get("completion_tokens", 0) for r in done)
-        same = sum(1 for r in done if r["text"] == alone[r["index"]]["text"])
+        same = sum(1 for r in done if r["index"] in alone and r["text"] == alone[r["index"]]["text"])
         ttfts = [r["ttft"] for r in done if r["ttft"] is not None]
         row = {
             "streams": count, "completed": len(done), "same_as_alone": same, "wall_s": round(wall, 3),
@@ -155,7 +249,7 @@ def main():
             "ttft_p50_s": round(percentile(ttfts, 0.5) or 0, 3), "ttft_max_s": round(max(ttfts, default=0), 3),
             "errors": sorted({r["error"] for r in results if r["error"]})[:3],
         }
-        differing = [r for r in done if r["text"] != alone[r["index"]]["text"]][:2]
+        differing = [r for r in done if r["index"] in alone and r["text"] != alone[r["index"]]["text"]][:2]
         row["differing"] = [{"index": r["index"], "alone": alone[r["index"]]["text"][:60], "batched": r["text"][:60]}
                             for r in differing]
         rows.append(row)
