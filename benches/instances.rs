@@ -8,6 +8,11 @@
 //!
 //! Goal (issue 16): `prefix` p90 TTFT ≤ 0.5× `round-robin`.
 //!
+//! The policies run in turn, `BENCH_ROUNDS` times (default 2), so a
+//! machine whose load drifts weighs on each alike; each figure is the
+//! median over rounds. `BENCH_PREFIX_GAPS` (default `1,4`) lists the
+//! `--prefix-max-load-gap` values `prefix` runs with.
+//!
 //! Run: `make bench-instances`.
 
 // Shared with the other benchmarks, which use what this one does not.
@@ -31,7 +36,30 @@ use tonic::transport::Channel;
 const CONVERSATIONS: usize = 8;
 const TURNS: usize = 6;
 const ANSWER_TOKENS: u32 = 16;
-const POLICIES: [&str; 3] = ["prefix", "least-loaded", "round-robin"];
+
+/// A routing policy as the gateway is configured for it.
+#[derive(Clone)]
+struct Policy {
+    label: String,
+    routing: &'static str,
+    /// `--prefix-max-load-gap`, for `prefix`.
+    gap: Option<String>,
+}
+
+fn policies() -> Vec<Policy> {
+    let gaps = std::env::var("BENCH_PREFIX_GAPS").unwrap_or_else(|_| "1,4".to_owned());
+    let prefix = gaps.split(',').map(|gap| Policy {
+        label: format!("prefix gap {gap}"),
+        routing: "prefix",
+        gap: Some(gap.trim().to_owned()),
+    });
+    let others = ["least-loaded", "round-robin"].map(|routing| Policy {
+        label: routing.to_owned(),
+        routing,
+        gap: None,
+    });
+    prefix.chain(others).collect()
+}
 
 fn message(role: Role, content: String) -> ChatMessage {
     ChatMessage {
@@ -70,7 +98,7 @@ async fn conversation(
 }
 
 struct Figures {
-    policy: &'static str,
+    policy: String,
     ttft_p50: Duration,
     ttft_p90: Duration,
     cached_share: f64,
@@ -78,20 +106,24 @@ struct Figures {
     calls_per_instance: Vec<u64>,
 }
 
-async fn measure(servers: &[LlamaServer], policy: &'static str) -> Figures {
+async fn measure(servers: &[LlamaServer], policy: &Policy, round: usize) -> Figures {
     let urls: Vec<String> = servers.iter().map(LlamaServer::openai_url).collect();
     let urls = urls.join(",");
-    let (_service, client) = Service::start(&[
+    let mut settings = vec![
         ("INFERENCE_BACKEND", "openai"),
-        ("OPENAI_BASE_URL", &urls),
-        ("RIGGER_ROUTING", policy),
-    ])
-    .await;
+        ("OPENAI_BASE_URL", urls.as_str()),
+        ("RIGGER_ROUTING", policy.routing),
+    ];
+    if let Some(gap) = &policy.gap {
+        settings.push(("RIGGER_PREFIX_MAX_LOAD_GAP", gap));
+    }
+    let (_service, client) = Service::start(&settings).await;
     // A system prompt of this run's own: no run finds another's cached.
     let system = format!(
-        "Run {policy}. You are the planner of a team that builds a web shop in Rust. {}",
+        "Run {} round {round}. You are the planner of a team that builds a web shop in Rust. {}",
         "Every answer names one concrete step, the module it touches and how to test it. "
-            .repeat(12)
+            .repeat(12),
+        policy.label
     );
     let started = Instant::now();
     let runs: Vec<Run> = join_all(
@@ -116,7 +148,7 @@ async fn measure(servers: &[LlamaServer], policy: &'static str) -> Figures {
         .expect("GetStatus")
         .into_inner();
     Figures {
-        policy,
+        policy: policy.label.clone(),
         ttft_p50: Duration::from_secs_f64(percentile(ttfts.clone(), 0.5)),
         ttft_p90: Duration::from_secs_f64(percentile(ttfts, 0.9)),
         cached_share: f64::from(cached) / f64::from(prompt),
@@ -129,20 +161,58 @@ async fn measure(servers: &[LlamaServer], policy: &'static str) -> Figures {
     }
 }
 
+/// Each policy's figures, the median of its rounds (calls per instance:
+/// the last round's).
+fn medians(rounds: &[Figures], label: &str) -> Figures {
+    let of = |pick: fn(&Figures) -> f64| {
+        common::median(
+            rounds
+                .iter()
+                .filter(|f| f.policy == label)
+                .map(pick)
+                .collect(),
+        )
+    };
+    Figures {
+        policy: label.to_owned(),
+        ttft_p50: Duration::from_secs_f64(of(|f| f.ttft_p50.as_secs_f64())),
+        ttft_p90: Duration::from_secs_f64(of(|f| f.ttft_p90.as_secs_f64())),
+        cached_share: of(|f| f.cached_share),
+        tokens_per_second: of(|f| f.tokens_per_second),
+        calls_per_instance: rounds
+            .iter()
+            .rev()
+            .find(|f| f.policy == label)
+            .map(|f| f.calls_per_instance.clone())
+            .unwrap_or_default(),
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(2);
     let servers: Vec<LlamaServer> = (0..3).map(|_| LlamaServer::start_with("1", "4")).collect();
-    let mut figures = Vec::new();
-    for policy in POLICIES {
-        figures.push(measure(&servers, policy).await);
+    let policies = policies();
+    let mut measured = Vec::new();
+    for round in 0..rounds {
+        for policy in &policies {
+            measured.push(measure(&servers, policy, round).await);
+        }
     }
+    let figures: Vec<Figures> = policies
+        .iter()
+        .map(|policy| medians(&measured, &policy.label))
+        .collect();
     println!(
-        "{CONVERSATIONS} conversations x {TURNS} turns, 3 llama.cpp servers (1 thread, 4 slots)"
+        "{CONVERSATIONS} conversations x {TURNS} turns, 3 llama.cpp servers (1 thread, 4 slots), median of {rounds} rounds"
     );
-    println!("policy        TTFT p50  TTFT p90  cached  tok/s  calls per instance");
+    println!("policy           TTFT p50  TTFT p90  cached  tok/s  calls per instance");
     for f in &figures {
         println!(
-            "{:<12} {:>7.0}ms {:>7.0}ms {:>6.1}% {:>6.1}  {:?}",
+            "{:<15} {:>7.0}ms {:>7.0}ms {:>6.1}% {:>6.1}  {:?}",
             f.policy,
             f.ttft_p50.as_secs_f64() * 1e3,
             f.ttft_p90.as_secs_f64() * 1e3,
@@ -151,23 +221,30 @@ async fn main() {
             f.calls_per_instance
         );
     }
-    let p90 = |policy: &str| {
+    let p90 = |label: &str| {
         figures
             .iter()
-            .find(|f| f.policy == policy)
+            .find(|f| f.policy == label)
             .map(|f| f.ttft_p90.as_secs_f64())
             .unwrap_or(f64::NAN)
     };
-    let ratio = p90("prefix") / p90("round-robin");
-    println!(
-        "prefix p90 TTFT / round-robin: {ratio:.2} (goal <= 0.5: {})",
-        if ratio <= 0.5 { "met" } else { "not met" }
-    );
+    let ratios: Vec<(String, f64)> = figures
+        .iter()
+        .filter(|f| f.policy.starts_with("prefix"))
+        .map(|f| (f.policy.clone(), p90(&f.policy) / p90("round-robin")))
+        .collect();
+    for (label, ratio) in &ratios {
+        println!(
+            "{label}: p90 TTFT / round-robin {ratio:.2} (goal <= 0.5: {})",
+            if *ratio <= 0.5 { "met" } else { "not met" }
+        );
+    }
     let results = json!({
         "conversations": CONVERSATIONS,
         "turns": TURNS,
         "answer_tokens": ANSWER_TOKENS,
         "instances": servers.len(),
+        "rounds": rounds,
         "policies": figures.iter().map(|f| json!({
             "policy": f.policy,
             "ttft_p50_ms": f.ttft_p50.as_secs_f64() * 1e3,
@@ -176,7 +253,10 @@ async fn main() {
             "tokens_per_second": f.tokens_per_second,
             "calls_per_instance": f.calls_per_instance,
         })).collect::<Vec<_>>(),
-        "prefix_over_round_robin_p90": ratio,
+        "prefix_over_round_robin_p90": ratios
+            .iter()
+            .map(|(label, ratio)| json!({ "policy": label, "ratio": ratio }))
+            .collect::<Vec<_>>(),
     });
     let path = support::repo_path("benches/results/instances.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap())
