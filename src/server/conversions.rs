@@ -7,8 +7,9 @@ use std::time::Duration;
 use super::{admission::AdmissionStats, health};
 use crate::{
     backend::{
-        BackendHealth, BackendSnapshot, Capabilities, CircuitState, FinishReason, ModelInfo,
-        Residence, ResidencyStatus, SchemaSupport, catalog::ModelEntry, instances::InstanceStatus,
+        BackendHealth, BackendSnapshot, Capabilities, CircuitState, ComputeDevice, DeviceKind,
+        FinishReason, ModelInfo, Residence, ResidencyStatus, SchemaSupport, catalog::ModelEntry,
+        instances::InstanceStatus,
     },
     proto,
     task::{
@@ -161,6 +162,31 @@ impl From<BackendSnapshot> for proto::BackendStatus {
             retried: snapshot.retried,
             model_memory: snapshot.residency.map(Into::into),
             instances: snapshot.instances.into_iter().map(Into::into).collect(),
+            device: snapshot.device.map(Into::into),
+        }
+    }
+}
+
+impl From<DeviceKind> for proto::ComputeDeviceKind {
+    fn from(kind: DeviceKind) -> Self {
+        match kind {
+            DeviceKind::Cpu => Self::Cpu,
+            DeviceKind::Metal => Self::Metal,
+            DeviceKind::Cuda => Self::Cuda,
+            DeviceKind::Vulkan => Self::Vulkan,
+            DeviceKind::OtherGpu => Self::OtherGpu,
+        }
+    }
+}
+
+impl From<ComputeDevice> for proto::ComputeDevice {
+    fn from(device: ComputeDevice) -> Self {
+        Self {
+            kind: proto::ComputeDeviceKind::from(device.kind).into(),
+            name: device.name,
+            memory_total_bytes: device.memory_total_bytes.unwrap_or_default(),
+            memory_used_bytes: device.memory_used_bytes.unwrap_or_default(),
+            memory_held_bytes: device.memory_held_bytes.unwrap_or_default(),
         }
     }
 }
@@ -349,6 +375,7 @@ mod tests {
             retried: 1,
             instances: Vec::new(),
             residency: None,
+            device: None,
         }
     }
 
