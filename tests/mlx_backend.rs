@@ -14,8 +14,8 @@ use std::{
 
 use futures_util::{StreamExt, future::join_all};
 use rigger_inference::proto::{
-    DecomposeTaskRequest, EnhanceTaskRequest, GenerateRequest, GetStatusRequest, SchemaSupport,
-    Task, generate_response::Event,
+    ComputeDeviceKind, DecomposeTaskRequest, EnhanceTaskRequest, GenerateRequest, GetStatusRequest,
+    SchemaSupport, Task, generate_response::Event,
 };
 use support::{Generated, TestServer, config, generate, greedy};
 use tonic::{Code, Request};
@@ -76,6 +76,47 @@ async fn streams_answers_that_match_llama_cpp_token_for_token() {
         .await
         .expect("embedded generates");
     assert_eq!(text, reference.text, "same model, same greedy answer");
+}
+
+#[tokio::test]
+async fn the_status_names_the_workers_device_and_the_memory_mlx_holds() {
+    let server = mlx(&[]).await;
+    let mut client = server.client().await;
+    let device = |status: rigger_inference::proto::GetStatusResponse| {
+        status.backends[0]
+            .device
+            .clone()
+            .expect("the MLX backend reports its device")
+    };
+    let ready = device(
+        client
+            .get_status(GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        ready.kind(),
+        ComputeDeviceKind::Cpu,
+        "MLX's Linux CPU build"
+    );
+    assert!(!ready.name.is_empty(), "MLX names the CPU: {ready:?}");
+    assert!(
+        ready.memory_held_bytes > 0,
+        "the loaded weights are held: {ready:?}"
+    );
+    generate(&mut client, greedy("Say hi.", 2))
+        .await
+        .expect("generates");
+    let after = device(
+        client
+            .get_status(GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!((after.kind, &after.name), (ready.kind, &ready.name));
+    assert!(after.memory_held_bytes > 0, "{after:?}");
 }
 
 #[tokio::test]
