@@ -413,4 +413,32 @@ mod tests {
         assert_eq!(status.admission.unwrap().max_queue, 4);
         assert_eq!(status.enhance_cache, None);
     }
+
+    #[test]
+    fn a_device_goes_out_with_unknown_figures_as_zero_and_none_stays_unset() {
+        let gib = 1u64 << 30;
+        let on_gpu = BackendSnapshot {
+            device: Some(ComputeDevice {
+                kind: DeviceKind::Cuda,
+                name: "NVIDIA H200".to_owned(),
+                memory_total_bytes: Some(140 * gib),
+                memory_used_bytes: Some(3 * gib),
+                memory_held_bytes: None,
+            }),
+            ..snapshot("embedded", true)
+        };
+        let device = proto::BackendStatus::from(on_gpu).device.expect("a device");
+        assert_eq!(device.kind(), proto::ComputeDeviceKind::Cuda);
+        assert_eq!(device.name, "NVIDIA H200");
+        assert_eq!(
+            (
+                device.memory_total_bytes,
+                device.memory_used_bytes,
+                device.memory_held_bytes
+            ),
+            (140 * gib, 3 * gib, 0)
+        );
+        let remote = proto::BackendStatus::from(snapshot("ollama", false));
+        assert_eq!(remote.device, None, "an HTTP runtime's device is unknown");
+    }
 }
