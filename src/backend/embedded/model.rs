@@ -21,7 +21,7 @@ use llguidance::{Matcher, ParserFactory, api::TopLevelGrammar};
 
 use super::{
     NAME,
-    device::GpuLayers,
+    device::{GpuLayers, compute_device},
     engine::{EngineShape, EngineThread, Job, Refused},
     sampler::Sampler,
     text::TextAssembler,
@@ -99,6 +99,7 @@ impl LoadedModel {
             ctx_per_sequence = shape.ctx_per_sequence,
             threads = shape.threads,
             gpu_layers = %gpu_layers,
+            device = compute_device(gpu_layers).map(|device| device.name).unwrap_or_default(),
             "embedded model loaded"
         );
         Ok(Self {
