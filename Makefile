@@ -24,8 +24,17 @@ setup:
 	scripts/setup-python.sh >/dev/null
 	scripts/setup-build.sh >/dev/null
 
+# The embedded engine's accelerator for `make run`: cuda, vulkan, metal or
+# cpu. Unset: cuda when nvcc is on PATH, else none. macOS needs nothing:
+# ggml builds Metal in there by itself. `make test` stays on the CPU build.
+RIGGER_ACCEL ?= $(if $(shell command -v nvcc 2>/dev/null),cuda,cpu)
+ACCELERATORS := cuda vulkan metal
+ACCEL_FEATURES := $(if $(filter $(ACCELERATORS),$(RIGGER_ACCEL)),--features $(RIGGER_ACCEL))
+
 run: setup
-	$(CARGO) build --release --locked
+	@case "$(RIGGER_ACCEL)" in cpu|cuda|vulkan|metal) ;; \
+	  *) echo "RIGGER_ACCEL=$(RIGGER_ACCEL): use cpu, cuda, vulkan or metal" >&2; exit 2;; esac
+	$(CARGO) build --release --locked $(ACCEL_FEATURES)
 	exec target/release/rigger-inference
 
 # Without --all-targets too: the service alone, without the features that

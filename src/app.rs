@@ -19,7 +19,7 @@ use crate::{
         Backend, BackendRegistry, BackendSnapshot, BreakerPolicy, FailoverPolicy, GenerationCheck,
         KeepAlive, ResidencyPolicy, SelectionError,
         catalog::{self, Catalog},
-        embedded::{EmbeddedBackend, EmbeddedSettings, EngineShape},
+        embedded::{self, EmbeddedBackend, EmbeddedSettings, EngineShape},
         instances::{
             InstanceFactory, InstancePool, PoolSettings,
             discovery::Dns,
@@ -31,7 +31,7 @@ use crate::{
         openai::{OpenAiBackend, OpenAiSettings},
         residency,
     },
-    config::{BackendChoice, Config, MemoryBudget, RoutingChoice, cache_dir},
+    config::{BackendChoice, Config, GpuLayers, MemoryBudget, RoutingChoice, cache_dir},
     meaning::Meaning,
     server::{
         self, AdmissionLimits, DeadlinePolicy, Limits, RoleModels, ServerError, ServerSettings,
@@ -437,6 +437,10 @@ async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, SelectionErr
             threads: config.embedded_threads() as i32,
             flash_attention: config.flash_attention,
         },
+        gpu_layers: config.gpu_layers.map(|layers| match layers {
+            GpuLayers::All => embedded::GpuLayers::All,
+            GpuLayers::Count(layers) => embedded::GpuLayers::Count(layers),
+        }),
         queue: config.queue,
     })
     .await?;

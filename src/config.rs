@@ -274,6 +274,14 @@ pub struct Config {
     #[arg(long, env = "RIGGER_FLASH_ATTENTION", default_value_t = false)]
     pub flash_attention: bool,
 
+    /// Layers of the embedded engine's models offloaded to the GPU, as
+    /// llama.cpp's `-ngl`: a number (beyond the model's layers means all),
+    /// `all`, or `-1` (all). Unset: all where llama.cpp finds a GPU (a
+    /// `cuda` or `vulkan` build with one, any build on Apple Silicon), 0
+    /// otherwise. Layers asked for with no GPU stop the start.
+    #[arg(long, env = "RIGGER_GPU_LAYERS", value_parser = parse_gpu_layers, allow_hyphen_values = true)]
+    pub gpu_layers: Option<GpuLayers>,
+
     /// How often every configured backend is probed for health.
     #[arg(long, env = "RIGGER_PROBE_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub probe_interval: Duration,
@@ -515,6 +523,24 @@ fn parse_ratio(value: &str) -> Result<f64, String> {
         Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
         _ => Err(format!("{value:?} is not a ratio between 0 and 1")),
     }
+}
+
+/// `--gpu-layers`: how many of a model's layers go to the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuLayers {
+    All,
+    Count(u32),
+}
+
+fn parse_gpu_layers(value: &str) -> Result<GpuLayers, String> {
+    let value = value.trim();
+    if value.eq_ignore_ascii_case("all") || value == "-1" {
+        return Ok(GpuLayers::All);
+    }
+    value
+        .parse()
+        .map(GpuLayers::Count)
+        .map_err(|_| format!("{value:?} is not a number of layers (0 or more), `all` or -1"))
 }
 
 /// `--model-memory`: fixed bytes, or a share of physical memory.
@@ -874,6 +900,21 @@ mod tests {
         assert_eq!(token.expose(), "s3cret");
         assert!(!format!("{config:?}").contains("s3cret"));
         assert!(Config::try_parse_from(["x", "--auth-token", "   "]).is_err());
+    }
+
+    #[test]
+    fn gpu_layers_read_llama_cpp_forms_and_default_to_unset() {
+        let layers = |value: &str| Config::try_parse_from(["x", "--gpu-layers", value]);
+        assert_eq!(Config::parse_from(["x"]).gpu_layers, None);
+        assert_eq!(layers("0").unwrap().gpu_layers, Some(GpuLayers::Count(0)));
+        assert_eq!(layers("33").unwrap().gpu_layers, Some(GpuLayers::Count(33)));
+        assert_eq!(layers("all").unwrap().gpu_layers, Some(GpuLayers::All));
+        assert_eq!(layers("ALL").unwrap().gpu_layers, Some(GpuLayers::All));
+        assert_eq!(layers("-1").unwrap().gpu_layers, Some(GpuLayers::All));
+        for bad in ["-2", "auto", "1.5", ""] {
+            let message = layers(bad).expect_err(bad).to_string();
+            assert!(message.contains("--gpu-layers"), "{bad}: {message}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The embedded engine (llama.cpp in process) with the real model:
 //! streaming, seeds, schemas enforced while decoding, batching that does not
-//! change answers, cancellation, overload and bad input.
+//! change answers, cancellation, overload and bad input, and the device it
+//! computes on.
 
 mod support;
 
@@ -8,7 +9,8 @@ use std::time::Duration;
 
 use futures_util::{StreamExt, future::join_all};
 use rigger_inference::proto::{
-    FinishReason, GenerateRequest, GetStatusRequest, SamplingOptions, SchemaSupport,
+    ComputeDeviceKind, FinishReason, GenerateRequest, GetStatusRequest, SamplingOptions,
+    SchemaSupport,
 };
 use support::{Generated, TestServer, config, generate, greedy};
 use tonic::Code;
@@ -52,6 +54,42 @@ async fn streams_with_usage_and_reports_itself() {
     let capabilities = status.backends[0].capabilities.unwrap();
     assert_eq!(capabilities.json_schema, SchemaSupport::Enforced as i32);
     assert!(capabilities.no_repeat, "the n-gram ban is honoured here");
+}
+
+#[tokio::test]
+async fn the_status_names_the_cpu_when_no_layer_is_offloaded() {
+    let server = embedded(&["--gpu-layers", "0"]).await;
+    let status = server
+        .client()
+        .await
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let device = status.backends[0]
+        .device
+        .clone()
+        .expect("the embedded engine reports its device");
+    assert_eq!(device.kind(), ComputeDeviceKind::Cpu);
+    assert!(!device.name.is_empty(), "ggml names the CPU: {device:?}");
+    assert!(device.memory_total_bytes > 0, "{device:?}");
+    assert_eq!(
+        device.memory_used_bytes, 0,
+        "ggml measures no use of the CPU's memory"
+    );
+}
+
+/// Off Apple, a build without a GPU backend has no GPU to offload to.
+#[cfg(not(any(feature = "cuda", feature = "vulkan", target_os = "macos")))]
+#[tokio::test]
+async fn layers_asked_for_without_a_gpu_stop_the_start_naming_the_flag() {
+    let asked = config(&["--backend", "embedded", "--gpu-layers", "all"]);
+    let Err(error) = rigger_inference::app::select_backends(&asked).await else {
+        panic!("--gpu-layers all started on a build without a GPU backend");
+    };
+    let message = error.to_string();
+    assert!(message.contains("--gpu-layers all"), "{message}");
+    assert!(message.contains("--features cuda"), "{message}");
 }
 
 #[tokio::test]

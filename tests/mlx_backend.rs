@@ -14,8 +14,9 @@ use std::{
 
 use futures_util::{StreamExt, future::join_all};
 use rigger_inference::proto::{
-    DecomposeTaskRequest, EnhanceTaskRequest, GenerateRequest, GetStatusRequest, SchemaSupport,
-    Task, generate_response::Event,
+    ComputeDevice, ComputeDeviceKind, DecomposeTaskRequest, EnhanceTaskRequest, GenerateRequest,
+    GetStatusRequest, SchemaSupport, Task, generate_response::Event,
+    inference_service_client::InferenceServiceClient,
 };
 use support::{Generated, TestServer, config, generate, greedy};
 use tonic::{Code, Request};
@@ -76,6 +77,45 @@ async fn streams_answers_that_match_llama_cpp_token_for_token() {
         .await
         .expect("embedded generates");
     assert_eq!(text, reference.text, "same model, same greedy answer");
+}
+
+/// The MLX backend's device, as GetStatus reports it.
+async fn device(client: &mut InferenceServiceClient<tonic::transport::Channel>) -> ComputeDevice {
+    let status = client
+        .get_status(GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    status.backends[0]
+        .device
+        .clone()
+        .expect("the MLX backend reports its device")
+}
+
+#[tokio::test]
+async fn the_status_names_the_workers_device_and_the_memory_mlx_holds() {
+    let server = mlx(&[]).await;
+    let mut client = server.client().await;
+    let ready = device(&mut client).await;
+    assert_eq!(
+        ready.kind(),
+        ComputeDeviceKind::Cpu,
+        "MLX's Linux CPU build"
+    );
+    assert!(!ready.name.is_empty(), "MLX names the CPU: {ready:?}");
+    assert!(
+        ready.memory_held_bytes > 0,
+        "the loaded weights are held: {ready:?}"
+    );
+    generate(&mut client, greedy("Say hi.", 2))
+        .await
+        .expect("generates");
+    let after = device(&mut client).await;
+    assert_eq!((after.kind, &after.name), (ready.kind, &ready.name));
+    assert!(
+        after.memory_held_bytes > ready.memory_held_bytes,
+        "the call's report counts the KV cache it left for reuse: {ready:?} then {after:?}"
+    );
 }
 
 #[tokio::test]

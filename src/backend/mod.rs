@@ -224,6 +224,31 @@ impl ResidencyStatus {
     }
 }
 
+/// The hardware a backend computes on, as its runtime reports it; `None`
+/// where the runtime does not give a figure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ComputeDevice {
+    pub kind: DeviceKind,
+    /// The device's model: a GPU's (`NVIDIA H200`) or the CPU's.
+    pub name: String,
+    pub memory_total_bytes: Option<u64>,
+    /// In use on the whole device, every process counted (total less free).
+    pub memory_used_bytes: Option<u64>,
+    /// Held by the backend's runtime itself.
+    pub memory_held_bytes: Option<u64>,
+}
+
+/// What a device is, by the runtime's backend for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Metal,
+    Cuda,
+    Vulkan,
+    /// A GPU through another backend (ROCm, OpenCL, ...).
+    OtherGpu,
+}
+
 /// What a successful health probe learned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProbeReport {
@@ -282,5 +307,12 @@ pub trait Backend: Send + Sync + 'static {
     /// The runtime instances behind it, where it is a pool of them.
     fn instances(&self) -> Vec<instances::InstanceStatus> {
         Vec::new()
+    }
+
+    /// The device it computes on, where it runs in this service's care
+    /// (in process, or a worker it supervises); a runtime reached over
+    /// HTTP does not say.
+    fn device(&self) -> Option<ComputeDevice> {
+        None
     }
 }

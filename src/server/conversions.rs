@@ -7,8 +7,9 @@ use std::time::Duration;
 use super::{admission::AdmissionStats, health};
 use crate::{
     backend::{
-        BackendHealth, BackendSnapshot, Capabilities, CircuitState, FinishReason, ModelInfo,
-        Residence, ResidencyStatus, SchemaSupport, catalog::ModelEntry, instances::InstanceStatus,
+        BackendHealth, BackendSnapshot, Capabilities, CircuitState, ComputeDevice, DeviceKind,
+        FinishReason, ModelInfo, Residence, ResidencyStatus, SchemaSupport, catalog::ModelEntry,
+        instances::InstanceStatus,
     },
     proto,
     task::{
@@ -161,6 +162,31 @@ impl From<BackendSnapshot> for proto::BackendStatus {
             retried: snapshot.retried,
             model_memory: snapshot.residency.map(Into::into),
             instances: snapshot.instances.into_iter().map(Into::into).collect(),
+            device: snapshot.device.map(Into::into),
+        }
+    }
+}
+
+impl From<DeviceKind> for proto::ComputeDeviceKind {
+    fn from(kind: DeviceKind) -> Self {
+        match kind {
+            DeviceKind::Cpu => Self::Cpu,
+            DeviceKind::Metal => Self::Metal,
+            DeviceKind::Cuda => Self::Cuda,
+            DeviceKind::Vulkan => Self::Vulkan,
+            DeviceKind::OtherGpu => Self::OtherGpu,
+        }
+    }
+}
+
+impl From<ComputeDevice> for proto::ComputeDevice {
+    fn from(device: ComputeDevice) -> Self {
+        Self {
+            kind: proto::ComputeDeviceKind::from(device.kind).into(),
+            name: device.name,
+            memory_total_bytes: device.memory_total_bytes.unwrap_or_default(),
+            memory_used_bytes: device.memory_used_bytes.unwrap_or_default(),
+            memory_held_bytes: device.memory_held_bytes.unwrap_or_default(),
         }
     }
 }
@@ -349,6 +375,7 @@ mod tests {
             retried: 1,
             instances: Vec::new(),
             residency: None,
+            device: None,
         }
     }
 
@@ -385,5 +412,33 @@ mod tests {
         assert_eq!(status.skipped_backends[0].reason, "no worker");
         assert_eq!(status.admission.unwrap().max_queue, 4);
         assert_eq!(status.enhance_cache, None);
+    }
+
+    #[test]
+    fn a_device_goes_out_with_unknown_figures_as_zero_and_none_stays_unset() {
+        let gib = 1u64 << 30;
+        let on_gpu = BackendSnapshot {
+            device: Some(ComputeDevice {
+                kind: DeviceKind::Cuda,
+                name: "NVIDIA H200".to_owned(),
+                memory_total_bytes: Some(140 * gib),
+                memory_used_bytes: Some(3 * gib),
+                memory_held_bytes: None,
+            }),
+            ..snapshot("embedded", true)
+        };
+        let device = proto::BackendStatus::from(on_gpu).device.expect("a device");
+        assert_eq!(device.kind(), proto::ComputeDeviceKind::Cuda);
+        assert_eq!(device.name, "NVIDIA H200");
+        assert_eq!(
+            (
+                device.memory_total_bytes,
+                device.memory_used_bytes,
+                device.memory_held_bytes
+            ),
+            (140 * gib, 3 * gib, 0)
+        );
+        let remote = proto::BackendStatus::from(snapshot("ollama", false));
+        assert_eq!(remote.device, None, "an HTTP runtime's device is unknown");
     }
 }

@@ -8,7 +8,9 @@
 //! model's engine thread (`engine`), which decodes every active sequence in
 //! one batch per step. JSON Schemas are enforced while sampling with
 //! llguidance: each step only tokens the grammar allows can be drawn.
+//! Layers go to a GPU where ggml has one (`device`).
 
+mod device;
 mod engine;
 mod model;
 mod sampler;
@@ -19,12 +21,13 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use futures_util::{FutureExt, StreamExt, future::BoxFuture};
 
+pub use device::{GpuLayers, NoGpu};
 pub use engine::EngineShape;
 
 use self::model::LoadedModel;
 use super::{
-    Backend, BackendError, Capabilities, ChunkStream, GenerationRequest, ModelInfo, ProbeReport,
-    ResidencyStatus, SchemaSupport,
+    Backend, BackendError, Capabilities, ChunkStream, ComputeDevice, GenerationRequest, ModelInfo,
+    ProbeReport, ResidencyStatus, SchemaSupport,
     catalog::{self, Catalog, ModelEntry, ModelFormat},
     held::HeldModels,
     residency::{Lease, ResidencyPolicy},
@@ -42,6 +45,9 @@ pub struct EmbeddedSettings {
     pub preload: Vec<String>,
     pub residency: ResidencyPolicy,
     pub shape: EngineShape,
+    /// Layers offloaded to the GPU; `None`: all of them where ggml has a
+    /// GPU, none otherwise.
+    pub gpu_layers: Option<GpuLayers>,
     /// Requests that may wait for a free sequence of one model; beyond it
     /// RESOURCE_EXHAUSTED.
     pub queue: usize,
@@ -52,7 +58,7 @@ impl EmbeddedSettings {
     /// shape of tests and benchmarks that need one engine.
     pub fn one_model(path: &Path, shape: EngineShape, queue: usize) -> Result<Self, LoadError> {
         let name = catalog::model_name(path);
-        let entry = ModelEntry::read(name.clone(), path).map_err(|error| LoadError {
+        let entry = ModelEntry::read(name.clone(), path).map_err(|error| LoadError::Model {
             model: name.clone(),
             reason: error.to_string(),
         })?;
@@ -62,6 +68,7 @@ impl EmbeddedSettings {
             preload: Vec::new(),
             residency: ResidencyPolicy::single(),
             shape,
+            gpu_layers: None,
             queue,
         })
     }
@@ -70,14 +77,16 @@ impl EmbeddedSettings {
 pub struct EmbeddedBackend {
     held: HeldModels<LoadedModel>,
     shape: EngineShape,
+    gpu_layers: GpuLayers,
     queue: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot load the model {model}: {reason}")]
-pub struct LoadError {
-    model: String,
-    reason: String,
+pub enum LoadError {
+    #[error("cannot load the model {model}: {reason}")]
+    Model { model: String, reason: String },
+    #[error(transparent)]
+    NoGpu(#[from] NoGpu),
 }
 
 impl EmbeddedBackend {
@@ -97,6 +106,7 @@ impl EmbeddedBackend {
         let backend = Self {
             held: HeldModels::new(NAME, catalog, settings.default_model, settings.residency),
             shape: settings.shape,
+            gpu_layers: device::resolve(settings.gpu_layers)?,
             queue: settings.queue,
         };
         let policy = backend.held.residency.policy();
@@ -104,7 +114,7 @@ impl EmbeddedBackend {
             backend
                 .load_model(&model)
                 .await
-                .map_err(|error| LoadError {
+                .map_err(|error| LoadError::Model {
                     model,
                     reason: error.to_string(),
                 })?;
@@ -122,15 +132,16 @@ impl EmbeddedBackend {
     /// The model, loading it first when it is not resident.
     async fn lease(&self, model: &str) -> Result<Lease<LoadedModel>, BackendError> {
         let entry = self.held.entry(model)?;
-        let (name, path, shape, queue) = (
+        let (name, path, shape, gpu_layers, queue) = (
             entry.name.clone(),
             entry.path.clone(),
             self.shape,
+            self.gpu_layers,
             self.queue,
         );
         let load = move || -> BoxFuture<'static, Result<LoadedModel, String>> {
             let (name, path) = (name.clone(), path.clone());
-            load_off_thread(name, path, shape, queue).boxed()
+            load_off_thread(name, path, shape, gpu_layers, queue).boxed()
         };
         self.held.acquire(entry, self.estimate(entry), load).await
     }
@@ -140,9 +151,10 @@ async fn load_off_thread(
     name: String,
     path: PathBuf,
     shape: EngineShape,
+    gpu_layers: GpuLayers,
     queue: usize,
 ) -> Result<LoadedModel, String> {
-    tokio::task::spawn_blocking(move || LoadedModel::load(&name, &path, shape, queue))
+    tokio::task::spawn_blocking(move || LoadedModel::load(&name, &path, shape, gpu_layers, queue))
         .await
         .map_err(|error| format!("loader thread failed: {error}"))?
 }
@@ -231,5 +243,9 @@ impl Backend for EmbeddedBackend {
 
     fn residency(&self) -> Option<ResidencyStatus> {
         Some(self.held.status())
+    }
+
+    fn device(&self) -> Option<ComputeDevice> {
+        device::compute_device(self.gpu_layers)
     }
 }

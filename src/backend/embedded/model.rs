@@ -21,6 +21,7 @@ use llguidance::{Matcher, ParserFactory, api::TopLevelGrammar};
 
 use super::{
     NAME,
+    device::{GpuLayers, compute_device},
     engine::{EngineShape, EngineThread, Job, Refused},
     sampler::Sampler,
     text::TextAssembler,
@@ -46,7 +47,8 @@ pub(super) struct LoadedModel {
     queue: usize,
 }
 
-fn llama() -> Result<&'static LlamaBackend, String> {
+/// llama.cpp's backends, initialised once per process.
+pub(super) fn llama() -> Result<&'static LlamaBackend, String> {
     static LLAMA: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     LLAMA
         .get_or_init(|| {
@@ -64,12 +66,18 @@ impl LoadedModel {
         name: &str,
         path: &Path,
         shape: EngineShape,
+        gpu_layers: GpuLayers,
         queue: usize,
     ) -> Result<Self, String> {
         check_gguf(path)?;
         let started = Instant::now();
         let llama = llama()?;
-        let model = LlamaModel::load_from_file(llama, path, &LlamaModelParams::default())
+        // llama.cpp's default offloads every layer.
+        let params = match gpu_layers {
+            GpuLayers::All => LlamaModelParams::default(),
+            GpuLayers::Count(layers) => LlamaModelParams::default().with_n_gpu_layers(layers),
+        };
+        let model = LlamaModel::load_from_file(llama, path, &params)
             .map_err(|error| format!("llama.cpp could not load it: {error}"))?;
         let model = Arc::new(model);
         let template = model
@@ -90,6 +98,8 @@ impl LoadedModel {
             sequences = shape.parallel,
             ctx_per_sequence = shape.ctx_per_sequence,
             threads = shape.threads,
+            gpu_layers = %gpu_layers,
+            device = compute_device(gpu_layers).map(|device| device.name).unwrap_or_default(),
             "embedded model loaded"
         );
         Ok(Self {

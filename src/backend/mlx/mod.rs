@@ -26,8 +26,8 @@ pub use worker::{WorkerInfo, WorkerSettings, WorkerState};
 
 use self::{protocol::Command, worker::Supervisor};
 use super::{
-    Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, ModelInfo,
-    ProbeReport, ResidencyPolicy, ResidencyStatus, SchemaSupport,
+    Backend, BackendError, Capabilities, Chunk, ChunkStream, ComputeDevice, GenerationRequest,
+    ModelInfo, ProbeReport, ResidencyPolicy, ResidencyStatus, SchemaSupport,
     catalog::{Catalog, ModelEntry, ModelFormat},
     held::HeldModels,
     relay::RelayStream,
@@ -271,6 +271,28 @@ impl Backend for MlxBackend {
 
     fn residency(&self) -> Option<ResidencyStatus> {
         Some(self.held.status())
+    }
+
+    /// The device its workers compute on (each reports the same), with the
+    /// memory their MLX holds together as of each one's last report.
+    fn device(&self) -> Option<ComputeDevice> {
+        let workers: Vec<Arc<Supervisor>> = self
+            .held
+            .residency
+            .models()
+            .into_iter()
+            .map(|(_, model)| model.supervisor.clone())
+            .collect();
+        let mut device = workers.iter().find_map(|worker| match worker.state() {
+            WorkerState::Ready(info) => info.compute,
+            _ => None,
+        })?;
+        let held: Vec<u64> = workers
+            .iter()
+            .filter_map(|worker| worker.held_memory())
+            .collect();
+        device.memory_held_bytes = (!held.is_empty()).then(|| held.iter().sum());
+        Some(device)
     }
 }
 

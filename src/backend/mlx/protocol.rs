@@ -76,6 +76,11 @@ pub(super) enum Reply {
         device: String,
         fast_path: bool,
         load_seconds: f64,
+        /// Absent from workers that predate it.
+        #[serde(default)]
+        compute: Option<DeviceReport>,
+        #[serde(default)]
+        active_memory: Option<u64>,
     },
     Text {
         id: u64,
@@ -91,6 +96,8 @@ pub(super) enum Reply {
         prompt_seconds: f64,
         generation_seconds: f64,
         peak_memory: u64,
+        #[serde(default)]
+        active_memory: Option<u64>,
     },
     Error {
         id: u64,
@@ -105,6 +112,16 @@ pub(super) enum Reply {
     Fatal {
         message: String,
     },
+}
+
+/// The device the worker computes on, from its `ready` line.
+#[derive(Debug, Deserialize, PartialEq)]
+pub(super) struct DeviceReport {
+    /// `cpu`, `metal`, `cuda`, or `gpu` for another.
+    pub kind: String,
+    pub name: String,
+    /// 0 where MLX does not tell.
+    pub memory_total: u64,
 }
 
 impl Reply {
@@ -149,6 +166,25 @@ mod tests {
                 id: 3,
                 text: "Hi".into()
             })
+        );
+        let ready = Reply::parse(
+            r#"{"event": "ready", "model": "m", "device": "Device(gpu, 0)", "fast_path": false,
+                "load_seconds": 1.5, "max_batch": 4, "active_memory": 7,
+                "compute": {"kind": "cuda", "name": "NVIDIA H200", "memory_total": 9}}"#,
+        );
+        let Ok(Reply::Ready {
+            compute: Some(compute),
+            active_memory: Some(7),
+            ..
+        }) = ready
+        else {
+            panic!("{ready:?}");
+        };
+        assert_eq!((compute.kind.as_str(), compute.memory_total), ("cuda", 9));
+        let older = r#"{"event": "ready", "model": "m", "device": "cpu", "fast_path": true, "load_seconds": 1}"#;
+        assert!(
+            matches!(Reply::parse(older), Ok(Reply::Ready { compute: None, .. })),
+            "a worker without device facts still starts"
         );
         for bad in [
             "",

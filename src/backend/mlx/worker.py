@@ -9,11 +9,13 @@ Requests (one JSON object per line on stdin):
   {"op": "pause", "id": N}    (the caller is behind: leave the batch, keep the KV cache)
   {"op": "resume", "id": N}   (the caller caught up: rejoin the batch where it left)
 Replies (one JSON object per line on stdout):
-  {"event": "ready", "model", "device", "fast_path", "load_seconds", "max_batch"}
+  {"event": "ready", "model", "device", "fast_path", "load_seconds", "max_batch",
+   "compute": {"kind": "cpu" | "metal" | "cuda" | "gpu", "name", "memory_total"},
+   "active_memory"}
   {"id": N, "event": "text", "text"}
   {"id": N, "event": "done", "finish_reason": "stop" | "length", "prompt_tokens",
    "cached_tokens", "generation_tokens", "prompt_tps", "generation_tps",
-   "prompt_seconds", "generation_seconds", "peak_memory"}
+   "prompt_seconds", "generation_seconds", "peak_memory", "active_memory"}
   {"id": N, "event": "error", "message"}
   {"event": "fatal", "message"}   (then the worker exits)
 
@@ -420,6 +422,8 @@ class Worker:
             "fast_path": fast_path,
             "load_seconds": round(time.perf_counter() - started, 3),
             "max_batch": args.max_batch,
+            "compute": compute_device(),
+            "active_memory": mx.get_active_memory(),
         })
 
     def fresh_prompt_cache(self):
@@ -642,12 +646,32 @@ class Worker:
             "prompt_seconds": first - request.started,
             "generation_seconds": now - first,
             "peak_memory": mx.get_peak_memory(),
+            "active_memory": mx.get_active_memory(),
         })
         self.requests.pop(uid, None)
         self.uids.pop(request.id, None)
 
     def busy(self):
         return bool(self.requests)
+
+
+def compute_device():
+    """The device MLX computes on, for GetStatus: its kind, its name and its
+    memory (0 where MLX does not tell, as on the CPU)."""
+    import mlx.core as mx
+
+    device = mx.default_device()
+    if device.type == mx.cpu:
+        kind = "cpu"
+    elif mx.metal.is_available():
+        kind = "metal"
+    elif mx.cuda.is_available():
+        kind = "cuda"
+    else:
+        kind = "gpu"
+    info = mx.device_info(device)
+    memory = info.get("total_memory", info.get("memory_size", 0))
+    return {"kind": kind, "name": str(info.get("device_name", "")), "memory_total": int(memory)}
 
 
 def held_back(text, stops):

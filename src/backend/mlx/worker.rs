@@ -29,10 +29,10 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
     NAME,
-    protocol::{Command, MAX_LINE_BYTES, Reply},
+    protocol::{Command, DeviceReport, MAX_LINE_BYTES, Reply},
 };
 use crate::backend::{
-    BackendError, Chunk, Completion, EngineTimings, FinishReason,
+    BackendError, Chunk, Completion, ComputeDevice, DeviceKind, EngineTimings, FinishReason,
     relay::{RELAY_CAPACITY, RelaySender, RelayStream, relay},
 };
 
@@ -60,6 +60,9 @@ pub struct WorkerInfo {
     pub device: String,
     pub fast_path: bool,
     pub load_seconds: f64,
+    /// The device it computes on, with the memory MLX held once the model
+    /// was loaded; `None` from a worker that does not report it.
+    pub compute: Option<ComputeDevice>,
 }
 
 /// The worker's state, as calls and probes see it.
@@ -101,6 +104,9 @@ impl Routes {
 struct Connection {
     commands: mpsc::UnboundedSender<String>,
     routes: Arc<Routes>,
+    /// The bytes MLX held at the worker's last report (ready, then each
+    /// completed call).
+    held_memory: Mutex<Option<u64>>,
 }
 
 impl Connection {
@@ -208,6 +214,11 @@ impl Supervisor {
         let connection = Arc::new(Connection {
             commands,
             routes: Arc::new(Routes::default()),
+            held_memory: Mutex::new(
+                info.compute
+                    .as_ref()
+                    .and_then(|compute| compute.memory_held_bytes),
+            ),
         });
         *self.lock_connection() = Some(connection.clone());
         self.state.send_replace(WorkerState::Ready(info));
@@ -244,6 +255,15 @@ impl Supervisor {
 
     fn connection(&self) -> Option<Arc<Connection>> {
         self.lock_connection().clone()
+    }
+
+    /// The bytes the running worker's MLX held at its last report.
+    pub fn held_memory(&self) -> Option<u64> {
+        let connection = self.connection()?;
+        *connection
+            .held_memory
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     fn unavailable(&self) -> BackendError {
@@ -420,11 +440,14 @@ async fn await_ready(
             device,
             fast_path,
             load_seconds,
+            compute,
+            active_memory,
         }) => Ok(WorkerInfo {
             model,
             device,
             fast_path,
             load_seconds,
+            compute: compute.map(|report| compute_device(report, active_memory)),
         }),
         Some(Reply::Fatal { message }) => Err(format!("the MLX worker could not start: {message}")),
         Some(other) => Err(format!("the MLX worker sent {other:?} before ready")),
@@ -506,6 +529,22 @@ async fn read_reply(replies: &mut BufReader<ChildStdout>) -> Result<Option<Reply
     Reply::parse(text.trim_end()).map(Some)
 }
 
+/// The worker's device as GetStatus reports it.
+fn compute_device(report: DeviceReport, held: Option<u64>) -> ComputeDevice {
+    ComputeDevice {
+        kind: match report.kind.as_str() {
+            "cpu" => DeviceKind::Cpu,
+            "metal" => DeviceKind::Metal,
+            "cuda" => DeviceKind::Cuda,
+            _ => DeviceKind::OtherGpu,
+        },
+        name: report.name,
+        memory_total_bytes: (report.memory_total > 0).then_some(report.memory_total),
+        memory_used_bytes: None,
+        memory_held_bytes: held,
+    }
+}
+
 /// Delivers a reply to its call, pausing the request when its relay is
 /// full; returns a reason to stop the worker when the reply shows the
 /// protocol broke.
@@ -521,7 +560,14 @@ fn route(connection: &Connection, reply: Reply) -> Option<String> {
             prompt_seconds,
             generation_seconds,
             peak_memory: _,
+            active_memory,
         } => {
+            if active_memory.is_some() {
+                *connection
+                    .held_memory
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner()) = active_memory;
+            }
             let completion = Completion {
                 backend: NAME,
                 model: String::new(),

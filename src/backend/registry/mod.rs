@@ -20,8 +20,8 @@ use futures_util::{StreamExt, future::join_all};
 pub use failover::FailoverPolicy;
 
 use super::{
-    Backend, BackendError, Capabilities, Chunk, ChunkStream, GenerationRequest, Message, ModelInfo,
-    ProbeReport, ResidencyError, ResidencyStatus, Role, Sampling,
+    Backend, BackendError, Capabilities, Chunk, ChunkStream, ComputeDevice, GenerationRequest,
+    Message, ModelInfo, ProbeReport, ResidencyError, ResidencyStatus, Role, Sampling,
     breaker::{Breaker, BreakerPolicy, CircuitState},
     catalog::CatalogError,
     embedded::LoadError,
@@ -85,6 +85,8 @@ pub struct BackendSnapshot {
     pub residency: Option<ResidencyStatus>,
     /// The runtime instances behind it, where it is a pool of them.
     pub instances: Vec<InstanceStatus>,
+    /// The device it computes on, where it knows.
+    pub device: Option<ComputeDevice>,
 }
 
 impl BackendSnapshot {
@@ -437,6 +439,7 @@ impl BackendRegistry {
                     retried: entry.retried.load(Ordering::Relaxed),
                     residency: entry.backend.residency(),
                     instances: entry.backend.instances(),
+                    device: entry.backend.device(),
                 }
             })
             .collect()
