@@ -10,6 +10,8 @@
 //!
 //! Run: `make bench` (or `cargo bench --bench inference` with build.env sourced).
 
+// Shared with the other benchmarks, which use what this one does not.
+#[allow(dead_code)]
 mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -74,7 +76,7 @@ async fn direct_run(
         .expect("llama.cpp server");
     let mut body = response.bytes_stream();
     let (mut pending, mut text, mut first_token) = (String::new(), String::new(), None);
-    let (mut tokens, mut prompt_tokens) = (0, 0);
+    let (mut tokens, mut prompt_tokens, mut cached_prompt_tokens) = (0, 0, 0);
     while let Some(bytes) = body.next().await {
         pending.push_str(std::str::from_utf8(&bytes.expect("body")).expect("UTF-8"));
         while let Some(end) = pending.find('\n') {
@@ -92,12 +94,16 @@ async fn direct_run(
             if let Some(usage) = chunk.get("usage").filter(|usage| usage.is_object()) {
                 tokens = usage["completion_tokens"].as_u64().unwrap_or(0) as u32;
                 prompt_tokens = usage["prompt_tokens"].as_u64().unwrap_or(0) as u32;
+                cached_prompt_tokens = usage["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0) as u32;
             }
         }
     }
     Run {
         text,
         prompt_tokens,
+        cached_prompt_tokens,
         tokens,
         first_token: first_token.expect("text"),
         total: started.elapsed(),

@@ -17,6 +17,8 @@
 //! alone (no model, no llama.cpp server, nothing written), e.g. on a quiet
 //! machine (`scripts/bench-device.sh`).
 
+// Shared with the other benchmarks, which use what this one does not.
+#[allow(dead_code)]
 mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -352,7 +354,8 @@ async fn direct_run(engine: &EmbeddedBackend, prompt: &str) -> Run {
         })
         .await
         .expect("the engine takes the request");
-    let (mut text, mut first_token, mut tokens, mut prompt_tokens) = (String::new(), None, 0, 0);
+    let (mut text, mut first_token) = (String::new(), None);
+    let (mut tokens, mut prompt_tokens, mut cached_prompt_tokens) = (0, 0, 0);
     while let Some(chunk) = chunks.next().await {
         match chunk.expect("no error") {
             Chunk::Text(piece) => {
@@ -362,12 +365,14 @@ async fn direct_run(engine: &EmbeddedBackend, prompt: &str) -> Run {
             Chunk::Done(completion) => {
                 tokens = completion.completion_tokens;
                 prompt_tokens = completion.prompt_tokens;
+                cached_prompt_tokens = completion.cached_prompt_tokens;
             }
         }
     }
     Run {
         text,
         prompt_tokens,
+        cached_prompt_tokens,
         tokens,
         first_token: first_token.expect("text"),
         total: started.elapsed(),

@@ -11,6 +11,8 @@
 //!
 //! Run: `make bench-mlx` (or `cargo bench --bench mlx` with build.env sourced).
 
+// Shared with the other benchmarks, which use what this one does not.
+#[allow(dead_code)]
 mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
