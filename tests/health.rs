@@ -227,7 +227,12 @@ async fn health_answers_while_the_model_loads_and_a_corrupt_model_stops_startup(
         move || std::fs::write(fifo, b"not a model")
     });
     let error = server.exited().await.expect_err("startup fails");
-    writer.join().unwrap().expect("wrote the pipe");
+    // The catalog sees a pipe's length as 0, so it may refuse the "file"
+    // and close its end before these bytes land: a broken pipe then.
+    match writer.join().unwrap() {
+        Ok(()) => {}
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe, "{error}"),
+    }
     let _ = std::fs::remove_file(&fifo);
     let message = error.to_string();
     assert!(
