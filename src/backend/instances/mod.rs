@@ -368,23 +368,25 @@ impl InstancePool {
         instances: &[Arc<Instance>],
     ) -> Option<(Vec<usize>, Reason)> {
         let now = Instant::now();
-        let serving_model = |instance: &&Arc<Instance>| instance.serves(request.model.as_deref());
-        let up: Vec<usize> = (0..instances.len())
-            .filter(|index| serving_model(&&instances[*index]) && instances[*index].routable(now))
-            .collect();
-        // None up by its last probe: those failing probes may have
-        // recovered since (a probe can be stale), as the registry does.
-        let eligible = if up.is_empty() {
+        let model = request.model.as_deref();
+        let eligible = |up_only: bool| -> Vec<usize> {
             (0..instances.len())
                 .filter(|index| {
                     let instance = &instances[*index];
-                    serving_model(&instance) && !instance.open(now)
+                    instance.serves(model)
+                        && if up_only {
+                            instance.routable(now)
+                        } else {
+                            !instance.open(now)
+                        }
                 })
                 .collect()
-        } else {
-            up
         };
-        let candidates: Vec<Candidate> = eligible
+        // None up by its last probe: those failing probes may have
+        // recovered since (a probe can be stale), as the registry does.
+        let up = eligible(true);
+        let chosen = if up.is_empty() { eligible(false) } else { up };
+        let candidates: Vec<Candidate> = chosen
             .into_iter()
             .map(|index| (index, &instances[index]))
             .map(|(index, instance)| Candidate {
@@ -575,8 +577,11 @@ impl Backend for InstancePool {
         }
     }
 
+    /// As the kind's instances read names (asked on every call, so no
+    /// copy of the members).
     fn serves(&self, listed: &[String], model: &str) -> bool {
-        self.current()
+        self.members()
+            .current
             .first()
             .map_or(listed.iter().any(|name| name == model), |instance| {
                 instance.backend.serves(listed, model)
