@@ -513,13 +513,13 @@ async fn start(
         first => first,
     };
     locked(&instance.breaker).succeeded();
-    let watched = instance.clone();
+    // The closure owns the guard: the call counts as in flight until the
+    // stream is dropped.
     Ok(stream::iter(first)
         .chain(stream)
         .inspect(move |item| {
-            let _ = &in_flight;
             if let Err(error) = item {
-                watched.failed(error);
+                in_flight.0.failed(error);
             }
         })
         .boxed())
