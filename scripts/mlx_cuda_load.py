@@ -1,5 +1,5 @@
 """Concurrent Generate streams through a running rigger-inference, for the
-MLX-on-CUDA figures (run by scripts/device-mlx-cuda.sh on the device).
+MLX-on-CUDA figures (run by scripts/device-gpu.sh on the device).
 
   python mlx_cuda_load.py ADDRESS DESCRIPTORS [--streams 1,4,16,64]
                           [--tokens 128] [--timeout 300]

@@ -441,6 +441,7 @@ async fn load_embedded(config: &Config) -> Result<Arc<dyn Backend>, SelectionErr
             GpuLayers::All => embedded::GpuLayers::All,
             GpuLayers::Count(layers) => embedded::GpuLayers::Count(layers),
         }),
+        backend_dir: config.ggml_backend_dir.clone(),
         queue: config.queue,
     })
     .await?;

@@ -282,6 +282,13 @@ pub struct Config {
     #[arg(long, env = "RIGGER_GPU_LAYERS", value_parser = parse_gpu_layers, allow_hyphen_values = true)]
     pub gpu_layers: Option<GpuLayers>,
 
+    /// Where a `dynamic-backends` build of the embedded engine loads ggml's
+    /// backend libraries from (`libggml-cpu-*`, `libggml-cuda`, ...). Unset:
+    /// the directory its build put them in. Set in a build with its
+    /// backends linked in (the default), it stops the start.
+    #[arg(long, env = "RIGGER_GGML_BACKEND_DIR")]
+    pub ggml_backend_dir: Option<PathBuf>,
+
     /// How often every configured backend is probed for health.
     #[arg(long, env = "RIGGER_PROBE_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub probe_interval: Duration,

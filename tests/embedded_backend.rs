@@ -92,6 +92,20 @@ async fn layers_asked_for_without_a_gpu_stop_the_start_naming_the_flag() {
     assert!(message.contains("--features cuda"), "{message}");
 }
 
+/// A build with its backends linked in has no libraries to load: a
+/// directory for them is a mistake, not something to ignore.
+#[cfg(not(feature = "dynamic-backends"))]
+#[tokio::test]
+async fn a_backend_directory_for_a_build_with_linked_backends_stops_the_start() {
+    let asked = config(&["--backend", "embedded", "--ggml-backend-dir", "/tmp"]);
+    let Err(error) = rigger_inference::app::select_backends(&asked).await else {
+        panic!("--ggml-backend-dir was ignored by a build with its backends linked in");
+    };
+    let message = error.to_string();
+    assert!(message.contains("--ggml-backend-dir"), "{message}");
+    assert!(message.contains("--features dynamic-backends"), "{message}");
+}
+
 #[tokio::test]
 async fn a_seed_fixes_a_sampled_answer() {
     let server = embedded(&[]).await;

@@ -4,7 +4,11 @@
 //! Which GPUs exist is ggml's answer at run time, not a compile-time flag: a
 //! macOS build has Metal whatever features it was built with (ggml turns it
 //! on for Apple targets), and a `cuda` build on a machine without a GPU has
-//! none to offer.
+//! none to offer. A `dynamic-backends` build has no backend linked in at
+//! all: it loads ggml's backend libraries (the CPU's variants, CUDA's, ...)
+//! from a directory before llama.cpp starts.
+
+use std::path::Path;
 
 use llama_cpp_2::{LlamaBackendDevice, LlamaBackendDeviceType, list_llama_ggml_backend_devices};
 
@@ -44,6 +48,60 @@ impl std::fmt::Display for GpuLayers {
 )]
 pub struct NoGpu {
     requested: GpuLayers,
+}
+
+/// `--ggml-backend-dir` cannot be honoured.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendLibraries {
+    #[error(
+        "--ggml-backend-dir (RIGGER_GGML_BACKEND_DIR) names where a `dynamic-backends` build \
+         loads ggml's backend libraries from, but this build has its backends linked in: build \
+         with `--features dynamic-backends`, or leave the flag unset"
+    )]
+    LinkedIn,
+    #[error("--ggml-backend-dir (RIGGER_GGML_BACKEND_DIR) {dir}: not a directory")]
+    NotADirectory { dir: String },
+    #[error(
+        "no ggml backend library loaded from {dir}: a `dynamic-backends` build needs at least \
+         the CPU's (libggml-cpu-*), which its build puts beside libggml; point \
+         --ggml-backend-dir (RIGGER_GGML_BACKEND_DIR) at them"
+    )]
+    NoneLoaded { dir: String },
+}
+
+/// Loads ggml's backend libraries, once per process and before llama.cpp
+/// starts, from `dir` or else from where this build put them.
+#[cfg(feature = "dynamic-backends")]
+pub(super) fn load_backends(dir: Option<&Path>) -> Result<(), BackendLibraries> {
+    static LOADED: std::sync::Once = std::sync::Once::new();
+    let shown = dir.map_or_else(
+        || llama_cpp_sys_2::BACKENDS_DIR.unwrap_or("(this build's backend directory)").to_owned(),
+        |dir| dir.display().to_string(),
+    );
+    // ggml takes the path as a C string: a directory that is not one (or
+    // not UTF-8) is refused here rather than panicking in the binding.
+    if let Some(dir) = dir
+        && (!dir.is_dir() || dir.to_str().is_none())
+    {
+        return Err(BackendLibraries::NotADirectory { dir: shown });
+    }
+    LOADED.call_once(|| match dir {
+        Some(dir) => llama_cpp_2::llama_backend::load_backends_from_path(dir),
+        None => llama_cpp_2::llama_backend::load_backends(),
+    });
+    if list_llama_ggml_backend_devices().is_empty() {
+        return Err(BackendLibraries::NoneLoaded { dir: shown });
+    }
+    Ok(())
+}
+
+/// A build with its backends linked in has nothing to load.
+#[cfg(not(feature = "dynamic-backends"))]
+pub(super) fn load_backends(dir: Option<&Path>) -> Result<(), BackendLibraries> {
+    match dir {
+        Some(_) => Err(BackendLibraries::LinkedIn),
+        None => Ok(()),
+    }
 }
 
 /// The layers to offload: as asked, else every layer when ggml has a GPU

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use futures_util::{FutureExt, StreamExt, future::BoxFuture};
 
-pub use device::{GpuLayers, NoGpu};
+pub use device::{BackendLibraries, GpuLayers, NoGpu};
 pub use engine::EngineShape;
 
 use self::model::LoadedModel;
@@ -48,6 +48,9 @@ pub struct EmbeddedSettings {
     /// Layers offloaded to the GPU; `None`: all of them where ggml has a
     /// GPU, none otherwise.
     pub gpu_layers: Option<GpuLayers>,
+    /// Where a `dynamic-backends` build loads ggml's backends from; `None`:
+    /// where its build put them. Process-wide: the first backend's holds.
+    pub backend_dir: Option<PathBuf>,
     /// Requests that may wait for a free sequence of one model; beyond it
     /// RESOURCE_EXHAUSTED.
     pub queue: usize,
@@ -69,6 +72,7 @@ impl EmbeddedSettings {
             residency: ResidencyPolicy::single(),
             shape,
             gpu_layers: None,
+            backend_dir: None,
             queue,
         })
     }
@@ -87,6 +91,8 @@ pub enum LoadError {
     Model { model: String, reason: String },
     #[error(transparent)]
     NoGpu(#[from] NoGpu),
+    #[error(transparent)]
+    BackendLibraries(#[from] BackendLibraries),
 }
 
 impl EmbeddedBackend {
@@ -103,6 +109,7 @@ impl EmbeddedBackend {
                 .cloned()
                 .collect(),
         );
+        device::load_backends(settings.backend_dir.as_deref())?;
         let backend = Self {
             held: HeldModels::new(NAME, catalog, settings.default_model, settings.residency),
             shape: settings.shape,

@@ -1,0 +1,503 @@
+#!/usr/bin/env bash
+# GPU runs through the device tool (an NVIDIA H200 with CUDA's nvcc, CMake
+# and ninja, but no Rust toolchain and no network): MLX on CUDA, the
+# embedded engine's CUDA build, llama.cpp's server on CUDA, and the GPU
+# bench over all of them (README, "Accelerators").
+#
+# What is built where:
+# - here: our release binaries with `--features dynamic-backends` (ggml's
+#   backends are libraries loaded at start, `--ggml-backend-dir`), their
+#   llama.cpp libraries and CPU backends, the `gpu` bench binary, and the
+#   pinned MLX wheels;
+# - there: ggml's CUDA backend (libggml-cuda.so) from the same llama.cpp
+#   sources the binary was built from (llama-cpp-sys-2's), which the binary
+#   loads beside its CPU backends; and llama.cpp's `llama-server` with CUDA
+#   from xllamacpp's sources (the llama.cpp the tests run on the CPU; the
+#   crate ships llama.cpp without its server).
+#
+# Here:  scripts/device-gpu.sh pack
+#          (CARGO_TARGET_DIR set as for any build here) writes
+#          $CARGO_TARGET_DIR/gpu-device/: kit/ (this script, helpers, the
+#          worker), src/ (the two llama.cpp source trees, 12 MB) and
+#          p0/, p1/, ... (the payload in parts: a call carries at most
+#          64 MiB, and the mlx-cuda-13 wheel alone is 90 MB). That is
+#          target/gpu-device of the checkout the device tool sends
+#          (ignored), so each call names what it needs in `carry`.
+# There, in consecutive calls (the machine keeps /tmp for 30 s after one):
+#   1. carry [.../kit, .../src, .../p0]: bash target/gpu-device/kit/device-gpu.sh receive
+#        starts both CUDA builds in the background (they outlive the call)
+#   2. carry [.../kit, .../pN] for each further part, the last one with the
+#      steps to run: `receive STEP...`. Once every part is there, `receive`
+#      installs (into /tmp/rigger-gpu) and runs the steps in order:
+#        built        waits for the CUDA builds (BUILD_WAIT s, default 540)
+#                     and puts libggml-cuda.so beside the CPU backends
+#        models       random-weight llamas with SmolLM2's tokenizer, each
+#                     as an MLX directory and a bf16 GGUF converted from it
+#                     by llama.cpp's converter (MODELS, default "1b"; "8b")
+#        embedded     the gateway on the embedded engine's CUDA build
+#        llama-server llama.cpp's server directly, then through the gateway
+#        mlx          the gateway on its MLX worker (MLX on CUDA)
+#        mlx-server   mlx_lm.server directly, then through the gateway
+#        table        the bench's table of every result so far
+#      MODEL picks the model of the engine steps: `smol` (SmolLM2-135M-
+#      Instruct Q4_1, the default model, carried; the MLX engines run its
+#      conversion) or a name built by `models`. With `smol`, `embedded`
+#      and `mlx` also run EnhanceTask and DecomposeTask at TASK_STREAMS
+#      (64) concurrent calls. STREAMS (1,8,32,64), TOKENS (128) shape the
+#      Generate load.
+#      Old steps of the MLX stall investigation remain: repro, worker,
+#      service, direct (MODEL=1b|smol4 models made by `models`).
+#   Results accumulate in /tmp/rigger-gpu/results and each call returns
+#   them under $OUT (the JSON lines, the table, the logs' tails).
+#   While the machine is warm later calls carry only kit/; a fresh machine
+#   needs src/ and the parts again.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+# The first part travels with src/ (12 MB) and kit/, the others alone;
+# with the working tree (4 MB) each call stays under 64 MiB.
+FIRST_PART_MIB=42
+PART_MIB=56
+WHEELS=(mlx-cuda-13==0.32.4 mlx==0.32.4 mlx-lm==0.32.2 llguidance==1.9.1)
+WORK=/tmp/rigger-gpu
+SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
+CUDA_ARCH=90
+
+pack() {
+  local repo target dir stage cache_dir python
+  repo="$(cd "$here/.." && pwd)"
+  target="${CARGO_TARGET_DIR:-$repo/target}"
+  dir="$target/gpu-device"
+  cache_dir="${RIGGER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/rigger-inference}"
+  python="$cache_dir/venv/bin/python"
+  # shellcheck source=/dev/null
+  source "$cache_dir/build.env"
+  stage="$(mktemp -d)"
+  trap 'rm -rf "$stage"' RETURN
+  mkdir -p "$stage/wheels" "$stage/tokenizer" "$stage/bin" "$stage/lib/backends" "$stage/models" "$stage/src"
+
+  fetch_wheels "$repo/.device/wheels" "$python"
+  cp "$repo"/.device/wheels/*.whl "$stage/wheels/"
+  fetch_server_sources "$repo" "$python" "$stage/src"
+  build_binaries "$repo" "$target" "$stage"
+
+  local tokenizer
+  tokenizer="$(dirname "$(ls -t "$cache_dir"/mlx/*/tokenizer.json | head -1)")"
+  cp "$tokenizer/tokenizer.json" "$tokenizer/tokenizer_config.json" "$stage/tokenizer/"
+  cp "$cache_dir/models/$SMOL" "$stage/models/"
+
+  rm -rf "$dir" && mkdir -p "$dir/kit" "$dir/src"
+  mv "$stage"/src/*.tar.xz "$dir/src/"
+  tar -C "$stage" -cf "$stage/payload.tar" wheels tokenizer bin lib models
+  split_payload "$stage/payload.tar" "$dir"
+  sha256sum "$stage/payload.tar" | cut -d' ' -f1 >"$dir/kit/payload.sha256"
+  cp "$here/device-gpu.sh" "$here/mlx_cuda_probe.py" "$here/mlx_cuda_load.py" "$dir/kit/"
+  cp "$repo/src/backend/mlx/worker.py" "$dir/kit/"
+  cp "$(ls -t "$target"/release/build/rigger-inference-*/out/rigger_inference_descriptor.bin | head -1)" \
+    "$dir/kit/descriptors.bin"
+  echo "binaries of $(git -C "$repo" describe --always --dirty); $(cat "$dir/kit/parts") parts:"
+  du -sh "$dir"/*
+}
+
+fetch_wheels() {
+  local into="$1" python="$2" spec
+  mkdir -p "$into"
+  for spec in "${WHEELS[@]}"; do
+    "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_35_x86_64 --platform manylinux_2_31_x86_64 \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d "$into" "$spec"
+  done
+}
+
+# Two llama.cpp trees, without what no build here needs (docs, tests, the
+# web UI's sources: the server is built without its UI):
+# llama-cpp-sys-2's (the binary's ggml, so its CUDA backend matches) and
+# xllamacpp's sdist at the pinned version (llama.cpp with its server).
+fetch_server_sources() {
+  local repo="$1" python="$2" out="$3" version sdist crate
+  version="$(sed -n 's/^xllamacpp==//p' "$repo/scripts/requirements.txt")"
+  sdist="$repo/.device/xllamacpp-$version.tar.gz"
+  [ -f "$sdist" ] || "$python" - "$version" "$sdist" <<'EOF'
+import json, sys, urllib.request
+version, out = sys.argv[1], sys.argv[2]
+release = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/xllamacpp/{version}/json"))
+url = next(f["url"] for f in release["urls"] if f["packagetype"] == "sdist")
+urllib.request.urlretrieve(url, out)
+EOF
+  local unpacked
+  unpacked="$(mktemp -d)"
+  tar -C "$unpacked" -xzf "$sdist"
+  tar -C "$unpacked"/xllamacpp-*/thirdparty -cJf "$out/llama-server.tar.xz" \
+    --exclude=llama.cpp/models --exclude=llama.cpp/docs --exclude=llama.cpp/tests \
+    --exclude=llama.cpp/tools/ui/src --exclude=llama.cpp/tools/ui/static --exclude=llama.cpp/.github llama.cpp
+  rm -rf "$unpacked"
+  crate="$(cargo metadata --format-version 1 --manifest-path "$repo/Cargo.toml" |
+    "$python" -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "llama-cpp-sys-2"))')"
+  tar -C "$(dirname "$crate")" -cJf "$out/llama-sys.tar.xz" \
+    --exclude=llama.cpp/models --exclude=llama.cpp/docs --exclude=llama.cpp/examples \
+    --exclude=llama.cpp/tests --exclude=llama.cpp/pocs --exclude=llama.cpp/tools llama.cpp
+}
+
+# The service and its health probe with ggml's backends as libraries (a
+# target directory of their own: the feature rebuilds llama.cpp), and the
+# bench, each stripped and compressed.
+build_binaries() {
+  local repo="$1" target="$2" stage="$3" executable bin out
+  for bin in rigger-inference rigger-health; do
+    executable="$(cd "$repo" && CARGO_TARGET_DIR="$target/dyn" nice -n 10 cargo build --locked \
+      --release --features dynamic-backends --bin "$bin" --message-format=json-render-diagnostics |
+      sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)"
+    [ -x "$executable" ] || { echo "no $bin executable built in $repo" >&2; exit 1; }
+    strip -o "$stage/bin/$bin" "$executable"
+  done
+  python3 -c 'import sys; sys.exit(open(sys.argv[2], "rb").read() not in open(sys.argv[1], "rb").read())' \
+    "$stage/bin/rigger-inference" "$repo/src/backend/mlx/worker.py" ||
+    { echo "the binary does not embed this checkout's worker.py" >&2; exit 1; }
+  out="$(dirname "$(ls -td "$target"/dyn/release/build/llama-cpp-sys-2-*/out/backends | head -1)")"
+  cp -a "$out"/lib/*.so* "$stage/lib/"
+  cp -a "$out"/backends/*.so "$stage/lib/backends/"
+  executable="$(cd "$repo" && nice -n 10 cargo bench --locked --bench gpu --no-run 2>&1 |
+    sed -n 's/.*Executable benches\/gpu.rs (\(.*\))$/\1/p' | tail -1)"
+  [ -x "$repo/$executable" ] || [ -x "$executable" ] || { echo "no gpu bench built" >&2; exit 1; }
+  strip -o "$stage/bin/gpu-bench" "$( [ -x "$executable" ] && echo "$executable" || echo "$repo/$executable")"
+  gzip -9 "$stage"/bin/*
+}
+
+split_payload() {
+  local payload="$1" dir="$2" index=1
+  mkdir -p "$dir/p0"
+  head -c "${FIRST_PART_MIB}M" "$payload" >"$dir/p0/part-00"
+  tail -c "+$((FIRST_PART_MIB * 1024 * 1024 + 1))" "$payload" | split -b "${PART_MIB}m" -d -a 2 \
+    --numeric-suffixes=1 - "$dir/part-"
+  for part in "$dir"/part-*; do
+    mkdir -p "$dir/p$index" && mv "$part" "$dir/p$index/"
+    index=$((index + 1))
+  done
+  echo "$index" >"$dir/kit/parts"
+}
+
+# Keeps this call's parts in /tmp, starts the builds when the sources came
+# along, installs once every part is there, then runs the steps asked for.
+receive() {
+  mkdir -p "$WORK/parts" "$WORK/results" "$WORK/logs"
+  local part
+  for part in "$here"/../p*/part-*; do
+    [ -e "$part" ] && cp "$part" "$WORK/parts/"
+  done
+  [ -d "$here/../src" ] && [ ! -e "$WORK/builds-started" ] && start_builds
+  local have
+  have="$(find "$WORK/parts" -name 'part-*' | wc -l)"
+  echo "parts here: $have of $(cat "$here/parts")"
+  [ "$have" -lt "$(cat "$here/parts")" ] && return 0
+  install
+  local step status=0
+  for step in "$@"; do
+    echo "=== $step ($(date +%T))"
+    "step_${step//-/_}" || { status=$?; echo "step $step failed: $status"; }
+  done
+  publish
+  return "$status"
+}
+
+install() {
+  if [ ! -x "$WORK/bin/rigger-inference" ]; then
+    cat "$WORK"/parts/part-* >"$WORK/payload.tar"
+    [ "$(sha256sum "$WORK/payload.tar" | cut -d' ' -f1)" = "$(cat "$here/payload.sha256")" ] ||
+      { echo "payload checksum differs: parts from another pack?" >&2; exit 1; }
+    tar -C "$WORK" -xf "$WORK/payload.tar"
+    rm "$WORK/payload.tar"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$WORK/site" "$WORK"/wheels/*.whl
+    gunzip -f "$WORK"/bin/*.gz
+    chmod +x "$WORK"/bin/*
+  fi
+  export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1 LD_LIBRARY_PATH="$WORK/lib" HF_HUB_OFFLINE=1
+  python3 -c 'import mlx.core as mx, mlx_lm; print("mlx", mx.__version__, mx.default_device())'
+  nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
+}
+
+start_builds() {
+  mkdir -p "$WORK/src"
+  tar -C "$WORK/src" -xJf "$here/../src/llama-sys.tar.xz" --transform 's,^llama.cpp,sys,'
+  tar -C "$WORK/src" -xJf "$here/../src/llama-server.tar.xz" --transform 's,^llama.cpp,server,'
+  touch "$WORK/builds-started"
+  # A new session, so the builds outlive this call; a copy of this script,
+  # since the next call replaces the carried one while bash still reads it.
+  cp "$here/device-gpu.sh" "$WORK/device-gpu.sh"
+  setsid nohup bash "$WORK/device-gpu.sh" build >"$WORK/logs/build.log" 2>&1 </dev/null &
+  echo "CUDA builds started: $(nvcc --version | tail -1)"
+}
+
+# ggml's CUDA backend as a loadable library, configured as llama-cpp-sys-2
+# configures its `dynamic-backends` build; and llama-server with CUDA.
+# Both at once, half the cores each.
+build() {
+  local jobs=$(($(nproc) / 2))
+  (
+    cmake -S "$WORK/src/sys" -B "$WORK/build/sys" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DGGML_BACKEND_DL=ON -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" \
+      -DGGML_CPU=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF \
+      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_COMMON=OFF &&
+      cmake --build "$WORK/build/sys" --target ggml-cuda -j "$jobs" && touch "$WORK/built-sys"
+  ) >"$WORK/logs/build-sys.log" 2>&1 &
+  (
+    cmake -S "$WORK/src/server" -B "$WORK/build/server" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF &&
+      cmake --build "$WORK/build/server" --target llama-server -j "$jobs" && touch "$WORK/built-server"
+  ) >"$WORK/logs/build-server.log" 2>&1 &
+  wait
+  echo "builds ended $(date +%T)"
+}
+
+step_built() {
+  local waited=0
+  until [ -e "$WORK/built-sys" ] && [ -e "$WORK/built-server" ]; do
+    if ! pgrep -f "device-gpu.sh build" >/dev/null || [ "$waited" -ge "${BUILD_WAIT:-540}" ]; then
+      tail -20 "$WORK/logs/build-sys.log" "$WORK/logs/build-server.log"
+      return 1
+    fi
+    sleep 5
+    waited=$((waited + 5))
+  done
+  cp "$(find "$WORK/build/sys" -name 'libggml-cuda.so' | head -1)" "$WORK/lib/backends/"
+  ls -la "$WORK/lib/backends" "$(server_binary)"
+}
+
+server_binary() {
+  find "$WORK/build/server" -type f -name llama-server | head -1
+}
+
+step_models() {
+  local shape
+  for shape in ${MODELS:-1b}; do
+    [ -f "$WORK/models/$shape.gguf" ] && continue
+    case "$shape" in
+      smol4) python3 "$here/mlx_cuda_probe.py" model "$WORK/models/smol4" --tokenizer "$WORK/tokenizer" --shape smol --bits 4
+        continue ;;
+      *) python3 "$here/mlx_cuda_probe.py" model "$WORK/models/$shape" --tokenizer "$WORK/tokenizer" --shape "$shape" ;;
+    esac
+    PYTHONPATH="$WORK/src/server/gguf-py:$PYTHONPATH" python3 "$WORK/src/server/convert_hf_to_gguf.py" \
+      "$WORK/models/$shape" --outtype bf16 --outfile "$WORK/models/$shape.gguf" 2>&1 | tail -3
+    ls -la "$WORK/models/$shape.gguf"
+  done
+}
+
+# The model of the engine steps: its GGUF (llama.cpp engines) and its MLX
+# form (a directory, or the GGUF, which our MLX backend converts).
+gguf_of() {
+  case "${MODEL:-smol}" in
+    smol) echo "$WORK/models/$SMOL" ;;
+    *) echo "$WORK/models/$MODEL.gguf" ;;
+  esac
+}
+
+mlx_of() {
+  case "${MODEL:-smol}" in
+    smol) echo "$WORK/models/$SMOL" ;;
+    *) echo "$WORK/models/$MODEL" ;;
+  esac
+}
+
+# mlx_lm.server needs a directory: the smol GGUF's conversion by `mlx`.
+mlx_dir_of() {
+  case "${MODEL:-smol}" in
+    smol) find "$WORK/cache/mlx" -maxdepth 2 -name config.json -path "*SmolLM2*" -printf '%h\n' | head -1 ;;
+    *) echo "$WORK/models/$MODEL" ;;
+  esac
+}
+
+# Starts our service with the given settings on PORT and waits until its
+# inference service is SERVING (a GPU worker warms up first).
+serve() {
+  local name="$1" port="$2"
+  shift 2
+  env RIGGER_LISTEN="127.0.0.1:$port" RIGGER_METRICS_LISTEN=off RIGGER_CACHE_DIR="$WORK/cache" \
+    RIGGER_TASK_CACHE_ENTRIES=0 RIGGER_MAX_IN_FLIGHT=256 RIGGER_MAX_QUEUE=512 RUST_LOG=info "$@" \
+    "$WORK/bin/rigger-inference" >"$WORK/logs/$name.log" 2>&1 &
+  echo $! >"$WORK/$name.pid"
+  local started=$SECONDS
+  until "$WORK/bin/rigger-health" "127.0.0.1:$port" rigger.inference.v1.InferenceService >/dev/null 2>&1; do
+    kill -0 "$(cat "$WORK/$name.pid")" 2>/dev/null || { tail -20 "$WORK/logs/$name.log"; return 1; }
+    [ $((SECONDS - started)) -ge "${READY_WAIT:-420}" ] && { tail -5 "$WORK/logs/$name.log"; return 1; }
+    sleep 1
+  done
+  echo "$name serving after $((SECONDS - started)) s"
+}
+
+stop() {
+  local name="$1"
+  [ -f "$WORK/$name.pid" ] || return 0
+  kill "$(cat "$WORK/$name.pid")" 2>/dev/null || true
+  wait "$(cat "$WORK/$name.pid")" 2>/dev/null || true
+  rm -f "$WORK/$name.pid"
+}
+
+# An OpenAI-compatible runtime started by the step, ready once /v1/models answers.
+runtime() {
+  local name="$1" port="$2"
+  shift 2
+  "$@" >"$WORK/logs/$name.log" 2>&1 &
+  echo $! >"$WORK/$name.pid"
+  local started=$SECONDS
+  until curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null; do
+    kill -0 "$(cat "$WORK/$name.pid")" 2>/dev/null || { tail -20 "$WORK/logs/$name.log"; return 1; }
+    [ $((SECONDS - started)) -ge "${READY_WAIT:-420}" ] && return 1
+    sleep 1
+  done
+  echo "$name ready after $((SECONDS - started)) s"
+}
+
+bench() {
+  local label="$1"
+  shift
+  "$WORK/bin/gpu-bench" "$@" --streams "${STREAMS:-1,8,32,64}" --tokens "${TOKENS:-128}" --warm-up \
+    --label "$label" --json "$WORK/results/gpu-${MODEL:-smol}.jsonl" || echo "bench $label: exit $?"
+}
+
+# EnhanceTask and DecomposeTask at TASK_STREAMS concurrent calls, on the
+# real model only (random weights answer noise the task rules refuse).
+tasks() {
+  local engine="$1" port="$2" rpc
+  [ "${MODEL:-smol}" = smol ] || return 0
+  for rpc in enhance decompose; do
+    "$WORK/bin/gpu-bench" --grpc "127.0.0.1:$port" --rpc "$rpc" --streams "${TASK_STREAMS:-64}" \
+      --label "$engine-$rpc" --json "$WORK/results/tasks.jsonl" || echo "tasks $engine $rpc: exit $?"
+  done
+}
+
+# Seeded answers batched against the same prompts alone, on the real model.
+same_as_alone() {
+  local engine="$1" port="$2"
+  [ "${MODEL:-smol}" = smol ] || return 0
+  python3 "$here/mlx_cuda_load.py" "127.0.0.1:$port" "$here/descriptors.bin" --streams 16,64 --tokens 64 \
+    >"$WORK/results/same-$engine.txt" 2>&1 || echo "same-as-alone $engine: exit $?"
+  tail -3 "$WORK/results/same-$engine.txt"
+}
+
+# The embedded engine's settings for 64 concurrent streams on one GPU, and
+# flash attention on, as llama-server has it on CUDA.
+EMBEDDED=(INFERENCE_BACKEND=embedded RIGGER_PARALLEL=64 RIGGER_CTX_PER_SEQUENCE=4096 RIGGER_QUEUE=512
+  RIGGER_FLASH_ATTENTION=true RIGGER_ON_TOPIC_SIMILARITY=0)
+
+step_embedded() {
+  serve embedded 50161 "${EMBEDDED[@]}" RIGGER_MODEL_PATH="$(gguf_of)" \
+    RIGGER_GGML_BACKEND_DIR="$WORK/lib/backends" || return 1
+  sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/embedded.log" | grep -i -E 'device|cuda|gpu' | cut -c1-240 | head -8
+  bench embedded-gateway --grpc 127.0.0.1:50161
+  tasks embedded 50161
+  same_as_alone embedded 50161
+  stop embedded
+}
+
+step_llama_server() {
+  runtime llama-server 50171 "$(server_binary)" -m "$(gguf_of)" --host 127.0.0.1 --port 50171 \
+    -ngl 999 -np 64 -c $((64 * 4096)) -fa on || return 1
+  bench llama-server-direct --openai http://127.0.0.1:50171
+  serve gateway 50162 INFERENCE_BACKEND=openai OPENAI_BASE_URL=http://127.0.0.1:50171/v1 || return 1
+  bench llama-server-gateway --grpc 127.0.0.1:50162
+  stop gateway
+  stop llama-server
+}
+
+step_mlx() {
+  serve mlx 50163 INFERENCE_BACKEND=mlx MLX_PYTHON="$(command -v python3)" RIGGER_MLX_MODEL="$(mlx_of)" \
+    RIGGER_MLX_BLAS=off RIGGER_MLX_MAX_BATCH=64 RIGGER_MLX_START_TIMEOUT=15m RIGGER_ON_TOPIC_SIMILARITY=0 ||
+    return 1
+  sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/mlx.log" | grep -i -E 'worker ready|warm-up' | cut -c1-240 | tail -3
+  bench mlx-worker-gateway --grpc 127.0.0.1:50163
+  tasks mlx 50163
+  same_as_alone mlx 50163
+  stop mlx
+}
+
+step_mlx_server() {
+  local dir
+  dir="$(mlx_dir_of)"
+  [ -n "$dir" ] || { echo "no MLX directory for ${MODEL:-smol}: run the mlx step first"; return 1; }
+  # The kernels our worker compiled, found by MLX in the same cache.
+  MLX_PTX_CACHE_DIR="$(ls -d "$WORK"/cache/mlx/ptx/* 2>/dev/null | head -1)" \
+    runtime mlx-server 50172 python3 -m mlx_lm.server --model "$dir" --host 127.0.0.1 --port 50172 \
+    --decode-concurrency 64 || return 1
+  bench mlx_lm-direct --openai http://127.0.0.1:50172
+  serve gateway 50164 INFERENCE_BACKEND=openai OPENAI_BASE_URL=http://127.0.0.1:50172/v1 || return 1
+  bench mlx_lm-gateway --grpc 127.0.0.1:50164
+  stop gateway
+  stop mlx-server
+}
+
+step_table() {
+  "$WORK/bin/gpu-bench" --table "$WORK"/results/gpu-*.jsonl "$WORK"/results/tasks.jsonl 2>/dev/null |
+    tee "$WORK/results/table.md" || true
+}
+
+# What comes back: the results and the logs' ends, under $OUT.
+publish() {
+  [ -n "${OUT:-}" ] || return 0
+  local log
+  mkdir -p "$WORK/tails"
+  for log in "$WORK"/logs/*.log; do
+    sed 's/\x1b\[[0-9;]*m//g' "$log" | tail -200 >"$WORK/tails/$(basename "$log")"
+  done
+  tar -C "$WORK" -czf "$OUT/results.tar.gz" results tails
+}
+
+# The old steps of the MLX stall investigation (README, "MLX on CUDA").
+step_repro() {
+  local model="$WORK/models/${MODEL:-1b}" logs="$WORK/logs" name pid second
+  local runs=("s1:--streams 1" "s4:--streams 4" "s4-stagger:--streams 4 --stagger 3" "s4-seeded:--streams 4 --seeded")
+  # shellcheck disable=SC2206
+  [ -n "${REPRO_RUNS:-}" ] && IFS=';' read -r -a runs <<<"$REPRO_RUNS"
+  for run in "${runs[@]}"; do
+    name="${run%%:*}"
+    echo "--- batch $name"
+    # shellcheck disable=SC2086
+    python3 "$here/mlx_cuda_probe.py" batch "$model" ${run#*:} --tokens "${TOKENS:-64}" \
+      >"$logs/repro-$name.log" 2>&1 &
+    pid=$!
+    for second in $(seq 1 "${REPRO_TIMEOUT:-90}"); do
+      sleep 1
+      kill -0 "$pid" 2>/dev/null || break
+      if [ "$second" = "${STALL_AFTER:-45}" ]; then
+        echo "still running after $second s; GPU: $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader)"
+        timeout 60 cuda-gdb -p "$pid" -batch -ex 'thread apply all bt 14' >"$logs/gdb-$name.log" 2>&1 || true
+      fi
+    done
+    kill "$pid" 2>/dev/null && echo "killed after ${REPRO_TIMEOUT:-90} s"
+    wait "$pid" 2>/dev/null || true
+    grep -v -E '^  File|^Thread|^Current thread|^$' "$logs/repro-$name.log" | tail -14
+  done
+}
+
+step_worker() {
+  local model="$WORK/models/${MODEL:-1b}" streams
+  for streams in 1 4; do
+    echo "--- worker, $streams streams"
+    timeout "${REPRO_TIMEOUT:-90}" python3 "$here/mlx_cuda_probe.py" worker "$model" --streams "$streams" \
+      --tokens "${TOKENS:-64}" --worker "$here/worker.py" 2>"$WORK/logs/worker-$streams.log" || echo "exit $?"
+    tail -3 "$WORK/logs/worker-$streams.log"
+  done
+}
+
+step_service() {
+  serve service 50151 INFERENCE_BACKEND=mlx MLX_PYTHON="$(command -v python3)" \
+    RIGGER_MLX_MODEL="$WORK/models/${MODEL:-1b}" RIGGER_MLX_BLAS=off RIGGER_MLX_MAX_BATCH="${MAX_BATCH:-64}" \
+    RIGGER_ON_TOPIC_SIMILARITY=0 RIGGER_MLX_START_TIMEOUT=15m || return 1
+  python3 "$here/mlx_cuda_load.py" 127.0.0.1:50151 "$here/descriptors.bin" \
+    --streams "${STREAMS:-1,4,16,64}" --tokens "${TOKENS:-128}" || echo "load exit $?"
+  stop service
+}
+
+step_direct() {
+  python3 "$here/mlx_cuda_load.py" --worker "$here/worker.py" \
+    --model "$WORK/models/${MODEL:-1b}" --cache-dir "$WORK/cache/mlx" --max-batch "${MAX_BATCH:-64}" \
+    --no-alone --streams "${STREAMS:-1,4,16,64}" --tokens "${TOKENS:-128}" 2>"$WORK/logs/direct.log" ||
+    echo "direct exit $?"
+}
+
+case "${1:-}" in
+  pack) shift; pack "$@" ;;
+  receive) shift; receive "$@" ;;
+  build) build ;;
+  *) sed -n '2,55p' "$0" >&2; exit 2 ;;
+esac
