@@ -223,12 +223,13 @@ impl Target {
     }
 
     fn request(&self, scenario: &Scenario, model: &str, max_tokens: Option<u32>) -> Request {
-        let sampling = |max_tokens| SamplingOptions {
+        let model = model.to_owned();
+        let sampling = Some(SamplingOptions {
             max_tokens,
             temperature: Some(0.0),
             ..Default::default()
-        };
-        let model = model.to_owned();
+        });
+        let (task, context) = (Some(scenario.task()), Some(scenario.context()));
         match self {
             Self::Grpc {
                 rpc: Rpc::Generate, ..
@@ -238,26 +239,26 @@ impl Target {
                     content: scenario.prompt(),
                 }],
                 model,
-                sampling: Some(sampling(max_tokens)),
+                sampling,
                 ..Default::default()
             }),
             Self::Grpc {
                 rpc: Rpc::Enhance, ..
             } => Request::Enhance(EnhanceTaskRequest {
-                task: Some(scenario.task()),
-                context: Some(scenario.context()),
+                task,
+                context,
                 model,
-                sampling: Some(sampling(max_tokens)),
+                sampling,
                 ..Default::default()
             }),
             Self::Grpc {
                 rpc: Rpc::Decompose,
                 ..
             } => Request::Decompose(DecomposeTaskRequest {
-                task: Some(scenario.task()),
-                context: Some(scenario.context()),
+                task,
+                context,
                 model,
-                sampling: Some(sampling(max_tokens)),
+                sampling,
                 ..Default::default()
             }),
             Self::OpenAi { .. } => {
