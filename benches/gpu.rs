@@ -336,7 +336,7 @@ async fn chat(http: &reqwest::Client, url: &str, body: &Value) -> Result<Outcome
         .json(body)
         .send()
         .await
-        .map_err(|error| format!("POST {url}: {error}"))?;
+        .map_err(|error| format!("POST {url}: {}", chain(&error)))?;
     if !response.status().is_success() {
         let code = response.status();
         return Err(format!(
@@ -348,7 +348,9 @@ async fn chat(http: &reqwest::Client, url: &str, body: &Value) -> Result<Outcome
     let (mut pending, mut first_token, mut deltas, mut usage, mut done) =
         (Vec::new(), None, 0u32, None, false);
     while let Some(bytes) = stream.next().await {
-        pending.extend_from_slice(&bytes.map_err(|error| format!("reading the stream: {error}"))?);
+        pending.extend_from_slice(
+            &bytes.map_err(|error| format!("reading the stream: {}", chain(&error)))?,
+        );
         while let Some(end) = pending.iter().position(|byte| *byte == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line);
@@ -386,6 +388,18 @@ async fn chat(http: &reqwest::Client, url: &str, body: &Value) -> Result<Outcome
     })
 }
 
+/// An error with its causes: reqwest's own message names only the step
+/// that failed ("error sending request").
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(&format!(": {inner}"));
+        cause = inner.source();
+    }
+    text
+}
+
 /// The deterministic content of request `index` of batch `batch`: a
 /// system, a goal and a constraint from fixed lists, so every request of a
 /// level differs and all are of one length class (≈80–100 tokens of
@@ -417,8 +431,8 @@ const SYSTEMS: [&str; 16] = [
 ];
 
 const GOALS: [&str; 8] = [
-    "cut the p99 latency of its busiest endpoint in half",
-    "move its data to a new database without downtime",
+    "cut the p99 latency of the busiest endpoint in half",
+    "move the data to a new database without downtime",
     "add an audit trail that regulators can query",
     "serve ten times more users by next spring",
     "let customers export all of their data",
@@ -476,11 +490,11 @@ impl Scenario {
         } = self;
         Task {
             id: format!("gpu-bench-{marker}"),
-            title: format!("Make {system} {goal}"),
+            title: capitalized(goal),
             description: Some(format!(
-                "Request {marker}. We need to {goal}, but {constraint}. The work covers the \
-                 architecture changes, the data model, the failure modes and how to detect \
-                 them, the tests, and a rollout in stages."
+                "Request {marker}. In {system}, we need to {goal}, but {constraint}. The \
+                 work covers the architecture changes, the data model, the failure modes and \
+                 how to detect them, the tests, and a rollout in stages."
             )),
             ..Default::default()
         }
@@ -492,6 +506,13 @@ impl Scenario {
             ..Default::default()
         }
     }
+}
+
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |first| {
+        first.to_uppercase().chain(chars).collect()
+    })
 }
 
 /// One round of one level: every request started at once.
@@ -738,7 +759,13 @@ async fn connect(args: &Args) -> Result<(Target, String), String> {
     }
     let base = base.trim_end_matches('/');
     let base = base.strip_suffix("/v1").unwrap_or(base);
-    let http = reqwest::Client::new();
+    // A connection per request, as independent callers have: an idle
+    // pooled one can be closed by the server just as a request reuses it
+    // (seen with llama-server: "connection closed before message completed").
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .map_err(|error| format!("an HTTP client: {error}"))?;
     let model = if args.model.is_empty() {
         served_model(&http, base).await
     } else {
