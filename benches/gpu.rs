@@ -12,12 +12,14 @@
 //! That machine has no Rust toolchain, so it is built here
 //! (`cargo bench --bench gpu --no-run`, with build.env sourced), stripped,
 //! carried there, and takes everything from its command line. Against the
-//! gateway and directly it sends the same prompts (built from the request's
-//! index), so the two runs of one runtime differ only by the relay:
+//! gateway and directly it sends the same kind of prompts (built from the
+//! request's index and `--prompt-set`), so the two runs of one runtime
+//! differ only by the relay; a second run against one runtime process takes
+//! another prompt set, or its prompt cache would serve the prompts:
 //!
 //!   gpu --openai http://127.0.0.1:8080 --label llama-server-direct \
 //!       --streams 1,8,32,64 --tokens 128 --warm-up --json results.jsonl
-//!   gpu --grpc 127.0.0.1:50051 --label llama-server-gateway ...
+//!   gpu --grpc 127.0.0.1:50051 --label llama-server-gateway --prompt-set 1 ...
 //!   gpu --grpc 127.0.0.1:50051 --rpc decompose --label embedded-decompose ...
 //!   gpu --table results.jsonl
 //!
