@@ -731,7 +731,7 @@ async fn connect(args: &Args) -> Result<(Target, String), String> {
             .connect_timeout(CONNECT_TIMEOUT)
             .connect()
             .await
-            .map_err(|error| format!("cannot connect to {address}: {error}"))?;
+            .map_err(|error| format!("cannot connect to {address}: {}", chain(&error)))?;
         let mut client = InferenceServiceClient::new(channel);
         let served = client
             .get_status(GetStatusRequest {})
