@@ -36,40 +36,55 @@ impl Run {
     }
 }
 
+/// Why a Generate stream could not be read as one whole generation.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("the stream {0}")]
+    Incomplete(&'static str),
+}
+
 pub async fn grpc_run(
     client: &mut InferenceServiceClient<Channel>,
     request: GenerateRequest,
 ) -> Run {
+    try_grpc_run(client, request).await.expect("Generate")
+}
+
+/// A Generate call read to its end; a load generator counts the error
+/// where a benchmark of one call would stop.
+pub async fn try_grpc_run(
+    client: &mut InferenceServiceClient<Channel>,
+    request: GenerateRequest,
+) -> Result<Run, RunError> {
     let started = Instant::now();
-    let mut stream = client
-        .generate(request)
-        .await
-        .expect("Generate")
-        .into_inner();
-    let (mut text, mut first_token, mut tokens, mut prompt_tokens, mut cached_prompt_tokens) =
-        (String::new(), None, 0, 0, 0);
+    let mut stream = client.generate(request).await?.into_inner();
+    let (mut text, mut first_token, mut summary) = (String::new(), None, None);
     while let Some(message) = stream.next().await {
-        match message.expect("no error").event.expect("event") {
+        match message?
+            .event
+            .ok_or(RunError::Incomplete("carried a message without an event"))?
+        {
             Event::Text(piece) => {
                 first_token.get_or_insert_with(|| started.elapsed());
                 text.push_str(&piece);
             }
-            Event::Summary(summary) => {
-                let meta = summary.meta.expect("meta");
-                tokens = meta.completion_tokens;
-                prompt_tokens = meta.prompt_tokens;
-                cached_prompt_tokens = meta.cached_prompt_tokens;
-            }
+            Event::Summary(last) => summary = Some(last),
         }
     }
-    Run {
+    let meta = summary
+        .ok_or(RunError::Incomplete("ended without a summary"))?
+        .meta
+        .ok_or(RunError::Incomplete("ended with a summary without meta"))?;
+    Ok(Run {
         text,
-        prompt_tokens,
-        cached_prompt_tokens,
-        tokens,
-        first_token: first_token.expect("text"),
+        prompt_tokens: meta.prompt_tokens,
+        cached_prompt_tokens: meta.cached_prompt_tokens,
+        tokens: meta.completion_tokens,
+        first_token: first_token.ok_or(RunError::Incomplete("carried no text"))?,
         total: started.elapsed(),
-    }
+    })
 }
 
 /// The service binary in a process of its own, configured by environment.
