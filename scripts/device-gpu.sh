@@ -38,13 +38,17 @@
 #        llama-server llama.cpp's server directly, then through the gateway
 #        mlx          the gateway on its MLX worker (MLX on CUDA)
 #        mlx-server   mlx_lm.server directly, then through the gateway
+#        embedded-tasks, mlx-tasks
+#                     EnhanceTask and DecomposeTask at TASK_STREAMS (64)
+#                     concurrent calls, and seeded answers at 16 and 64
+#                     streams compared with the same prompts alone, on the
+#                     real model only (random weights answer noise that the
+#                     task rules refuse)
 #        table        the bench's table of every result so far
 #      MODEL picks the model of the engine steps: `smol` (SmolLM2-135M-
 #      Instruct Q4_1, the default model, carried; the MLX engines run its
-#      conversion) or a name built by `models`. With `smol`, `embedded`
-#      and `mlx` also run EnhanceTask and DecomposeTask at TASK_STREAMS
-#      (64) concurrent calls. STREAMS (1,8,32,64), TOKENS (128) shape the
-#      Generate load.
+#      conversion) or a name built by `models`. STREAMS (1,8,32,64) and
+#      TOKENS (128) shape the Generate load.
 #      Old steps of the MLX stall investigation remain: repro, worker,
 #      service, direct (MODEL=1b|smol4 models made by `models`).
 #   Results accumulate in /tmp/rigger-gpu/results and each call returns
@@ -155,7 +159,10 @@ build_binaries() {
     { echo "the binary does not embed this checkout's worker.py" >&2; exit 1; }
   out="$(dirname "$(ls -td "$target"/dyn/release/build/llama-cpp-sys-2-*/out/backends | head -1)")"
   cp -a "$out"/lib/*.so* "$stage/lib/"
-  cp -a "$out"/backends/*.so "$stage/lib/backends/"
+  # Not the Sapphire Rapids variant: ggml picks it wherever cpuid lists AMX,
+  # also where the kernel does not grant AMX's tile state (these sandboxed
+  # machines: it dies of SIGILL at its first `tilezero`).
+  find "$out/backends" -name 'libggml-cpu-*.so' ! -name '*sapphirerapids*' -exec cp {} "$stage/lib/backends/" \;
   executable="$(cd "$repo" && nice -n 10 cargo bench --locked --bench gpu --no-run 2>&1 |
     sed -n 's/.*Executable benches\/gpu.rs (\(.*\))$/\1/p' | tail -1)"
   [ -x "$repo/$executable" ] || [ -x "$executable" ] || { echo "no gpu bench built" >&2; exit 1; }
@@ -348,28 +355,27 @@ runtime() {
   echo "$name ready after $((SECONDS - started)) s"
 }
 
+# One engine's Generate load. Each label sends its own prompt set: a
+# runtime benched directly and then through the gateway would otherwise
+# answer the second run's prompts from its prompt cache.
 bench() {
-  local label="$1"
-  shift
+  local label="$1" set="$2"
+  shift 2
   "$WORK/bin/gpu-bench" "$@" --streams "${STREAMS:-1,8,32,64}" --tokens "${TOKENS:-128}" --warm-up \
-    --label "$label" --json "$WORK/results/gpu-${MODEL:-smol}.jsonl" || echo "bench $label: exit $?"
+    --prompt-set "$set" --label "$label" --json "$WORK/results/gpu-${MODEL:-smol}.jsonl" ||
+    echo "bench $label: exit $?"
 }
 
-# EnhanceTask and DecomposeTask at TASK_STREAMS concurrent calls, on the
-# real model only (random weights answer noise the task rules refuse).
 tasks() {
   local engine="$1" port="$2" rpc
-  [ "${MODEL:-smol}" = smol ] || return 0
   for rpc in enhance decompose; do
     "$WORK/bin/gpu-bench" --grpc "127.0.0.1:$port" --rpc "$rpc" --streams "${TASK_STREAMS:-64}" \
       --label "$engine-$rpc" --json "$WORK/results/tasks.jsonl" || echo "tasks $engine $rpc: exit $?"
   done
 }
 
-# Seeded answers batched against the same prompts alone, on the real model.
 same_as_alone() {
   local engine="$1" port="$2"
-  [ "${MODEL:-smol}" = smol ] || return 0
   python3 "$here/mlx_cuda_load.py" "127.0.0.1:$port" "$here/descriptors.bin" --streams 16,64 --tokens 64 \
     >"$WORK/results/same-$engine.txt" 2>&1 || echo "same-as-alone $engine: exit $?"
   tail -3 "$WORK/results/same-$engine.txt"
@@ -380,11 +386,20 @@ same_as_alone() {
 EMBEDDED=(INFERENCE_BACKEND=embedded RIGGER_PARALLEL=64 RIGGER_CTX_PER_SEQUENCE=4096 RIGGER_QUEUE=512
   RIGGER_FLASH_ATTENTION=true RIGGER_ON_TOPIC_SIMILARITY=0)
 
-step_embedded() {
+serve_embedded() {
   serve embedded 50161 "${EMBEDDED[@]}" RIGGER_MODEL_PATH="$(gguf_of)" \
     RIGGER_GGML_BACKEND_DIR="$WORK/lib/backends" || return 1
-  sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/embedded.log" | grep -i -E 'device|cuda|gpu' | cut -c1-240 | head -8
-  bench embedded-gateway --grpc 127.0.0.1:50161
+  sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/embedded.log" | grep -i -E 'load_backend|device=' | cut -c1-240 | head -4
+}
+
+step_embedded() {
+  serve_embedded || return 1
+  bench embedded-gateway 1 --grpc 127.0.0.1:50161
+  stop embedded
+}
+
+step_embedded_tasks() {
+  serve_embedded || return 1
   tasks embedded 50161
   same_as_alone embedded 50161
   stop embedded
@@ -393,19 +408,29 @@ step_embedded() {
 step_llama_server() {
   runtime llama-server 50171 "$(server_binary)" -m "$(gguf_of)" --host 127.0.0.1 --port 50171 \
     -ngl 999 -np 64 -c $((64 * 4096)) -fa on || return 1
-  bench llama-server-direct --openai http://127.0.0.1:50171
+  bench llama-server-direct 2 --openai http://127.0.0.1:50171
   serve gateway 50162 INFERENCE_BACKEND=openai OPENAI_BASE_URL=http://127.0.0.1:50171/v1 || return 1
-  bench llama-server-gateway --grpc 127.0.0.1:50162
+  bench llama-server-gateway 3 --grpc 127.0.0.1:50162
   stop gateway
   stop llama-server
 }
 
-step_mlx() {
+serve_mlx() {
   serve mlx 50163 INFERENCE_BACKEND=mlx MLX_PYTHON="$(command -v python3)" RIGGER_MLX_MODEL="$(mlx_of)" \
     RIGGER_MLX_BLAS=off RIGGER_MLX_MAX_BATCH=64 RIGGER_MLX_START_TIMEOUT=15m RIGGER_ON_TOPIC_SIMILARITY=0 ||
     return 1
   sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/mlx.log" | grep -i -E 'worker ready|warm-up' | cut -c1-240 | tail -3
-  bench mlx-worker-gateway --grpc 127.0.0.1:50163
+}
+
+step_mlx() {
+  serve_mlx || return 1
+  bench mlx-worker-gateway 4 --grpc 127.0.0.1:50163
+  stop mlx
+}
+
+# After `mlx`, whose worker compiled the kernels this one's warm-up finds.
+step_mlx_tasks() {
+  serve_mlx || return 1
   tasks mlx 50163
   same_as_alone mlx 50163
   stop mlx
@@ -419,15 +444,15 @@ step_mlx_server() {
   MLX_PTX_CACHE_DIR="$(ls -d "$WORK"/cache/mlx/ptx/* 2>/dev/null | head -1)" \
     runtime mlx-server 50172 python3 -m mlx_lm.server --model "$dir" --host 127.0.0.1 --port 50172 \
     --decode-concurrency 64 || return 1
-  bench mlx_lm-direct --openai http://127.0.0.1:50172
+  bench mlx_lm-direct 5 --openai http://127.0.0.1:50172
   serve gateway 50164 INFERENCE_BACKEND=openai OPENAI_BASE_URL=http://127.0.0.1:50172/v1 || return 1
-  bench mlx_lm-gateway --grpc 127.0.0.1:50164
+  bench mlx_lm-gateway 6 --grpc 127.0.0.1:50164
   stop gateway
   stop mlx-server
 }
 
 step_table() {
-  "$WORK/bin/gpu-bench" --table "$WORK"/results/gpu-*.jsonl "$WORK"/results/tasks.jsonl 2>/dev/null |
+  "$WORK/bin/gpu-bench" --table "$WORK"/results/*.jsonl |
     tee "$WORK/results/table.md" || true
 }
 
