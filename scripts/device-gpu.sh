@@ -30,7 +30,8 @@
 #      steps to run: `receive STEP...`. Once every part is there, `receive`
 #      installs (into /tmp/rigger-gpu) and runs the steps in order:
 #        built        waits for the CUDA builds (BUILD_WAIT s, default 540)
-#                     and puts libggml-cuda.so beside the CPU backends
+#                     and puts libggml-cuda.so beside the CPU backends;
+#                     BUILDS="sys" (of "sys server") builds only ggml's
 #        models       random-weight llamas with SmolLM2's tokenizer, each
 #                     as an MLX directory and a bf16 GGUF converted from it
 #                     by llama.cpp's converter (MODELS, default "1b"; "8b")
@@ -239,15 +240,16 @@ start_builds() {
 # configures its `dynamic-backends` build; and llama-server with CUDA.
 # Both at once, half the cores each.
 build() {
-  local jobs=$(($(nproc) / 2))
-  (
+  local builds="${BUILDS:-sys server}" jobs
+  jobs=$(($(nproc) / $(wc -w <<<"$builds")))
+  [[ " $builds " == *" sys "* ]] && (
     cmake -S "$WORK/src/sys" -B "$WORK/build/sys" -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DGGML_BACKEND_DL=ON -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" \
       -DGGML_CPU=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF \
       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_COMMON=OFF &&
       cmake --build "$WORK/build/sys" --target ggml-cuda -j "$jobs" && touch "$WORK/built-sys"
   ) >"$WORK/logs/build-sys.log" 2>&1 &
-  (
+  [[ " $builds " == *" server "* ]] && (
     cmake -S "$WORK/src/server" -B "$WORK/build/server" -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF &&
@@ -259,16 +261,17 @@ build() {
 
 step_built() {
   local waited=0
-  until [ -e "$WORK/built-sys" ] && [ -e "$WORK/built-server" ]; do
+  local build
+  until (for build in ${BUILDS:-sys server}; do [ -e "$WORK/built-$build" ] || exit 1; done); do
     if ! pgrep -f "device-gpu.sh build" >/dev/null || [ "$waited" -ge "${BUILD_WAIT:-540}" ]; then
-      tail -20 "$WORK/logs/build-sys.log" "$WORK/logs/build-server.log"
+      tail -n 20 "$WORK"/logs/build-*.log
       return 1
     fi
     sleep 5
     waited=$((waited + 5))
   done
   cp "$(find "$WORK/build/sys" -name 'libggml-cuda.so' | head -1)" "$WORK/lib/backends/"
-  ls -la "$WORK/lib/backends" "$(server_binary)"
+  ls -la "$WORK/lib/backends/libggml-cuda.so"
 }
 
 server_binary() {
@@ -440,8 +443,12 @@ step_mlx_server() {
   local dir
   dir="$(mlx_dir_of)"
   [ -n "$dir" ] || { echo "no MLX directory for ${MODEL:-smol}: run the mlx step first"; return 1; }
-  # The kernels our worker compiled, found by MLX in the same cache.
-  MLX_PTX_CACHE_DIR="$(ls -d "$WORK"/cache/mlx/ptx/* 2>/dev/null | head -1)" \
+  # The kernels our worker compiled, found by MLX in the same cache. An
+  # existing Hugging Face cache: without one mlx_lm.server 0.32.2 answers
+  # /v1/models with a 200 and an empty body (its cache scan raises after
+  # the headers went out), which no client can read.
+  mkdir -p "$WORK/hf-cache"
+  HF_HUB_CACHE="$WORK/hf-cache" MLX_PTX_CACHE_DIR="$(ls -d "$WORK"/cache/mlx/ptx/* 2>/dev/null | head -1)" \
     runtime mlx-server 50172 python3 -m mlx_lm.server --model "$dir" --host 127.0.0.1 --port 50172 \
     --decode-concurrency 64 || return 1
   bench mlx_lm-direct 5 --openai http://127.0.0.1:50172

@@ -75,7 +75,11 @@ pub enum BackendLibraries {
 pub(super) fn load_backends(dir: Option<&Path>) -> Result<(), BackendLibraries> {
     static LOADED: std::sync::Once = std::sync::Once::new();
     let shown = dir.map_or_else(
-        || llama_cpp_sys_2::BACKENDS_DIR.unwrap_or("(this build's backend directory)").to_owned(),
+        || {
+            llama_cpp_sys_2::BACKENDS_DIR
+                .unwrap_or("(this build's backend directory)")
+                .to_owned()
+        },
         |dir| dir.display().to_string(),
     );
     // ggml takes the path as a C string: a directory that is not one (or
