@@ -52,6 +52,11 @@
 #      TOKENS (128) shape the Generate load.
 #      Old steps of the MLX stall investigation remain: repro, worker,
 #      service, direct (MODEL=1b|smol4 models made by `models`).
+#   The run of 2026-12-01, on a fresh machine: call 1 with BUILDS=sys (only
+#   ggml's CUDA backend: 156 steps, ~3 min on 16 cores; llama-server's 363
+#   need longer), the parts, then `MODEL=smol BUILDS=sys receive built
+#   embedded embedded-tasks table` (7 min); MLX's steps in a call of their
+#   own (its first warm-up compiles kernels for ~155 s).
 #   Results accumulate in /tmp/rigger-gpu/results and each call returns
 #   them under $OUT (the JSON lines, the table, the logs' tails).
 #   While the machine is warm later calls carry only kit/; a fresh machine
@@ -531,5 +536,5 @@ case "${1:-}" in
   pack) shift; pack "$@" ;;
   receive) shift; receive "$@" ;;
   build) build ;;
-  *) sed -n '2,55p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,63p' "$0" >&2; exit 2 ;;
 esac
