@@ -155,9 +155,19 @@ async fn ollama_instances_from_a_list_keep_sessions_and_survive_one_going_away()
     ]))
     .await;
     let mut client = gateway.client().await;
+    // The gateway is ready once one instance serves; sessions placed before
+    // the second one joins would all land on the first.
+    until_instances(&mut client, "both instances serve", |listed| {
+        listed.iter().filter(|instance| instance.serving).count() == 2
+    })
+    .await;
     let completed = |stand_in: &OllamaStandIn| stand_in.controls.completed.load(Ordering::SeqCst);
     let mut placed = Vec::new();
-    for run in ["run-1", "run-2", "run-3", "run-4", "run-5", "run-6"] {
+    // Twelve sessions: rendezvous hashing puts all of them on one of two
+    // instances with a chance of 2 in 4096.
+    for session in 1..=12 {
+        let run = format!("run-{session}");
+        let run = run.as_str();
         let before = (completed(&a), completed(&b));
         for _ in 0..2 {
             in_session(&mut client, run).await;
@@ -188,8 +198,9 @@ async fn ollama_instances_from_a_list_keep_sessions_and_survive_one_going_away()
         listed.iter().all(|instance| instance.serving)
     })
     .await;
-    for run in ["run-1", "run-2", "run-3", "run-4", "run-5", "run-6"] {
-        in_session(&mut client, run).await;
+    // The same twelve sessions, some of which were placed on it above.
+    for session in 1..=12 {
+        in_session(&mut client, &format!("run-{session}")).await;
     }
     assert!(
         completed(&back) > 0,
