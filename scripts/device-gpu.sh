@@ -25,16 +25,26 @@
 #          (ignored), so each call names what it needs in `carry`.
 # There, in consecutive calls (the machine keeps /tmp for 30 s after one):
 #   1. carry [.../kit, .../src, .../p0]: bash target/gpu-device/kit/device-gpu.sh receive
-#        starts both CUDA builds in the background (they outlive the call)
+#        starts, in a new session that outlives the call, both CUDA builds
+#        and the random-weight models (random_llama.py: 1b and 8b llamas
+#        with SmolLM2's tokenizer, each a Hugging Face directory for MLX and
+#        a bf16 GGUF from llama.cpp's converter; MODELS, default "1b 8b")
 #   2. carry [.../kit, .../pN] for each further part, the last one with the
 #      steps to run: `receive STEP...`. Once every part is there, `receive`
 #      installs (into /tmp/rigger-gpu) and runs the steps in order:
-#        built        waits for the CUDA builds (BUILD_WAIT s, default 540)
-#                     and puts libggml-cuda.so beside the CPU backends;
+#        built        waits for the builds and models (BUILD_WAIT s, default
+#                     540) and puts libggml-cuda.so beside the CPU backends;
 #                     BUILDS="sys" (of "sys server") builds only ggml's
-#        models       random-weight llamas with SmolLM2's tokenizer, each
-#                     as an MLX directory and a bf16 GGUF converted from it
-#                     by llama.cpp's converter (MODELS, default "1b"; "8b")
+#        plan         starts the bench's lanes (PLAN below; LANES overrides)
+#                     in a new session: each lane on a GPU of its own where
+#                     the machine has as many, else one after the other
+#        wait         waits for the lanes until CALL_LIMIT s (540) into the
+#                     call and shows where they are; later calls carry kit/ alone and run
+#                     `receive wait` until the lanes have ended
+#        table        the bench's table of every result so far
+#      The steps a lane runs, each as MODEL:STEP (MODEL `smol`, SmolLM2-135M-
+#      Instruct Q4_1, carried; or `1b`, `8b`), also callable directly with
+#      MODEL set:
 #        embedded     the gateway on the embedded engine's CUDA build
 #        llama-server llama.cpp's server directly, then through the gateway
 #        mlx          the gateway on its MLX worker (MLX on CUDA)
@@ -45,22 +55,14 @@
 #                     streams compared with the same prompts alone, on the
 #                     real model only (random weights answer noise that the
 #                     task rules refuse)
-#        table        the bench's table of every result so far
-#      MODEL picks the model of the engine steps: `smol` (SmolLM2-135M-
-#      Instruct Q4_1, the default model, carried; the MLX engines run its
-#      conversion) or a name built by `models`. STREAMS (1,8,32,64) and
-#      TOKENS (128) shape the Generate load.
+#      STREAMS (1,8,32,64) and TOKENS (128) shape the Generate load.
 #      Old steps of the MLX stall investigation remain: repro, worker,
-#      service, direct (MODEL=1b|smol4 models made by `models`).
-#   The run of 2026-12-01, on a fresh machine: call 1 with BUILDS=sys (only
-#   ggml's CUDA backend: 156 steps, ~3 min on 16 cores; llama-server's 363
-#   need longer), the parts, then `MODEL=smol BUILDS=sys receive built
-#   embedded embedded-tasks table` (7 min); MLX's steps in a call of their
-#   own (its first warm-up compiles kernels for ~155 s).
+#      service, direct (MODEL=1b).
 #   Results accumulate in /tmp/rigger-gpu/results and each call returns
 #   them under $OUT (the JSON lines, the table, the logs' tails).
-#   While the machine is warm later calls carry only kit/; a fresh machine
-#   needs src/ and the parts again.
+#   The run of 2026-12-01 (second session), on an x2 machine: call 1, the
+#   parts, then `receive built plan wait`, then `receive wait table` until
+#   both lanes had ended.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -84,26 +86,29 @@ pack() {
   source "$cache_dir/build.env"
   stage="$(mktemp -d)"
   trap 'rm -rf "$stage"' RETURN
-  mkdir -p "$stage/wheels" "$stage/tokenizer" "$stage/bin" "$stage/lib/backends" "$stage/models" "$stage/src"
+  mkdir -p "$stage/wheels" "$stage/bin" "$stage/lib/backends" "$stage/models" "$stage/src"
 
   fetch_wheels "$repo/.device/wheels" "$python"
   cp "$repo"/.device/wheels/*.whl "$stage/wheels/"
   fetch_server_sources "$repo" "$python" "$stage/src"
   build_binaries "$repo" "$target" "$stage"
 
-  local tokenizer
-  tokenizer="$(dirname "$(ls -t "$cache_dir"/mlx/*/tokenizer.json | head -1)")"
-  cp "$tokenizer/tokenizer.json" "$tokenizer/tokenizer_config.json" "$stage/tokenizer/"
   cp "$cache_dir/models/$SMOL" "$stage/models/"
 
-  rm -rf "$dir" && mkdir -p "$dir/kit" "$dir/src"
+  rm -rf "$dir" && mkdir -p "$dir/kit/tokenizer" "$dir/src"
+  # SmolLM2's tokenizer as our MLX worker converts it from the GGUF: the
+  # random models' tokenizer, made on the device before the payload is there.
+  "$python" -c 'import sys; sys.path.insert(0, sys.argv[1]); import worker, pathlib; worker.convert_gguf(pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]))' \
+    "$repo/src/backend/mlx" "$cache_dir/models/$SMOL" "$stage/smol-mlx"
+  cp "$stage"/smol-mlx/tokenizer{,_config}.json "$dir/kit/tokenizer/"
   mv "$stage"/src/*.tar.xz "$dir/src/"
-  tar -C "$stage" -cf "$stage/payload.tar" wheels tokenizer bin lib models
-  split_payload "$stage/payload.tar" "$dir"
-  sha256sum "$stage/payload.tar" | cut -d' ' -f1 >"$dir/kit/payload.sha256"
-  cp "$here/device-gpu.sh" "$here/mlx_cuda_probe.py" "$here/mlx_cuda_load.py" "$dir/kit/"
+  # Compressed as a whole (the libraries shrink to a third): one call fewer.
+  tar -C "$stage" -cf - wheels bin lib models | xz -T0 -6 >"$stage/payload.tar.xz"
+  split_payload "$stage/payload.tar.xz" "$dir"
+  sha256sum "$stage/payload.tar.xz" | cut -d' ' -f1 >"$dir/kit/payload.sha256"
+  cp "$here/device-gpu.sh" "$here/mlx_cuda_probe.py" "$here/mlx_cuda_load.py" "$here/random_llama.py" "$dir/kit/"
   cp "$repo/src/backend/mlx/worker.py" "$dir/kit/"
-  cp "$(ls -t "$target"/release/build/rigger-inference-*/out/rigger_inference_descriptor.bin | head -1)" \
+  cp "$(ls -t "$target"/dyn/release/build/rigger-inference-*/out/rigger_inference_descriptor.bin | head -1)" \
     "$dir/kit/descriptors.bin"
   echo "binaries of $(git -C "$repo" describe --always --dirty); $(cat "$dir/kit/parts") parts:"
   du -sh "$dir"/*
@@ -127,11 +132,13 @@ fetch_server_sources() {
   local repo="$1" python="$2" out="$3" version sdist crate
   version="$(sed -n 's/^xllamacpp==//p' "$repo/scripts/requirements.txt")"
   sdist="$repo/.device/xllamacpp-$version.tar.gz"
+  # From PyPI's simple index: its JSON API is not reachable from every
+  # network that reaches the index.
   [ -f "$sdist" ] || "$python" - "$version" "$sdist" <<'EOF'
-import json, sys, urllib.request
+import re, sys, urllib.request
 version, out = sys.argv[1], sys.argv[2]
-release = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/xllamacpp/{version}/json"))
-url = next(f["url"] for f in release["urls"] if f["packagetype"] == "sdist")
+index = urllib.request.urlopen("https://pypi.org/simple/xllamacpp/").read().decode()
+url = re.search(rf'href="([^"#]*/xllamacpp-{re.escape(version)}\.tar\.gz)', index).group(1)
 urllib.request.urlretrieve(url, out)
 EOF
   local unpacked
@@ -150,7 +157,7 @@ EOF
 
 # The service and its health probe with ggml's backends as libraries (a
 # target directory of their own: the feature rebuilds llama.cpp), and the
-# bench, each stripped and compressed.
+# bench, each stripped.
 build_binaries() {
   local repo="$1" target="$2" stage="$3" executable bin out
   for bin in rigger-inference rigger-health; do
@@ -169,11 +176,13 @@ build_binaries() {
   # also where the kernel does not grant AMX's tile state (these sandboxed
   # machines: it dies of SIGILL at its first `tilezero`).
   find "$out/backends" -name 'libggml-cpu-*.so' ! -name '*sapphirerapids*' -exec cp {} "$stage/lib/backends/" \;
-  executable="$(cd "$repo" && nice -n 10 cargo bench --locked --bench gpu --no-run 2>&1 |
+  # In the same target directory and with the same features: llama.cpp,
+  # which the bench links without calling, is then built once.
+  executable="$(cd "$repo" && CARGO_TARGET_DIR="$target/dyn" nice -n 10 cargo bench --locked \
+    --features dynamic-backends --bench gpu --no-run 2>&1 |
     sed -n 's/.*Executable benches\/gpu.rs (\(.*\))$/\1/p' | tail -1)"
   [ -x "$repo/$executable" ] || [ -x "$executable" ] || { echo "no gpu bench built" >&2; exit 1; }
   strip -o "$stage/bin/gpu-bench" "$( [ -x "$executable" ] && echo "$executable" || echo "$repo/$executable")"
-  gzip -9 "$stage"/bin/*
 }
 
 split_payload() {
@@ -191,13 +200,16 @@ split_payload() {
 
 # Keeps this call's parts in /tmp, starts the builds when the sources came
 # along, installs once every part is there, then runs the steps asked for.
+# Keeps this call's parts in /tmp, starts the builds and the random models
+# when the sources came along, installs once every part is there, then runs
+# the steps asked for.
 receive() {
-  mkdir -p "$WORK/parts" "$WORK/results" "$WORK/logs"
+  mkdir -p "$WORK/parts" "$WORK/results" "$WORK/logs" "$WORK/pids"
   local part
   for part in "$here"/../p*/part-*; do
     [ -e "$part" ] && cp "$part" "$WORK/parts/"
   done
-  [ -d "$here/../src" ] && [ ! -e "$WORK/builds-started" ] && start_builds
+  [ -d "$here/../src" ] && [ ! -e "$WORK/background-started" ] && start_background
   local have
   have="$(find "$WORK/parts" -name 'part-*' | wc -l)"
   echo "parts here: $have of $(cat "$here/parts")"
@@ -214,36 +226,50 @@ receive() {
 
 install() {
   if [ ! -x "$WORK/bin/rigger-inference" ]; then
-    cat "$WORK"/parts/part-* >"$WORK/payload.tar"
-    [ "$(sha256sum "$WORK/payload.tar" | cut -d' ' -f1)" = "$(cat "$here/payload.sha256")" ] ||
+    cat "$WORK"/parts/part-* >"$WORK/payload.tar.xz"
+    [ "$(sha256sum "$WORK/payload.tar.xz" | cut -d' ' -f1)" = "$(cat "$here/payload.sha256")" ] ||
       { echo "payload checksum differs: parts from another pack?" >&2; exit 1; }
-    tar -C "$WORK" -xf "$WORK/payload.tar"
-    rm "$WORK/payload.tar"
+    tar -C "$WORK" -xJf "$WORK/payload.tar.xz"
+    rm "$WORK/payload.tar.xz"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$WORK/site" "$WORK"/wheels/*.whl
-    gunzip -f "$WORK"/bin/*.gz
     chmod +x "$WORK"/bin/*
   fi
   export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1 LD_LIBRARY_PATH="$WORK/lib" HF_HUB_OFFLINE=1
+  [ -n "${LANE:-}" ] && return 0
   python3 -c 'import mlx.core as mx, mlx_lm; print("mlx", mx.__version__, mx.default_device())'
   nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
 }
 
-start_builds() {
-  mkdir -p "$WORK/src"
+# What outlives a call runs from a copy of the kit: the next call replaces
+# the carried one while bash still reads it. A changed kit gets a new copy.
+kit_copy() {
+  local copy
+  copy="$WORK/kit-$(cat "$here"/*.sh "$here"/*.py | sha256sum | cut -c1-12)"
+  [ -d "$copy" ] || { mkdir -p "$copy.tmp" && cp -r "$here"/. "$copy.tmp/" && mv "$copy.tmp" "$copy"; }
+  echo "$copy"
+}
+
+# The CUDA builds and the random models, in a new session so that they
+# outlive this call.
+start_background() {
+  mkdir -p "$WORK/src" "$WORK/models"
   tar -C "$WORK/src" -xJf "$here/../src/llama-sys.tar.xz" --transform 's,^llama.cpp,sys,'
   tar -C "$WORK/src" -xJf "$here/../src/llama-server.tar.xz" --transform 's,^llama.cpp,server,'
-  touch "$WORK/builds-started"
-  # A new session, so the builds outlive this call; a copy of this script,
-  # since the next call replaces the carried one while bash still reads it.
-  cp "$here/device-gpu.sh" "$WORK/device-gpu.sh"
-  setsid nohup bash "$WORK/device-gpu.sh" build >"$WORK/logs/build.log" 2>&1 </dev/null &
-  echo "CUDA builds started: $(nvcc --version | tail -1)"
+  touch "$WORK/background-started"
+  setsid nohup bash "$(kit_copy)/device-gpu.sh" background >"$WORK/logs/background.log" 2>&1 </dev/null &
+  echo "CUDA builds and models started: $(nvcc --version | tail -1), $(nproc) cores"
+}
+
+background() {
+  build &
+  make_models >"$WORK/logs/models.log" 2>&1 &
+  wait
 }
 
 # ggml's CUDA backend as a loadable library, configured as llama-cpp-sys-2
 # configures its `dynamic-backends` build; and llama-server with CUDA.
-# Both at once, half the cores each.
+# Both at once, the cores split between them.
 build() {
   local builds="${BUILDS:-sys server}" jobs
   jobs=$(($(nproc) / $(wc -w <<<"$builds")))
@@ -264,19 +290,41 @@ build() {
   echo "builds ended $(date +%T)"
 }
 
+# Random-weight llamas with SmolLM2's tokenizer (random_llama.py), each a
+# Hugging Face directory for MLX and a bf16 GGUF converted from it by
+# llama.cpp's converter (xllamacpp's tree: the crate ships the converter
+# without the Python packages it imports).
+make_models() {
+  local shape
+  for shape in ${MODELS:-1b 8b}; do
+    [ -e "$WORK/made-$shape" ] && continue
+    python3 "$here/random_llama.py" "$WORK/models/$shape" --tokenizer "$here/tokenizer" --shape "$shape" &&
+      PYTHONPATH="$WORK/src/server/gguf-py" python3 "$WORK/src/server/convert_hf_to_gguf.py" \
+        "$WORK/models/$shape" --outtype bf16 --outfile "$WORK/models/$shape.gguf" 2>&1 | tail -3 &&
+      [ -s "$WORK/models/$shape.gguf" ] && touch "$WORK/made-$shape"
+  done
+  ls -la "$WORK"/models
+}
+
+# Waits for what start_background began (BUILD_WAIT s at most), then puts
+# libggml-cuda.so beside the CPU backends (also when llama-server's build
+# failed: the embedded engine needs only that).
 step_built() {
-  local waited=0
-  local build
-  until (for build in ${BUILDS:-sys server}; do [ -e "$WORK/built-$build" ] || exit 1; done); do
-    if ! pgrep -f "device-gpu.sh build" >/dev/null || [ "$waited" -ge "${BUILD_WAIT:-540}" ]; then
-      tail -n 20 "$WORK"/logs/build-*.log
-      return 1
+  local waited=0 marker status=0
+  until (for marker in ${BUILDS:-sys server}; do [ -e "$WORK/built-$marker" ] || exit 1; done
+    for marker in ${MODELS:-1b 8b}; do [ -e "$WORK/made-$marker" ] || exit 1; done); do
+    if ! pgrep -f "device-gpu.sh background" >/dev/null || [ "$waited" -ge "${BUILD_WAIT:-540}" ]; then
+      tail -n 12 "$WORK"/logs/build-*.log "$WORK/logs/models.log"
+      status=1
+      break
     fi
     sleep 5
     waited=$((waited + 5))
   done
-  cp "$(find "$WORK/build/sys" -name 'libggml-cuda.so' | head -1)" "$WORK/lib/backends/"
-  ls -la "$WORK/lib/backends/libggml-cuda.so"
+  echo "waited $waited s"
+  [ -e "$WORK/built-sys" ] && cp "$(find "$WORK/build/sys" -name 'libggml-cuda.so' | head -1)" "$WORK/lib/backends/"
+  ls -la "$WORK"/lib/backends/libggml-cuda.so "$WORK"/models
+  return "$status"
 }
 
 server_binary() {
@@ -284,18 +332,7 @@ server_binary() {
 }
 
 step_models() {
-  local shape
-  for shape in ${MODELS:-1b}; do
-    [ -f "$WORK/models/$shape.gguf" ] && continue
-    case "$shape" in
-      smol4) python3 "$here/mlx_cuda_probe.py" model "$WORK/models/smol4" --tokenizer "$WORK/tokenizer" --shape smol --bits 4
-        continue ;;
-      *) python3 "$here/mlx_cuda_probe.py" model "$WORK/models/$shape" --tokenizer "$WORK/tokenizer" --shape "$shape" ;;
-    esac
-    PYTHONPATH="$WORK/src/server/gguf-py:$PYTHONPATH" python3 "$WORK/src/server/convert_hf_to_gguf.py" \
-      "$WORK/models/$shape" --outtype bf16 --outfile "$WORK/models/$shape.gguf" 2>&1 | tail -3
-    ls -la "$WORK/models/$shape.gguf"
-  done
+  make_models
 }
 
 # The model of the engine steps: its GGUF (llama.cpp engines) and its MLX
@@ -322,55 +359,72 @@ mlx_dir_of() {
   esac
 }
 
+# Lanes run side by side on GPUs of their own, so each has its own ports
+# (PORT + 100 × LANE), process files and logs.
+port() {
+  echo $(($1 + ${LANE:-0} * 100))
+}
+
+started() {
+  local name="$1"
+  shift
+  "$@" >"$WORK/logs/$name-${MODEL:-smol}-lane${LANE:-0}.log" 2>&1 &
+  echo $! >"$WORK/pids/$name.${LANE:-0}"
+}
+
+failed_start() {
+  local name="$1"
+  tail -20 "$WORK/logs/$name-${MODEL:-smol}-lane${LANE:-0}.log"
+  stop "$name"
+  return 1
+}
+
 # Starts our service with the given settings on PORT and waits until its
 # inference service is SERVING (a GPU worker warms up first).
 serve() {
-  local name="$1" port="$2"
+  local name="$1" port="$2" begun=$SECONDS
   shift 2
-  env RIGGER_LISTEN="127.0.0.1:$port" RIGGER_METRICS_LISTEN=off RIGGER_CACHE_DIR="$WORK/cache" \
+  started "$name" env RIGGER_LISTEN="127.0.0.1:$port" RIGGER_METRICS_LISTEN=off RIGGER_CACHE_DIR="$WORK/cache" \
     RIGGER_TASK_CACHE_ENTRIES=0 RIGGER_MAX_IN_FLIGHT=256 RIGGER_MAX_QUEUE=512 RUST_LOG=info "$@" \
-    "$WORK/bin/rigger-inference" >"$WORK/logs/$name.log" 2>&1 &
-  echo $! >"$WORK/$name.pid"
-  local started=$SECONDS
+    "$WORK/bin/rigger-inference"
   until "$WORK/bin/rigger-health" "127.0.0.1:$port" rigger.inference.v1.InferenceService >/dev/null 2>&1; do
-    kill -0 "$(cat "$WORK/$name.pid")" 2>/dev/null || { tail -20 "$WORK/logs/$name.log"; return 1; }
-    [ $((SECONDS - started)) -ge "${READY_WAIT:-420}" ] && { tail -5 "$WORK/logs/$name.log"; return 1; }
+    kill -0 "$(cat "$WORK/pids/$name.${LANE:-0}")" 2>/dev/null || { failed_start "$name"; return 1; }
+    [ $((SECONDS - begun)) -ge "${READY_WAIT:-420}" ] && { failed_start "$name"; return 1; }
     sleep 1
   done
-  echo "$name serving after $((SECONDS - started)) s"
+  echo "$name serving after $((SECONDS - begun)) s"
 }
 
 stop() {
-  local name="$1"
-  [ -f "$WORK/$name.pid" ] || return 0
-  kill "$(cat "$WORK/$name.pid")" 2>/dev/null || true
-  wait "$(cat "$WORK/$name.pid")" 2>/dev/null || true
-  rm -f "$WORK/$name.pid"
+  local pids="$WORK/pids/$1.${LANE:-0}"
+  [ -f "$pids" ] || return 0
+  kill "$(cat "$pids")" 2>/dev/null || true
+  wait "$(cat "$pids")" 2>/dev/null || true
+  rm -f "$pids"
 }
 
 # An OpenAI-compatible runtime started by the step, ready once /v1/models answers.
 runtime() {
-  local name="$1" port="$2"
+  local name="$1" port="$2" begun=$SECONDS
   shift 2
-  "$@" >"$WORK/logs/$name.log" 2>&1 &
-  echo $! >"$WORK/$name.pid"
-  local started=$SECONDS
+  started "$name" "$@"
   until curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null; do
-    kill -0 "$(cat "$WORK/$name.pid")" 2>/dev/null || { tail -20 "$WORK/logs/$name.log"; return 1; }
-    [ $((SECONDS - started)) -ge "${READY_WAIT:-420}" ] && return 1
+    kill -0 "$(cat "$WORK/pids/$name.${LANE:-0}")" 2>/dev/null || { failed_start "$name"; return 1; }
+    [ $((SECONDS - begun)) -ge "${READY_WAIT:-420}" ] && { failed_start "$name"; return 1; }
     sleep 1
   done
-  echo "$name ready after $((SECONDS - started)) s"
+  echo "$name ready after $((SECONDS - begun)) s"
 }
 
-# One engine's Generate load. Each label sends its own prompt set: a
-# runtime benched directly and then through the gateway would otherwise
-# answer the second run's prompts from its prompt cache.
+# One engine's Generate load, labelled MODEL:LABEL (the table keeps one row
+# per label and streams). Each label sends its own prompt set: a runtime
+# benched directly and then through the gateway would otherwise answer the
+# second run's prompts from its prompt cache.
 bench() {
   local label="$1" set="$2"
   shift 2
   "$WORK/bin/gpu-bench" "$@" --streams "${STREAMS:-1,8,32,64}" --tokens "${TOKENS:-128}" --warm-up \
-    --prompt-set "$set" --label "$label" --json "$WORK/results/gpu-${MODEL:-smol}.jsonl" ||
+    --prompt-set "$set" --label "${MODEL:-smol}:$label" --json "$WORK/results/gpu-${MODEL:-smol}-lane${LANE:-0}.jsonl" ||
     echo "bench $label: exit $?"
 }
 
@@ -378,7 +432,7 @@ tasks() {
   local engine="$1" port="$2" rpc
   for rpc in enhance decompose; do
     "$WORK/bin/gpu-bench" --grpc "127.0.0.1:$port" --rpc "$rpc" --streams "${TASK_STREAMS:-64}" \
-      --label "$engine-$rpc" --json "$WORK/results/tasks.jsonl" || echo "tasks $engine $rpc: exit $?"
+      --label "$engine-$rpc" --json "$WORK/results/tasks-lane${LANE:-0}.jsonl" || echo "tasks $engine $rpc: exit $?"
   done
 }
 
@@ -395,58 +449,64 @@ EMBEDDED=(INFERENCE_BACKEND=embedded RIGGER_PARALLEL=64 RIGGER_CTX_PER_SEQUENCE=
   RIGGER_FLASH_ATTENTION=true RIGGER_ON_TOPIC_SIMILARITY=0)
 
 serve_embedded() {
-  serve embedded 50161 "${EMBEDDED[@]}" RIGGER_MODEL_PATH="$(gguf_of)" \
+  serve embedded "$(port 50161)" "${EMBEDDED[@]}" RIGGER_MODEL_PATH="$(gguf_of)" \
     RIGGER_GGML_BACKEND_DIR="$WORK/lib/backends" || return 1
-  sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/embedded.log" | grep -i -E 'load_backend|device=' | cut -c1-240 | head -4
+  sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/embedded-${MODEL:-smol}-lane${LANE:-0}.log" |
+    grep -i -E 'load_backend|device=' | cut -c1-240 | head -4
 }
 
 step_embedded() {
   serve_embedded || return 1
-  bench embedded-gateway 1 --grpc 127.0.0.1:50161
+  bench embedded-gateway 1 --grpc "127.0.0.1:$(port 50161)"
   stop embedded
 }
 
 step_embedded_tasks() {
   serve_embedded || return 1
-  tasks embedded 50161
-  same_as_alone embedded 50161
+  tasks embedded "$(port 50161)"
+  same_as_alone embedded "$(port 50161)"
   stop embedded
 }
 
 step_llama_server() {
-  runtime llama-server 50171 "$(server_binary)" -m "$(gguf_of)" --host 127.0.0.1 --port 50171 \
+  local direct
+  direct="$(port 50171)"
+  runtime llama-server "$direct" "$(server_binary)" -m "$(gguf_of)" --host 127.0.0.1 --port "$direct" \
     -ngl 999 -np 64 -c $((64 * 4096)) -fa on || return 1
-  bench llama-server-direct 2 --openai http://127.0.0.1:50171
-  serve gateway 50162 INFERENCE_BACKEND=openai OPENAI_BASE_URL=http://127.0.0.1:50171/v1 || return 1
-  bench llama-server-gateway 3 --grpc 127.0.0.1:50162
-  stop gateway
+  bench llama-server-direct 2 --openai "http://127.0.0.1:$direct"
+  serve llama-gateway "$(port 50162)" INFERENCE_BACKEND=openai OPENAI_BASE_URL="http://127.0.0.1:$direct/v1" ||
+    { stop llama-server; return 1; }
+  bench llama-server-gateway 3 --grpc "127.0.0.1:$(port 50162)"
+  stop llama-gateway
   stop llama-server
 }
 
 serve_mlx() {
-  serve mlx 50163 INFERENCE_BACKEND=mlx MLX_PYTHON="$(command -v python3)" RIGGER_MLX_MODEL="$(mlx_of)" \
+  serve mlx "$(port 50163)" INFERENCE_BACKEND=mlx MLX_PYTHON="$(command -v python3)" RIGGER_MLX_MODEL="$(mlx_of)" \
     RIGGER_MLX_BLAS=off RIGGER_MLX_MAX_BATCH=64 RIGGER_MLX_START_TIMEOUT=15m RIGGER_ON_TOPIC_SIMILARITY=0 ||
     return 1
-  sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/mlx.log" | grep -i -E 'worker ready|warm-up' | cut -c1-240 | tail -3
+  sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/mlx-${MODEL:-smol}-lane${LANE:-0}.log" |
+    grep -i -E 'worker ready|warm-up' | cut -c1-240 | tail -3
 }
 
 step_mlx() {
   serve_mlx || return 1
-  bench mlx-worker-gateway 4 --grpc 127.0.0.1:50163
+  bench mlx-worker-gateway 4 --grpc "127.0.0.1:$(port 50163)"
   stop mlx
 }
 
 # After `mlx`, whose worker compiled the kernels this one's warm-up finds.
 step_mlx_tasks() {
   serve_mlx || return 1
-  tasks mlx 50163
-  same_as_alone mlx 50163
+  tasks mlx "$(port 50163)"
+  same_as_alone mlx "$(port 50163)"
   stop mlx
 }
 
 step_mlx_server() {
-  local dir
+  local dir direct
   dir="$(mlx_dir_of)"
+  direct="$(port 50172)"
   [ -n "$dir" ] || { echo "no MLX directory for ${MODEL:-smol}: run the mlx step first"; return 1; }
   # The kernels our worker compiled, found by MLX in the same cache. An
   # existing Hugging Face cache: without one mlx_lm.server 0.32.2 answers
@@ -454,13 +514,64 @@ step_mlx_server() {
   # the headers went out), which no client can read.
   mkdir -p "$WORK/hf-cache"
   HF_HUB_CACHE="$WORK/hf-cache" MLX_PTX_CACHE_DIR="$(ls -d "$WORK"/cache/mlx/ptx/* 2>/dev/null | head -1)" \
-    runtime mlx-server 50172 python3 -m mlx_lm.server --model "$dir" --host 127.0.0.1 --port 50172 \
+    runtime mlx-server "$direct" python3 -m mlx_lm.server --model "$dir" --host 127.0.0.1 --port "$direct" \
     --decode-concurrency 64 || return 1
-  bench mlx_lm-direct 5 --openai http://127.0.0.1:50172
-  serve gateway 50164 INFERENCE_BACKEND=openai OPENAI_BASE_URL=http://127.0.0.1:50172/v1 || return 1
-  bench mlx_lm-gateway 6 --grpc 127.0.0.1:50164
-  stop gateway
+  bench mlx_lm-direct 5 --openai "http://127.0.0.1:$direct"
+  serve mlx-gateway "$(port 50164)" INFERENCE_BACKEND=openai OPENAI_BASE_URL="http://127.0.0.1:$direct/v1" ||
+    { stop mlx-server; return 1; }
+  bench mlx_lm-gateway 6 --grpc "127.0.0.1:$(port 50164)"
+  stop mlx-gateway
   stop mlx-server
+}
+
+# The bench's plan: lanes of MODEL:STEP items ('|' between lanes). Each
+# lane runs on a GPU of its own where the machine has as many (an x2
+# machine runs MLX beside llama.cpp, each engine alone on its GPU), else
+# all run one after the other on the one GPU. In a new session: the plan
+# outlives the call, and `wait` reports on it.
+PLAN="smol:embedded smol:llama-server 1b:embedded 1b:llama-server 8b:embedded 8b:llama-server smol:mlx-tasks"
+PLAN+="|smol:mlx smol:mlx-server 1b:mlx 1b:mlx-server 8b:mlx 8b:mlx-server"
+
+step_plan() {
+  local gpus lanes index=0 lane kit
+  gpus="$(nvidia-smi -L | wc -l)"
+  IFS='|' read -r -a lanes <<<"${LANES:-$PLAN}"
+  [ "$gpus" -lt "${#lanes[@]}" ] && lanes=("${lanes[*]}")
+  kit="$(kit_copy)"
+  rm -f "$WORK"/lane-*.done
+  for lane in "${lanes[@]}"; do
+    # shellcheck disable=SC2086
+    CUDA_VISIBLE_DEVICES="$index" LANE="$index" setsid nohup bash "$kit/device-gpu.sh" lane $lane \
+      >"$WORK/logs/lane-$index.log" 2>&1 </dev/null &
+    echo "lane $index on GPU $index: $lane"
+    index=$((index + 1))
+  done
+  echo "$index" >"$WORK/lanes"
+}
+
+lane() {
+  install
+  local item status=0
+  for item in "$@"; do
+    echo "=== $item ($(date +%T))"
+    MODEL="${item%%:*}" "step_$(tr - _ <<<"${item#*:}")" || { status=$?; echo "$item failed: $status"; }
+  done
+  echo "=== lane ${LANE:-0} ended ($(date +%T))"
+  touch "$WORK/lane-${LANE:-0}.done"
+  return "$status"
+}
+
+# Waits for the plan's lanes until CALL_LIMIT s (default 540) after this
+# call began, so that the call returns its results inside the device
+# tool's 600 s, then shows where the lanes are.
+step_wait() {
+  local lanes
+  lanes="$(cat "$WORK/lanes")"
+  until [ "$(find "$WORK" -maxdepth 1 -name 'lane-*.done' | wc -l)" -ge "$lanes" ]; do
+    [ "$SECONDS" -ge "${CALL_LIMIT:-540}" ] && { echo "lanes still running $SECONDS s into this call"; break; }
+    sleep 5
+  done
+  grep -h -E '^=== |failed|serving after|ready after|exit' "$WORK"/logs/lane-*.log
 }
 
 step_table() {
@@ -479,7 +590,6 @@ publish() {
   tar -C "$WORK" -czf "$OUT/results.tar.gz" results tails
 }
 
-# The old steps of the MLX stall investigation (README, "MLX on CUDA").
 step_repro() {
   local model="$WORK/models/${MODEL:-1b}" logs="$WORK/logs" name pid second
   local runs=("s1:--streams 1" "s4:--streams 4" "s4-stagger:--streams 4 --stagger 3" "s4-seeded:--streams 4 --seeded")
@@ -535,6 +645,7 @@ step_direct() {
 case "${1:-}" in
   pack) shift; pack "$@" ;;
   receive) shift; receive "$@" ;;
-  build) build ;;
-  *) sed -n '2,63p' "$0" >&2; exit 2 ;;
+  background) background ;;
+  lane) shift; lane "$@" ;;
+  *) sed -n "2,$(($(grep -n '^set -euo' "$0" | cut -d: -f1) - 1))p" "$0" >&2; exit 2 ;;
 esac

@@ -2,11 +2,10 @@
 accelerator machine; they also run on MLX's CPU build).
 
   model OUT --tokenizer DIR --shape {1b,8b,smol} [--bits N]
-      A randomly initialised llama built with mlx-lm's own classes, with
-      SmolLM2's tokenizer: `1b` is the issue's 1.17 B shape (bf16), `8b`
-      Llama 3 8B's shape (7 B with this vocabulary), `smol` SmolLM2-135M's
-      shape; --bits quantizes it as a GGUF import would be. Unquantized, it
-      is also a Hugging Face checkpoint llama.cpp's converter reads.
+      A randomly initialised llama (random_llama.py's shapes) built with
+      mlx-lm's own classes, with SmolLM2's tokenizer; --bits quantizes it as
+      a GGUF import would be. The bench's unquantized models come from
+      random_llama.py, which needs no MLX.
   batch MODEL --streams N [--tokens T] [--stagger K] [--seeded]
       A bare mlx-lm BatchGenerator loop: N prompts of different lengths,
       inserted at once (or one every K steps), greedy or seeded per-request
@@ -28,14 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-SHAPES = {
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
-               num_attention_heads=32, num_key_value_heads=8),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
-               num_attention_heads=32, num_key_value_heads=8),
-    "smol": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
-                 num_attention_heads=9, num_key_value_heads=3),
-}
+from random_llama import SHAPES, config_for
+
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "List three uses of a paperclip.",
@@ -63,19 +56,7 @@ def build_model(args):
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = json.loads((Path(args.tokenizer) / "tokenizer_config.json").read_text())
     vocab = len(json.loads((Path(args.tokenizer) / "tokenizer.json").read_text())["model"]["vocab"])
-    config = {
-        "model_type": "llama",
-        # llama.cpp's converter picks its model class by this name.
-        "architectures": ["LlamaForCausalLM"],
-        "torch_dtype": "bfloat16",
-        **SHAPES[args.shape],
-        "rms_norm_eps": 1e-5,
-        "vocab_size": vocab,
-        "max_position_embeddings": 8192,
-        "rope_theta": 100000.0,
-        "tie_word_embeddings": True,
-        "eos_token_id": 2,
-    }
+    config = config_for(args.shape, vocab)
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     model.set_dtype(mx.bfloat16)
