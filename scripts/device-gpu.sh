@@ -34,7 +34,8 @@
 #      installs (into /tmp/rigger-gpu) and runs the steps in order:
 #        built        waits for the builds and models (BUILD_WAIT s, default
 #                     540) and puts libggml-cuda.so beside the CPU backends;
-#                     BUILDS="sys" (of "sys server") builds only ggml's
+#                     BUILDS="sys" (of "sys server") builds only ggml's;
+#                     also a lane's item
 #        plan         starts the bench's lanes (PLAN below; LANES overrides)
 #                     in a new session: each lane on a GPU of its own where
 #                     the machine has as many, else one after the other
@@ -261,9 +262,10 @@ start_background() {
   echo "CUDA builds and models started: $(nvcc --version | tail -1), $(nproc) cores"
 }
 
+# The builds give way (nice) to whatever a lane benches meanwhile.
 background() {
-  build &
-  make_models >"$WORK/logs/models.log" 2>&1 &
+  nice -n 19 bash "$0" build &
+  nice -n 19 bash "$0" models >"$WORK/logs/models.log" 2>&1 &
   wait
 }
 
@@ -333,6 +335,16 @@ server_binary() {
 
 step_models() {
   make_models
+}
+
+# A random model is made in the background from the first call; a step
+# that needs one waits for it.
+await_model() {
+  [ "${MODEL:-smol}" = smol ] && return 0
+  until [ -e "$WORK/made-$MODEL" ]; do
+    pgrep -f "device-gpu.sh background" >/dev/null || { echo "no model $MODEL: see logs/models.log"; return 1; }
+    sleep 5
+  done
 }
 
 # The model of the engine steps: its GGUF (llama.cpp engines) and its MLX
@@ -456,7 +468,7 @@ serve_embedded() {
 }
 
 step_embedded() {
-  serve_embedded || return 1
+  await_model && serve_embedded || return 1
   bench embedded-gateway 1 --grpc "127.0.0.1:$(port 50161)"
   stop embedded
 }
@@ -471,6 +483,7 @@ step_embedded_tasks() {
 step_llama_server() {
   local direct
   direct="$(port 50171)"
+  await_model || return 1
   runtime llama-server "$direct" "$(server_binary)" -m "$(gguf_of)" --host 127.0.0.1 --port "$direct" \
     -ngl 999 -np 64 -c $((64 * 4096)) -fa on || return 1
   bench llama-server-direct 2 --openai "http://127.0.0.1:$direct"
@@ -490,7 +503,7 @@ serve_mlx() {
 }
 
 step_mlx() {
-  serve_mlx || return 1
+  await_model && serve_mlx || return 1
   bench mlx-worker-gateway 4 --grpc "127.0.0.1:$(port 50163)"
   stop mlx
 }
@@ -499,7 +512,7 @@ step_mlx() {
 step_mlx_tasks() {
   serve_mlx || return 1
   tasks mlx "$(port 50163)"
-  same_as_alone mlx "$(port 50163)"
+  [ "${SAME_AS_ALONE:-1}" = 1 ] && same_as_alone mlx "$(port 50163)"
   stop mlx
 }
 
@@ -524,18 +537,28 @@ step_mlx_server() {
   stop mlx-server
 }
 
-# The bench's plan: lanes of MODEL:STEP items ('|' between lanes). Each
-# lane runs on a GPU of its own where the machine has as many (an x2
-# machine runs MLX beside llama.cpp, each engine alone on its GPU), else
-# all run one after the other on the one GPU. In a new session: the plan
-# outlives the call, and `wait` reports on it.
-PLAN="smol:embedded smol:llama-server 1b:embedded 1b:llama-server 8b:embedded 8b:llama-server smol:mlx-tasks"
+# The bench's plan: lanes of MODEL:STEP items ('|' between lanes; an item
+# without MODEL is smol's). Each lane runs on a GPU of its own: on two GPUs
+# MLX runs beside llama.cpp, each engine alone on its GPU. On one GPU a
+# single lane starts with MLX, whose speed hangs on a free core, while the
+# CUDA builds finish at the lowest priority, and ends with the 8 B MLX
+# runs, the slowest. In a new session: the plan outlives the call, and
+# `wait` reports on it. LANES overrides both.
+PLAN="built smol:embedded smol:llama-server 1b:embedded 1b:llama-server 8b:embedded 8b:llama-server smol:mlx-tasks"
 PLAN+="|smol:mlx smol:mlx-server 1b:mlx 1b:mlx-server 8b:mlx 8b:mlx-server"
+PLAN_ONE_GPU="smol:mlx smol:mlx-tasks smol:mlx-server 1b:mlx 1b:mlx-server built smol:embedded smol:llama-server"
+PLAN_ONE_GPU+=" 1b:embedded 1b:llama-server 8b:embedded 8b:llama-server 8b:mlx 8b:mlx-server"
 
 step_plan() {
   local gpus lanes index=0 lane kit
   gpus="$(nvidia-smi -L | wc -l)"
-  IFS='|' read -r -a lanes <<<"${LANES:-$PLAN}"
+  if [ -n "${LANES:-}" ]; then
+    IFS='|' read -r -a lanes <<<"$LANES"
+  elif [ "$gpus" -ge 2 ]; then
+    IFS='|' read -r -a lanes <<<"$PLAN"
+  else
+    lanes=("$PLAN_ONE_GPU")
+  fi
   [ "$gpus" -lt "${#lanes[@]}" ] && lanes=("${lanes[*]}")
   kit="$(kit_copy)"
   rm -f "$WORK"/lane-*.done
@@ -554,6 +577,7 @@ lane() {
   local item status=0
   for item in "$@"; do
     echo "=== $item ($(date +%T))"
+    [[ "$item" == *:* ]] || item="smol:$item"
     MODEL="${item%%:*}" "step_$(tr - _ <<<"${item#*:}")" || { status=$?; echo "$item failed: $status"; }
   done
   echo "=== lane ${LANE:-0} ended ($(date +%T))"
@@ -646,6 +670,8 @@ case "${1:-}" in
   pack) shift; pack "$@" ;;
   receive) shift; receive "$@" ;;
   background) background ;;
+  build) build ;;
+  models) make_models ;;
   lane) shift; lane "$@" ;;
   *) sed -n "2,$(($(grep -n '^set -euo' "$0" | cut -d: -f1) - 1))p" "$0" >&2; exit 2 ;;
 esac
