@@ -61,9 +61,11 @@
 #      service, direct (MODEL=1b).
 #   Results accumulate in /tmp/rigger-gpu/results and each call returns
 #   them under $OUT (the JSON lines, the table, the logs' tails).
-#   The run of 2026-12-01 (second session), on an x2 machine: call 1, the
-#   parts, then `receive built plan wait`, then `receive wait table` until
-#   both lanes had ended.
+#   The run of 2026-12-01 (README, "The GPU bench"; 24 min of device
+#   time), on a one-GPU machine: call 1 and the parts (6 s each), then
+#   `SAME_AS_ALONE=0 receive plan wait table` (540 s), then `receive wait
+#   table` until the lane had ended (300 s), then reruns of single items
+#   with LANES="8b:llama-server" and so on.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -461,7 +463,7 @@ EMBEDDED=(INFERENCE_BACKEND=embedded RIGGER_PARALLEL=64 RIGGER_CTX_PER_SEQUENCE=
   RIGGER_FLASH_ATTENTION=true RIGGER_ON_TOPIC_SIMILARITY=0)
 
 serve_embedded() {
-  serve embedded "$(port 50161)" "${EMBEDDED[@]}" RIGGER_MODEL_PATH="$(gguf_of)" \
+  serve embedded "$(port 21161)" "${EMBEDDED[@]}" RIGGER_MODEL_PATH="$(gguf_of)" \
     RIGGER_GGML_BACKEND_DIR="$WORK/lib/backends" || return 1
   sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/embedded-${MODEL:-smol}-lane${LANE:-0}.log" |
     grep -i -E 'load_backend|device=' | cut -c1-240 | head -4
@@ -469,33 +471,35 @@ serve_embedded() {
 
 step_embedded() {
   await_model && serve_embedded || return 1
-  bench embedded-gateway 1 --grpc "127.0.0.1:$(port 50161)"
+  bench embedded-gateway 1 --grpc "127.0.0.1:$(port 21161)"
   stop embedded
 }
 
 step_embedded_tasks() {
   serve_embedded || return 1
-  tasks embedded "$(port 50161)"
-  same_as_alone embedded "$(port 50161)"
+  tasks embedded "$(port 21161)"
+  same_as_alone embedded "$(port 21161)"
   stop embedded
 }
 
 step_llama_server() {
   local direct
-  direct="$(port 50171)"
+  direct="$(port 21171)"
   await_model || return 1
-  runtime llama-server "$direct" "$(server_binary)" -m "$(gguf_of)" --host 127.0.0.1 --port "$direct" \
+  # Its own libraries, not the embedded engine's (LD_LIBRARY_PATH would
+  # win over the build's run path).
+  runtime llama-server "$direct" env LD_LIBRARY_PATH="$(dirname "$(server_binary)")" "$(server_binary)" -m "$(gguf_of)" --host 127.0.0.1 --port "$direct" \
     -ngl 999 -np 64 -c $((64 * 4096)) -fa on || return 1
   bench llama-server-direct 2 --openai "http://127.0.0.1:$direct"
-  serve llama-gateway "$(port 50162)" INFERENCE_BACKEND=openai OPENAI_BASE_URL="http://127.0.0.1:$direct/v1" ||
+  serve llama-gateway "$(port 21162)" INFERENCE_BACKEND=openai OPENAI_BASE_URL="http://127.0.0.1:$direct/v1" ||
     { stop llama-server; return 1; }
-  bench llama-server-gateway 3 --grpc "127.0.0.1:$(port 50162)"
+  bench llama-server-gateway 3 --grpc "127.0.0.1:$(port 21162)"
   stop llama-gateway
   stop llama-server
 }
 
 serve_mlx() {
-  serve mlx "$(port 50163)" INFERENCE_BACKEND=mlx MLX_PYTHON="$(command -v python3)" RIGGER_MLX_MODEL="$(mlx_of)" \
+  serve mlx "$(port 21163)" INFERENCE_BACKEND=mlx MLX_PYTHON="$(command -v python3)" RIGGER_MLX_MODEL="$(mlx_of)" \
     RIGGER_MLX_BLAS=off RIGGER_MLX_MAX_BATCH=64 RIGGER_MLX_START_TIMEOUT=15m RIGGER_ON_TOPIC_SIMILARITY=0 ||
     return 1
   sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/mlx-${MODEL:-smol}-lane${LANE:-0}.log" |
@@ -504,22 +508,22 @@ serve_mlx() {
 
 step_mlx() {
   await_model && serve_mlx || return 1
-  bench mlx-worker-gateway 4 --grpc "127.0.0.1:$(port 50163)"
+  bench mlx-worker-gateway 4 --grpc "127.0.0.1:$(port 21163)"
   stop mlx
 }
 
 # After `mlx`, whose worker compiled the kernels this one's warm-up finds.
 step_mlx_tasks() {
   serve_mlx || return 1
-  tasks mlx "$(port 50163)"
-  [ "${SAME_AS_ALONE:-1}" = 1 ] && same_as_alone mlx "$(port 50163)"
+  tasks mlx "$(port 21163)"
+  [ "${SAME_AS_ALONE:-1}" = 1 ] && same_as_alone mlx "$(port 21163)"
   stop mlx
 }
 
 step_mlx_server() {
   local dir direct
   dir="$(mlx_dir_of)"
-  direct="$(port 50172)"
+  direct="$(port 21172)"
   [ -n "$dir" ] || { echo "no MLX directory for ${MODEL:-smol}: run the mlx step first"; return 1; }
   # The kernels our worker compiled, found by MLX in the same cache. An
   # existing Hugging Face cache: without one mlx_lm.server 0.32.2 answers
@@ -530,9 +534,13 @@ step_mlx_server() {
     runtime mlx-server "$direct" python3 -m mlx_lm.server --model "$dir" --host 127.0.0.1 --port "$direct" \
     --decode-concurrency 64 || return 1
   bench mlx_lm-direct 5 --openai "http://127.0.0.1:$direct"
-  serve mlx-gateway "$(port 50164)" INFERENCE_BACKEND=openai OPENAI_BASE_URL="http://127.0.0.1:$direct/v1" ||
+  # mlx_lm.server listens with a backlog of 5 and closes each connection
+  # after its answer, so 64 calls at once see SYNs dropped and retried
+  # after 1 s and 3 s: past the gateway's default connect timeout (2 s).
+  serve mlx-gateway "$(port 21164)" INFERENCE_BACKEND=openai OPENAI_BASE_URL="http://127.0.0.1:$direct/v1" \
+    RIGGER_CONNECT_TIMEOUT=10s ||
     { stop mlx-server; return 1; }
-  bench mlx_lm-gateway 6 --grpc "127.0.0.1:$(port 50164)"
+  bench mlx_lm-gateway 6 --grpc "127.0.0.1:$(port 21164)"
   stop mlx-gateway
   stop mlx-server
 }
@@ -651,10 +659,10 @@ step_worker() {
 }
 
 step_service() {
-  serve service 50151 INFERENCE_BACKEND=mlx MLX_PYTHON="$(command -v python3)" \
+  serve service 21151 INFERENCE_BACKEND=mlx MLX_PYTHON="$(command -v python3)" \
     RIGGER_MLX_MODEL="$WORK/models/${MODEL:-1b}" RIGGER_MLX_BLAS=off RIGGER_MLX_MAX_BATCH="${MAX_BATCH:-64}" \
     RIGGER_ON_TOPIC_SIMILARITY=0 RIGGER_MLX_START_TIMEOUT=15m || return 1
-  python3 "$here/mlx_cuda_load.py" 127.0.0.1:50151 "$here/descriptors.bin" \
+  python3 "$here/mlx_cuda_load.py" 127.0.0.1:21151 "$here/descriptors.bin" \
     --streams "${STREAMS:-1,4,16,64}" --tokens "${TOKENS:-128}" || echo "load exit $?"
   stop service
 }
