@@ -314,6 +314,15 @@ fn status(status: tonic::Status) -> String {
     format!("{}: {}", status.code(), status.message())
 }
 
+/// What kind of failure an error is: its text before the first ':', the
+/// status code's description for a gRPC error ("Internal error", "Deadline
+/// expired before operation could complete"), the HTTP or timeout failure
+/// otherwise; a run then shows whether its failures were answers refused
+/// by the task rules or calls that never ended.
+fn error_kind(error: &str) -> &str {
+    error.split_once(':').map_or(error, |(kind, _)| kind)
+}
+
 fn unary(started: Instant, meta: Option<ResponseMeta>) -> Outcome {
     let meta = meta.unwrap_or_default();
     Outcome {
@@ -598,6 +607,9 @@ struct Row {
     completed: usize,
     failed: usize,
     first_error: Option<String>,
+    /// Failures of every round by kind (`error_kind`).
+    #[serde(default)]
+    failures_by_kind: BTreeMap<String, usize>,
     /// The figures below are the median round's.
     wall_s: f64,
     aggregate_tok_s: f64,
@@ -650,6 +662,14 @@ fn row(args: &Args, target: &Target, model: &str, streams: u32, mut rounds: Vec<
         .flat_map(|round| &round.errors)
         .next()
         .map(|error| error.chars().take(ERROR_CHARS).collect());
+    let failures_by_kind =
+        rounds
+            .iter()
+            .flat_map(|round| &round.errors)
+            .fold(BTreeMap::new(), |mut kinds, error| {
+                *kinds.entry(error_kind(error).to_owned()).or_default() += 1;
+                kinds
+            });
     let cached_answers = rounds
         .iter()
         .flat_map(|round| &round.outcomes)
@@ -694,6 +714,7 @@ fn row(args: &Args, target: &Target, model: &str, streams: u32, mut rounds: Vec<
         completed,
         failed,
         first_error,
+        failures_by_kind,
         wall_s: middle.wall.as_secs_f64(),
         aggregate_tok_s: middle.aggregate(),
         decode_tok_s_median: of(
@@ -845,7 +866,16 @@ async fn measure(args: &Args) -> Result<bool, String> {
         let row = row(args, &target, &model, streams, rounds);
         println!("{}", row.line());
         if let Some(error) = &row.first_error {
-            println!("  {} failed; first error: {error}", row.failed);
+            let kinds: Vec<String> = row
+                .failures_by_kind
+                .iter()
+                .map(|(kind, count)| format!("{kind} ×{count}"))
+                .collect();
+            println!(
+                "  {} failed ({}); first error: {error}",
+                row.failed,
+                kinds.join(", ")
+            );
         }
         if row.cached_answers > 0 {
             println!(

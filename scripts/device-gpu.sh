@@ -382,7 +382,9 @@ port() {
 started() {
   local name="$1"
   shift
-  "$@" >"$WORK/logs/$name-${MODEL:-smol}-lane${LANE:-0}.log" 2>&1 &
+  # Appended: a later step starts the same process on the same model
+  # (mlx, then mlx-tasks).
+  "$@" >>"$WORK/logs/$name-${MODEL:-smol}-lane${LANE:-0}.log" 2>&1 &
   echo $! >"$WORK/pids/$name.${LANE:-0}"
 }
 
