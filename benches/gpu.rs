@@ -892,9 +892,9 @@ async fn measure(args: &Args) -> Result<bool, String> {
     Ok(!any_failed)
 }
 
-/// The rows of JSON-lines files, the last of each (label, streams).
+/// Every row of JSON-lines files, in file order.
 fn read_rows(files: &[PathBuf]) -> Result<Vec<Row>, String> {
-    let mut rows: Vec<Row> = Vec::new();
+    let mut rows = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(file)
             .map_err(|error| format!("{}: {error}", file.display()))?;
@@ -902,26 +902,50 @@ fn read_rows(files: &[PathBuf]) -> Result<Vec<Row>, String> {
             if line.trim().is_empty() {
                 continue;
             }
-            let row: Row = serde_json::from_str(line)
-                .map_err(|error| format!("{}:{}: {error}", file.display(), number + 1))?;
-            rows.retain(|kept| (&kept.label, kept.streams) != (&row.label, row.streams));
-            rows.push(row);
+            rows.push(
+                serde_json::from_str::<Row>(line)
+                    .map_err(|error| format!("{}:{}: {error}", file.display(), number + 1))?,
+            );
         }
     }
-    // Grouped by label in order of first appearance, then by streams.
-    let order: Vec<String> = rows.iter().fold(Vec::new(), |mut labels, row| {
-        if !labels.contains(&row.label) {
-            labels.push(row.label.clone());
+    Ok(rows)
+}
+
+/// The last row of each (label, streams), grouped by label in order of
+/// first appearance, then by streams.
+fn latest(rows: &[Row]) -> Vec<&Row> {
+    let mut kept: Vec<&Row> = Vec::new();
+    for row in rows {
+        kept.retain(|earlier| (&earlier.label, earlier.streams) != (&row.label, row.streams));
+        kept.push(row);
+    }
+    let order: Vec<&str> = rows.iter().fold(Vec::new(), |mut labels, row| {
+        if !labels.contains(&row.label.as_str()) {
+            labels.push(&row.label);
         }
         labels
     });
-    rows.sort_by_key(|row| {
+    kept.sort_by_key(|row| {
         (
             order.iter().position(|label| *label == row.label),
             row.streams,
         )
     });
-    Ok(rows)
+    kept
+}
+
+/// The mean aggregate tok/s of the complete runs (no failed request) of
+/// each (label, streams), with their count: one run of a level moves by
+/// several percent, so the relay ratio compares means.
+fn complete_means(rows: &[Row]) -> BTreeMap<(&str, u32), (f64, usize)> {
+    let mut sums: BTreeMap<(&str, u32), (f64, usize)> = BTreeMap::new();
+    for row in rows.iter().filter(|row| row.failed == 0) {
+        let sum = sums.entry((row.label.as_str(), row.streams)).or_default();
+        *sum = (sum.0 + row.aggregate_tok_s, sum.1 + 1);
+    }
+    sums.into_iter()
+        .map(|(key, (sum, runs))| (key, (sum / runs as f64, runs)))
+        .collect()
 }
 
 fn table(files: &[PathBuf]) -> Result<(), String> {
@@ -933,7 +957,7 @@ fn table(files: &[PathBuf]) -> Result<(), String> {
         "| label | rpc | model | streams | decode tok/s (per stream) | aggregate tok/s | TTFT p50 s | TTFT p99 s | latency p50 s | completed/total |"
     );
     println!("|---|---|---|--:|--:|--:|--:|--:|--:|--:|");
-    for row in &rows {
+    for row in latest(&rows) {
         println!(
             "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {}/{} |",
             row.label,
@@ -949,23 +973,17 @@ fn table(files: &[PathBuf]) -> Result<(), String> {
             row.completed + row.failed,
         );
     }
-    let by_key: BTreeMap<(&str, u32), &Row> = rows
-        .iter()
-        .map(|row| ((row.label.as_str(), row.streams), row))
-        .collect();
+    let means = complete_means(&rows);
     let mut ratios = Vec::new();
-    for gateway in &rows {
-        let Some(runtime) = gateway.label.strip_suffix("-gateway") else {
+    for (&(label, streams), &(gateway, gateway_runs)) in &means {
+        let Some(runtime) = label.strip_suffix("-gateway") else {
             continue;
         };
         let direct_label = format!("{runtime}-direct");
-        if let Some(direct) = by_key.get(&(direct_label.as_str(), gateway.streams)) {
-            let ratio = gateway.aggregate_tok_s / direct.aggregate_tok_s;
+        if let Some(&(direct, direct_runs)) = means.get(&(direct_label.as_str(), streams)) {
+            let ratio = gateway / direct;
             ratios.push(format!(
-                "| {runtime} | {} | {:.1} | {:.1} | {ratio:.3} | {} |",
-                gateway.streams,
-                gateway.aggregate_tok_s,
-                direct.aggregate_tok_s,
+                "| {runtime} | {streams} | {gateway:.1} | {direct:.1} | {gateway_runs} / {direct_runs} | {ratio:.3} | {} |",
                 if ratio >= RELAY_GOAL { "yes" } else { "no" },
             ));
         }
@@ -973,11 +991,11 @@ fn table(files: &[PathBuf]) -> Result<(), String> {
     if !ratios.is_empty() {
         println!();
         println!(
-            "Relay ratio: aggregate tok/s through the gateway ÷ direct (goal ≥ {RELAY_GOAL})."
+            "Relay ratio: mean aggregate tok/s of the complete runs through the gateway ÷ direct (goal ≥ {RELAY_GOAL})."
         );
         println!();
-        println!("| runtime | streams | gateway tok/s | direct tok/s | ratio | ≥ goal |");
-        println!("|---|--:|--:|--:|--:|:-:|");
+        println!("| runtime | streams | gateway tok/s | direct tok/s | runs | ratio | ≥ goal |");
+        println!("|---|--:|--:|--:|--:|--:|:-:|");
         for ratio in ratios {
             println!("{ratio}");
         }
