@@ -40,8 +40,9 @@
 #                     in a new session: each lane on a GPU of its own where
 #                     the machine has as many, else one after the other
 #        wait         waits for the lanes until CALL_LIMIT s (540) into the
-#                     call and shows where they are; later calls carry kit/ alone and run
-#                     `receive wait` until the lanes have ended
+#                     call and shows where they are; later calls carry
+#                     kit/ alone and run `receive wait` until the lanes
+#                     have ended
 #        table        the bench's table of every result so far
 #      The steps a lane runs, each as MODEL:STEP (MODEL `smol`, SmolLM2-135M-
 #      Instruct Q4_1, carried; or `1b`, `8b`), also callable directly with
@@ -201,8 +202,6 @@ split_payload() {
   echo "$index" >"$dir/kit/parts"
 }
 
-# Keeps this call's parts in /tmp, starts the builds when the sources came
-# along, installs once every part is there, then runs the steps asked for.
 # Keeps this call's parts in /tmp, starts the builds and the random models
 # when the sources came along, installs once every part is there, then runs
 # the steps asked for.
@@ -298,7 +297,7 @@ build() {
 # Hugging Face directory for MLX and a bf16 GGUF converted from it by
 # llama.cpp's converter (xllamacpp's tree: the crate ships the converter
 # without the Python packages it imports).
-make_models() {
+step_models() {
   local shape
   for shape in ${MODELS:-1b 8b}; do
     [ -e "$WORK/made-$shape" ] && continue
@@ -333,10 +332,6 @@ step_built() {
 
 server_binary() {
   find "$WORK/build/server" -type f -name llama-server | head -1
-}
-
-step_models() {
-  make_models
 }
 
 # A random model is made in the background from the first call; a step
@@ -379,40 +374,53 @@ port() {
   echo $(($1 + ${LANE:-0} * 100))
 }
 
+log_of() {
+  echo "$WORK/logs/$1-${MODEL:-smol}-lane${LANE:-0}.log"
+}
+
+pid_of() {
+  echo "$WORK/pids/$1.${LANE:-0}"
+}
+
 started() {
   local name="$1"
   shift
   # Appended: a later step starts the same process on the same model
   # (mlx, then mlx-tasks).
-  "$@" >>"$WORK/logs/$name-${MODEL:-smol}-lane${LANE:-0}.log" 2>&1 &
-  echo $! >"$WORK/pids/$name.${LANE:-0}"
+  "$@" >>"$(log_of "$name")" 2>&1 &
+  echo $! >"$(pid_of "$name")"
 }
 
-failed_start() {
-  local name="$1"
-  tail -20 "$WORK/logs/$name-${MODEL:-smol}-lane${LANE:-0}.log"
-  stop "$name"
-  return 1
+# Waits until PROBE succeeds while the process NAME runs, READY_WAIT s at
+# most; else shows its log's end and stops it.
+until_ready() {
+  local name="$1" begun=$SECONDS
+  shift
+  until "$@" >/dev/null 2>&1; do
+    if ! kill -0 "$(cat "$(pid_of "$name")")" 2>/dev/null || [ $((SECONDS - begun)) -ge "${READY_WAIT:-420}" ]; then
+      tail -20 "$(log_of "$name")"
+      stop "$name"
+      return 1
+    fi
+    sleep 1
+  done
+  echo "$name ready after $((SECONDS - begun)) s"
 }
 
 # Starts our service with the given settings on PORT and waits until its
 # inference service is SERVING (a GPU worker warms up first).
 serve() {
-  local name="$1" port="$2" begun=$SECONDS
+  local name="$1" port="$2"
   shift 2
   started "$name" env RIGGER_LISTEN="127.0.0.1:$port" RIGGER_METRICS_LISTEN=off RIGGER_CACHE_DIR="$WORK/cache" \
     RIGGER_TASK_CACHE_ENTRIES=0 RIGGER_MAX_IN_FLIGHT=256 RIGGER_MAX_QUEUE=512 RUST_LOG=info "$@" \
     "$WORK/bin/rigger-inference"
-  until "$WORK/bin/rigger-health" "127.0.0.1:$port" rigger.inference.v1.InferenceService >/dev/null 2>&1; do
-    kill -0 "$(cat "$WORK/pids/$name.${LANE:-0}")" 2>/dev/null || { failed_start "$name"; return 1; }
-    [ $((SECONDS - begun)) -ge "${READY_WAIT:-420}" ] && { failed_start "$name"; return 1; }
-    sleep 1
-  done
-  echo "$name serving after $((SECONDS - begun)) s"
+  until_ready "$name" "$WORK/bin/rigger-health" "127.0.0.1:$port" rigger.inference.v1.InferenceService
 }
 
 stop() {
-  local pids="$WORK/pids/$1.${LANE:-0}"
+  local pids
+  pids="$(pid_of "$1")"
   [ -f "$pids" ] || return 0
   kill "$(cat "$pids")" 2>/dev/null || true
   wait "$(cat "$pids")" 2>/dev/null || true
@@ -421,15 +429,10 @@ stop() {
 
 # An OpenAI-compatible runtime started by the step, ready once /v1/models answers.
 runtime() {
-  local name="$1" port="$2" begun=$SECONDS
+  local name="$1" port="$2"
   shift 2
   started "$name" "$@"
-  until curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null; do
-    kill -0 "$(cat "$WORK/pids/$name.${LANE:-0}")" 2>/dev/null || { failed_start "$name"; return 1; }
-    [ $((SECONDS - begun)) -ge "${READY_WAIT:-420}" ] && { failed_start "$name"; return 1; }
-    sleep 1
-  done
-  echo "$name ready after $((SECONDS - begun)) s"
+  until_ready "$name" curl -sf "http://127.0.0.1:$port/v1/models"
 }
 
 # One engine's Generate load, labelled MODEL:LABEL (the table keeps one row
@@ -467,7 +470,7 @@ EMBEDDED=(INFERENCE_BACKEND=embedded RIGGER_PARALLEL=64 RIGGER_CTX_PER_SEQUENCE=
 serve_embedded() {
   serve embedded "$(port 21161)" "${EMBEDDED[@]}" RIGGER_MODEL_PATH="$(gguf_of)" \
     RIGGER_GGML_BACKEND_DIR="$WORK/lib/backends" || return 1
-  sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/embedded-${MODEL:-smol}-lane${LANE:-0}.log" |
+  sed 's/\x1b\[[0-9;]*m//g' "$(log_of embedded)" |
     grep -i -E 'load_backend|device=' | cut -c1-240 | head -4
 }
 
@@ -504,7 +507,7 @@ serve_mlx() {
   serve mlx "$(port 21163)" INFERENCE_BACKEND=mlx MLX_PYTHON="$(command -v python3)" RIGGER_MLX_MODEL="$(mlx_of)" \
     RIGGER_MLX_BLAS=off RIGGER_MLX_MAX_BATCH=64 RIGGER_MLX_START_TIMEOUT=15m RIGGER_ON_TOPIC_SIMILARITY=0 ||
     return 1
-  sed 's/\x1b\[[0-9;]*m//g' "$WORK/logs/mlx-${MODEL:-smol}-lane${LANE:-0}.log" |
+  sed 's/\x1b\[[0-9;]*m//g' "$(log_of mlx)" |
     grep -i -E 'worker ready|warm-up' | cut -c1-240 | tail -3
 }
 
@@ -605,7 +608,7 @@ step_wait() {
     [ "$SECONDS" -ge "${CALL_LIMIT:-540}" ] && { echo "lanes still running $SECONDS s into this call"; break; }
     sleep 5
   done
-  grep -h -E '^=== |failed|serving after|ready after|exit' "$WORK"/logs/lane-*.log
+  grep -h -E '^=== |failed|ready after|exit' "$WORK"/logs/lane-*.log
 }
 
 step_table() {
@@ -624,6 +627,7 @@ publish() {
   tar -C "$WORK" -czf "$OUT/results.tar.gz" results tails
 }
 
+# The old steps of the MLX stall investigation (README, "MLX on CUDA").
 step_repro() {
   local model="$WORK/models/${MODEL:-1b}" logs="$WORK/logs" name pid second
   local runs=("s1:--streams 1" "s4:--streams 4" "s4-stagger:--streams 4 --stagger 3" "s4-seeded:--streams 4 --seeded")
@@ -681,7 +685,7 @@ case "${1:-}" in
   receive) shift; receive "$@" ;;
   background) background ;;
   build) build ;;
-  models) make_models ;;
+  models) step_models ;;
   lane) shift; lane "$@" ;;
   *) sed -n "2,$(($(grep -n '^set -euo' "$0" | cut -d: -f1) - 1))p" "$0" >&2; exit 2 ;;
 esac
